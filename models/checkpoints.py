@@ -1,0 +1,192 @@
+"""Reading every checkpoint format of SPEC §5 into a MAEST network, strictly.
+
+- Lightning checkpoints ``{"state_dict": {"net.<k>", "net_swa.<k>"}}`` (ours and upstream's);
+- bare MAEST state dicts (the layout of the released models);
+- PaSST AudioSet weights: frequency/time embeddings resized (bicubic), a foreign head dropped;
+- DeiT-B distilled 384 (timm layout, optionally under ``"model"``): the 2-D position grid is
+  resized to the new grid and averaged into frequency and time embeddings;
+- Hugging Face ``ASTForAudioClassification`` directories (``models.hf``).
+
+``checkpoint_filter_fn`` converts foreign weights and never touches the model; ``load_state_dict_strict``
+reports every missing, unexpected or mis-shaped key by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_logger = logging.getLogger(__name__)
+
+TOKEN_KEYS = ("cls_token", "dist_token", "new_pos_embed", "freq_new_pos_embed", "time_new_pos_embed")
+HEAD_PREFIXES = ("head.", "head_dist.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the file, the keys and the fix."""
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file on CPU, with ``weights_only=True`` where the file allows it."""
+    path = Path(path)
+    if path.is_dir():
+        from .hf import read_hf_state_dict  # optional dependency: transformers-free reader
+
+        return read_hf_state_dict(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Lightning checkpoints may pickle hyper-parameter objects that weights_only refuses.
+        _logger.warning("%s holds Python objects besides tensors (%s); loading it fully: load only checkpoints you trust", path, str(e).splitlines()[0])
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 - report any unpickling failure with the file name
+            raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from e2
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e} (truncated or not a torch checkpoint?)") from e
+
+
+def select_state_dict(obj: dict, use_swa: bool = True, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The network's state dict inside a Lightning, DeiT (``"model"``) or bare checkpoint."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd = obj["state_dict"]
+        prefixes = ("net_swa.", "net.") if use_swa else ("net.",)
+        for prefix in prefixes:
+            sub = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            if sub:
+                if use_swa and prefix == "net.":
+                    raise CheckpointError(
+                        f"{source} is a Lightning checkpoint without SWA weights (no 'net_swa.' keys); "
+                        "load its plain weights with checkpoint_swa_weights=False"
+                    )
+                return sub
+        raise CheckpointError(f"{source} is a Lightning checkpoint without 'net.' keys; found e.g. {list(sd)[:5]}")
+    if "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- conversion
+def resize_time_freq_embed(embed: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize a ``(1, D, F, T)`` position embedding to ``size = (F', T')`` (PaSST -> MAEST)."""
+    if tuple(embed.shape[-2:]) == tuple(size):
+        return embed
+    return F.interpolate(embed.float(), size=size, mode=mode, align_corners=False).to(embed.dtype)
+
+
+def split_image_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], num_tokens: int = 2, mode: str = "bicubic"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ViT ``(1, tokens + G*G, D)`` -> token ``(1, tokens, D)``, frequency ``(1, D, F, 1)``, time ``(1, D, 1, T)``.
+
+    The square grid is resized to ``grid = (F, T)``, then averaged over time (frequency embedding)
+    and over frequency (time embedding), as in PaSST.
+    """
+    tokens, flat = pos_embed[:, :num_tokens], pos_embed[0, num_tokens:]
+    side = int(round(flat.shape[0] ** 0.5))
+    if side * side != flat.shape[0]:
+        raise CheckpointError(f"pos_embed grid of {flat.shape[0]} positions is not square")
+    image = flat.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
+    image = F.interpolate(image.float(), size=grid, mode=mode, align_corners=False)
+    return tokens, image.mean(dim=3, keepdim=True), image.mean(dim=2, keepdim=True)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model, kind: str = "maest") -> dict[str, torch.Tensor]:
+    """Convert foreign weights (``kind`` "passt" or "deit") to ``model``'s layout; "maest" passes through."""
+    if kind == "maest":
+        return dict(state_dict)
+    if kind not in ("passt", "deit"):
+        raise ValueError(f"unknown weights kind {kind!r}: use 'maest', 'passt' or 'deit'")
+    cfg = model.config
+    out = dict(state_dict)
+    if "pos_embed" in out:  # ImageNet ViT (DeiT)
+        tok, freq, time = split_image_pos_embed(out.pop("pos_embed"), (cfg.grid_f, cfg.grid_t))
+        out.update(new_pos_embed=tok, freq_new_pos_embed=freq, time_new_pos_embed=time)
+    else:
+        for key, size in (("freq_new_pos_embed", (cfg.grid_f, 1)), ("time_new_pos_embed", (1, cfg.grid_t))):
+            if key not in out:
+                raise CheckpointError(f"{kind} weights lack {key!r}: not a PaSST checkpoint")
+            out[key] = resize_time_freq_embed(out[key], size)
+    w = out.get("patch_embed.proj.weight")
+    if w is not None and w.dim() == 4 and w.shape[1] != 1:
+        # RGB patch projection -> mono: sum over input channels (timm adapt_input_conv).
+        out["patch_embed.proj.weight"] = w.float().sum(dim=1, keepdim=True).to(w.dtype)
+    # A classifier of another size (AudioSet's 527, ImageNet's 1000) is dropped; the new head stays initialised.
+    own = model.state_dict()
+    for key in [k for k in out if k.startswith(HEAD_PREFIXES) or k == "head.weight" or k == "head.bias"]:
+        if key not in own or own[key].shape != out[key].shape:
+            _logger.info("dropping classifier weight %s %s (model needs %s)", key, tuple(out[key].shape), tuple(own[key].shape) if key in own else None)
+            del out[key]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_state_dict_strict(model, state_dict: dict[str, torch.Tensor], source: str = "checkpoint", allow_missing: tuple[str, ...] = ()):
+    """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key is an error naming it."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(allow_missing)]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [(k, tuple(state_dict[k].shape), tuple(own[k].shape)) for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit this MAEST model ({_describe(model)}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+        for k, got, want in shapes[:10]:
+            lines.append(f"  {k}: checkpoint {got}, model {want}")
+        hint = _hint(model, state_dict, shapes)
+        if hint:
+            lines.append(f"  {hint}")
+        raise CheckpointError("\n".join(lines))
+    own_missing = {k: own[k] for k in own if k not in state_dict}
+    model.load_state_dict({**own_missing, **state_dict}, strict=True)
+    return model
+
+
+def _describe(model) -> str:
+    c = model.config
+    return f"embed_dim={c.embed_dim}, depth={c.depth}, n_classes={c.n_classes}, input_t={c.input_t} ({c.grid_t} time positions)"
+
+
+def _hint(model, state_dict, shapes) -> str:
+    c = model.config
+    bad = {k for k, _, _ in shapes}
+    if "time_new_pos_embed" in bad:
+        t = state_dict["time_new_pos_embed"].shape[-1]
+        return f"the checkpoint has {t} time positions: build the model with input_t={t * c.stride_t} (about {t * c.stride_t * 256 / 16000:.0f} s)"
+    if bad & {"head.1.weight", "head_dist.weight"}:
+        n = state_dict.get("head.1.weight", state_dict.get("head_dist.weight")).shape[0]
+        return f"the checkpoint predicts {n} classes: build the model with n_classes={n}"
+    if "blocks.0.attn.qkv.weight" in state_dict and "blocks.0.attn.qkv.weight" in bad:
+        return f"the checkpoint has width {state_dict['blocks.0.attn.qkv.weight'].shape[1]}: use another arch"
+    return ""
+
+
+def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True):
+    """Load a MAEST checkpoint (Lightning, bare or Hugging Face directory) strictly into ``model``."""
+    sd = select_state_dict(read_checkpoint(path), use_swa=use_swa, source=f"checkpoint {path}")
+    return load_state_dict_strict(model, sd, source=f"checkpoint {path}")
+
+
+def load_pretrained(model, path: str | os.PathLike, kind: str = "maest", use_swa: bool = True):
+    """Initialise ``model`` from weights of ``kind`` ('maest', 'passt' or 'deit'), converting as needed."""
+    sd = select_state_dict(read_checkpoint(path), use_swa=use_swa, source=f"weights {path}")
+    sd = checkpoint_filter_fn(sd, model, kind=kind)
+    # Foreign classifiers are dropped above; the model keeps its freshly initialised head.
+    allow = HEAD_PREFIXES if kind != "maest" else ()
+    return load_state_dict_strict(model, sd, source=f"{kind} weights {path}", allow_missing=allow)

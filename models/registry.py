@@ -1,0 +1,178 @@
+"""A registry of architectures and released models, and ``get_maest`` to build any of them.
+
+One table instead of one factory per variant: each entry says the network's shape, where its
+weights come from and how to convert them. ``get_maest(name, ...)`` is the only builder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoints import load_checkpoint, load_pretrained
+from .maest import MAEST, MAESTConfig
+
+_logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LABELS_DIR = PROJECT_ROOT / "data" / "labels"
+WEIGHTS_ENV = "MAEST_WEIGHTS_DIR"
+
+_MAEST_RELEASE = "https://github.com/palonso/MAEST/releases/download/v0.0.0-beta/"
+VIT_B = dict(embed_dim=768, depth=12, num_heads=12)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry.
+
+    ``init`` says how ``weights_file`` is read: ``"maest"`` (a MAEST checkpoint, loaded strictly),
+    ``"passt"`` (PaSST AudioSet weights: embeddings resized, foreign head dropped) or ``"deit"``
+    (ImageNet DeiT-B distilled 384: 2-D position grid split into frequency and time).
+    """
+
+    name: str
+    config: dict
+    description: str
+    weights_file: str | None = None
+    url: str | None = None
+    init: str = "maest"
+    labels_file: str | None = None
+
+    def labels(self) -> list[str] | None:
+        if self.labels_file is None:
+            return None
+        return (LABELS_DIR / self.labels_file).read_text().splitlines()
+
+
+def _released(name: str, seconds: int, description: str, **config) -> ModelSpec:
+    n_classes = config.pop("n_classes", 400)
+    return ModelSpec(
+        name=name,
+        config=dict(VIT_B, input_t=seconds * 16000 // 256, n_classes=n_classes, **config),
+        description=description,
+        weights_file=f"{name}.ckpt",
+        url=_MAEST_RELEASE + f"{name}.ckpt",
+        labels_file=f"labels-{n_classes}.txt",
+    )
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        # Architectures to pre-train from (SPEC §4 "init").
+        ModelSpec("maest-vit-b", dict(VIT_B), "ViT-B MAEST, random initialisation"),
+        ModelSpec(
+            "passt_s_swa_p16_128_ap476",
+            dict(VIT_B),
+            "ViT-B initialised from PaSST (AudioSet, mAP .476, SWA)",
+            weights_file="passt-s-f128-p16-s10-ap.476-swa.pt",
+            url="https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/passt-s-f128-p16-s10-ap.476-swa.pt",
+            init="passt",
+        ),
+        ModelSpec(
+            "passt_deit_bd_p16_384",
+            dict(VIT_B),
+            "ViT-B initialised from DeiT-B distilled 384 (ImageNet)",
+            weights_file="deit_base_distilled_patch16_384-d0272ac0.pth",
+            url="https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_384-d0272ac0.pth",
+            init="deit",
+        ),
+        # Small networks for the demo and the tests.
+        ModelSpec("maest-demo", dict(embed_dim=192, depth=4, num_heads=3), "small MAEST for the CPU demo"),
+        ModelSpec("maest-tiny", dict(embed_dim=64, depth=2, num_heads=4), "tiny MAEST for tests"),
+        # Released models (SPEC §4).
+        _released("discogs-maest-5s-pw-129e", 5, "5 s, PaSST init, 129 epochs"),
+        _released("discogs-maest-10s-pw-129e", 10, "10 s, PaSST init, 129 epochs"),
+        _released("discogs-maest-10s-fs-129e", 10, "10 s, from scratch, 129 epochs"),
+        _released("discogs-maest-10s-dw-75e", 10, "10 s, DeiT init, 75 epochs"),
+        _released("discogs-maest-20s-pw-129e", 20, "20 s, PaSST init, 129 epochs"),
+        _released("discogs-maest-30s-pw-129e", 30, "30 s, PaSST init, 129 epochs"),
+        _released("discogs-maest-30s-pw-73e-ts", 30, "30 s, teacher-student, 73 epochs", distilled_type="separated"),
+        _released("discogs-maest-30s-pw-129e-519l", 30, "30 s, PaSST init, 129 epochs, 519 labels", n_classes=519),
+    ]
+}
+
+
+def get_spec(arch: str) -> ModelSpec:
+    try:
+        return REGISTRY[arch]
+    except KeyError:
+        raise KeyError(f"unknown MAEST architecture {arch!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def list_models() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def weights_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where pre-trained weights live: ``path``, else $MAEST_WEIGHTS_DIR, else ``<project>/weights``."""
+    return Path(path or os.environ.get(WEIGHTS_ENV) or PROJECT_ROOT / "weights")
+
+
+def pretrained_path(arch: str, weights_directory: str | os.PathLike | None = None) -> Path:
+    """The local weights file of ``arch``; a missing file is an error that says what to put where."""
+    spec = get_spec(arch)
+    if spec.weights_file is None:
+        raise ValueError(f"{arch!r} has no pre-trained weights; build it with pretrained=False")
+    path = weights_dir(weights_directory) / spec.weights_file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pre-trained weights for {arch!r} not found at {path}. Download {spec.url} and save it as {path} "
+            f"(or call models.registry.download_weights({arch!r}); set ${WEIGHTS_ENV} to use another directory)"
+        )
+    return path
+
+
+def download_weights(arch: str, weights_directory: str | os.PathLike | None = None, url: str | None = None) -> Path:
+    """Fetch the weights of ``arch`` into the weights directory (atomic; skipped when present)."""
+    spec = get_spec(arch)
+    if spec.weights_file is None:
+        raise ValueError(f"{arch!r} has no pre-trained weights to download")
+    target = weights_dir(weights_directory) / spec.weights_file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    _logger.info("downloading %s to %s", url or spec.url, target)
+    with urllib.request.urlopen(url or spec.url) as response, open(tmp, "wb") as out:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+    os.replace(tmp, target)
+    return target
+
+
+def build_config(arch: str, **overrides) -> MAESTConfig:
+    spec = get_spec(arch)
+    fields = set(MAESTConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown MAEST options {sorted(unknown)}; valid: {sorted(fields)}")
+    return MAESTConfig(**{**spec.config, **overrides})
+
+
+def get_maest(
+    arch: str,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    checkpoint_swa_weights: bool = True,
+    weights_directory: str | os.PathLike | None = None,
+    **overrides,
+) -> MAEST:
+    """Build ``arch`` (a registry name) in eval mode.
+
+    ``checkpoint``: a MAEST checkpoint (Lightning, bare state dict or Hugging Face directory),
+    loaded strictly; from a Lightning checkpoint the SWA weights unless ``checkpoint_swa_weights``
+    is False. ``pretrained``: the registry's weights from the local weights directory (PaSST and
+    DeiT weights are converted). ``overrides``: any ``MAESTConfig`` field (n_classes, input_t, ...).
+    """
+    spec = get_spec(arch)
+    model = MAEST(build_config(arch, **overrides))
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, use_swa=checkpoint_swa_weights)
+    elif pretrained:
+        load_pretrained(model, pretrained_path(arch, weights_directory), kind=spec.init, use_swa=checkpoint_swa_weights)
+    return model.eval()
