@@ -94,7 +94,7 @@ class MAEST(nn.Module):
         self.freq_new_pos_embed = nn.Parameter(torch.zeros(1, D, config.grid_f, 1))
         self.time_new_pos_embed = nn.Parameter(torch.zeros(1, D, 1, config.grid_t))
         self.pos_drop = nn.Dropout(config.drop_rate)
-        dpr = torch.linspace(0, config.drop_path_rate, config.depth).tolist()  # stochastic depth decay
+        dpr = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]  # stochastic depth decay
         self.blocks = nn.Sequential(
             *[
                 Block(

@@ -1,0 +1,238 @@
+"""The MAEST data module: every data decision of training, validation, test and prediction."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from helpers.data import ClipDataset, TrainDataset
+from helpers.melfiles import MelReader, load_groundtruth
+from helpers.sampler import BalancedSampler, RandomEpochSampler
+from models.mel import n_frames_for
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("balanced", "random")
+TEST_HOPS = ("full", "half")
+
+
+class MAESTDataModule(pl.LightningDataModule):
+    """Stored mel spectrograms and ground truths (SPEC §3) -> MAEST batches.
+
+    - train: one random crop of ``clip_length`` seconds per draw (``TrainDataset``), drawn by a
+      class-balanced (``sampler="balanced"``, upstream MAEST) or uniform (``"random"``) sampler,
+      ``epoch_length`` draws per epoch; with ``teacher_dir``, batches also hold hard teacher
+      targets from ``<teacher_dir>/<key>.logits.npy``;
+    - val: the centre clip of every file; test: every clip of every file, consecutive
+      (``test_hop="full"``) or half-overlapping (``"half"``), tail included; predict: the same
+      on ``groundtruth_predict``. Clips of a file are consecutive items in time order.
+
+    Batches are ``(x (B, 1, 96, n_frames), keys, y (B, n_classes)[, y_teacher])``, ``x``
+    normalised unless ``normalize=False``. Files the evaluation sets cannot open are logged and
+    skipped (``ClipDataset.skipped``).
+
+    Distributed training: build the Trainer with ``use_distributed_sampler=False``. The training
+    sampler shards one shared draw by the global rank and world size it reads from
+    ``self.trainer`` (right across nodes); Lightning's own distributed sampler would shard it
+    again. Evaluation loaders are then not sharded: every rank sees the whole val/test set.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_dir: str | os.PathLike,
+        clip_length: float,
+        groundtruth_train: str | os.PathLike | None = None,
+        groundtruth_val: str | os.PathLike | None = None,
+        groundtruth_test: str | os.PathLike | None = None,
+        groundtruth_predict: str | os.PathLike | None = None,
+        batch_size_train: int = 12,
+        batch_size_test: int = 20,
+        num_workers: int = 0,
+        epoch_length: int | None = None,
+        sampler: str = "balanced",
+        sampler_replacement: bool = True,
+        seed: int = 0,
+        normalize: bool = True,
+        teacher_dir: str | os.PathLike | None = None,
+        teacher_threshold: float = 0.45,
+        test_hop: str = "full",
+        pin_memory: bool = False,
+    ):
+        """
+        Args:
+            base_dir: folder of the mel files, or an ``.h5`` store; ground-truth keys are relative to it.
+            clip_length: seconds per clip; ``n_frames = clip_length * 16000 // 256``.
+            groundtruth_train/val/test/predict: ground-truth pickles (key -> multi-hot); each is
+                needed only by its stage.
+            batch_size_train: training batch size per device.
+            batch_size_test: batch size of validation, test and prediction.
+            num_workers: DataLoader worker processes (persistent when > 0).
+            epoch_length: training draws per epoch over all ranks; None: the number of training tracks.
+            sampler: "balanced" (class-balanced, upstream MAEST) or "random" (uniform).
+            sampler_replacement: draw with replacement (upstream MAEST drew without).
+            seed: seeds the sampler (with the epoch) and the crop offsets (with the rank).
+            normalize: apply the model-input normalisation to the mels.
+            teacher_dir: folder of teacher logits for teacher-student training, or None.
+            teacher_threshold: sigmoid threshold of the hard teacher targets.
+            test_hop: "full" (consecutive clips) or "half" (half-overlapping) for test and predict.
+            pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        """
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"datamodule.sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if test_hop not in TEST_HOPS:
+            raise ValueError(f"datamodule.test_hop must be one of {TEST_HOPS}, got {test_hop!r}")
+        if batch_size_train < 1 or batch_size_test < 1:
+            raise ValueError(
+                "batch sizes must be positive, got "
+                f"batch_size_train={batch_size_train}, batch_size_test={batch_size_test}"
+            )
+        if num_workers < 0:
+            raise ValueError(f"datamodule.num_workers must be >= 0, got {num_workers}")
+        self.base_dir = base_dir
+        self.clip_length = clip_length
+        self.n_frames = n_frames_for(clip_length)
+        if self.n_frames < 1:
+            raise ValueError(f"datamodule.clip_length={clip_length} s is shorter than one frame")
+        self.groundtruth = {
+            "train": groundtruth_train,
+            "val": groundtruth_val,
+            "test": groundtruth_test,
+            "predict": groundtruth_predict,
+        }
+        self.batch_size_train = batch_size_train
+        self.batch_size_test = batch_size_test
+        self.num_workers = num_workers
+        self.epoch_length = epoch_length
+        self.sampler = sampler
+        self.sampler_replacement = sampler_replacement
+        self.seed = seed
+        self.normalize = normalize
+        self.teacher_dir = teacher_dir
+        self.teacher_threshold = teacher_threshold
+        self.hop_frames = self.n_frames if test_hop == "full" else self.n_frames // 2
+        self.pin_memory = pin_memory
+        self.reader = MelReader(base_dir)
+        self._datasets: dict[str, TrainDataset | ClipDataset] = {}
+        self._n_classes: int | None = None
+
+    def _load_groundtruth(self, split: str) -> dict[str, np.ndarray]:
+        path = self.groundtruth[split]
+        if path is None:
+            raise ValueError(f"datamodule.groundtruth_{split} is not set: the {split} stage needs a ground-truth file")
+        return load_groundtruth(path)
+
+    @property
+    def n_classes(self) -> int:
+        """Classes of the ground truth (the first one set of train, val, test, predict)."""
+        if self._n_classes is None:
+            split = next((s for s, path in self.groundtruth.items() if path is not None), None)
+            if split is None:
+                raise ValueError("no ground truth is set: give datamodule.groundtruth_train (or val, test, predict)")
+            self._n_classes = self.dataset(split).n_classes
+        return self._n_classes
+
+    def dataset(self, split: str) -> TrainDataset | ClipDataset:
+        """The dataset of ``split`` ("train", "val", "test", "predict"), built once."""
+        if split not in self._datasets:
+            gt = self._load_groundtruth(split)
+            if split == "train":
+                ds = TrainDataset(
+                    reader=self.reader,
+                    groundtruth=gt,
+                    n_frames=self.n_frames,
+                    normalize=self.normalize,
+                    teacher_dir=self.teacher_dir,
+                    teacher_threshold=self.teacher_threshold,
+                )
+            else:
+                ds = ClipDataset(
+                    reader=self.reader,
+                    groundtruth=gt,
+                    n_frames=self.n_frames,
+                    hop_frames=self.hop_frames,
+                    normalize=self.normalize,
+                    center_clip=split == "val",
+                )
+            if self._n_classes is None:
+                self._n_classes = ds.n_classes
+            if ds.n_classes != self._n_classes:
+                raise ValueError(
+                    f"datamodule.groundtruth_{split} has {ds.n_classes} classes but the other ground truths have "
+                    f"{self.n_classes}: every split must use the same label list"
+                )
+            self._datasets[split] = ds
+            logger.info("%s set: %d tracks from %s", split, len(ds.labels), self.groundtruth[split])
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        for split in splits.get(stage, ["train", "val", "test", "predict"]):
+            if self.groundtruth[split] is not None:
+                self.dataset(split)
+
+    def _world(self) -> tuple[int, int]:
+        """(global rank, world size) from the attached Trainer; (0, 1) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        rank, world_size = int(trainer.global_rank), int(trainer.world_size)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "MAESTDataModule shards its training draw itself: build the Trainer with "
+                "use_distributed_sampler=False, or every rank's share would be sharded twice"
+            )
+        return rank, world_size
+
+    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        rank, world_size = self._world()
+        epoch_length = len(dataset) if self.epoch_length is None else self.epoch_length
+        common = dict(
+            epoch_length=epoch_length,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            replacement=self.sampler_replacement,
+        )
+        if self.sampler == "balanced":
+            sampler = BalancedSampler(labels=dataset.labels, **common)
+        else:
+            sampler = RandomEpochSampler(n_items=len(dataset), **common)
+        logger.info(
+            "train: %s sampler, %d draws per epoch, rank %d of %d takes %d (%d batches of %d)",
+            self.sampler, epoch_length, rank, world_size, len(sampler),
+            math.ceil(len(sampler) / self.batch_size_train), self.batch_size_train,
+        )
+        # The workers' crop offsets follow this generator: reproducible, and different per rank.
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0]))
+        return self._loader(dataset, self.batch_size_train, sampler=sampler, generator=generator)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.groundtruth["val"] is None:
+            return []  # no validation set: Lightning skips validation
+        return self._loader(self.dataset("val"), self.batch_size_test)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.batch_size_test)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("predict"), self.batch_size_test)
