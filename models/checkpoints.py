@@ -168,7 +168,8 @@ def _hint(model, state_dict, shapes) -> str:
     bad = {k for k, _, _ in shapes}
     if "time_new_pos_embed" in bad:
         t = state_dict["time_new_pos_embed"].shape[-1]
-        return f"the checkpoint has {t} time positions: build the model with input_t={t * c.stride_t} (about {t * c.stride_t * 256 / 16000:.0f} s)"
+        lo, hi = t * c.stride_t, (t + 1) * c.stride_t - 1
+        return f"the checkpoint has {t} time positions: build the model with input_t in [{lo}, {hi}] (a {lo * 256 / 16000:.0f} s model; input_t = seconds * 16000 // 256)"
     if bad & {"head.1.weight", "head_dist.weight"}:
         n = state_dict.get("head.1.weight", state_dict.get("head_dist.weight")).shape[0]
         return f"the checkpoint predicts {n} classes: build the model with n_classes={n}"
