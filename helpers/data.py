@@ -23,47 +23,12 @@ from torch.utils.data import Dataset
 from helpers.melfiles import MelFileError, MelReader
 from models.mel import normalize as normalize_mel
 
+from models.inference import clip_starts, pad_centre  # noqa: F401  (re-exported for the data pipeline)
+
 logger = logging.getLogger(__name__)
 
 # Hard teacher targets kept per worker; bit-packed, so 50 bytes per track for 400 classes.
 TEACHER_CACHE_SIZE = 262_144
-
-
-def clip_starts(total_frames: int, clip_frames: int, hop_frames: int) -> np.ndarray:
-    """Start frames of the clips that cover a file with no frame dropped.
-
-    Clips start at ``0, hop, 2 * hop, ...`` while they fit; if the last one stops short of the
-    end, one more clip is aligned to the end (``total - clip``). A file no longer than a clip
-    gives the single start 0 (the clip is then zero-padded).
-    """
-    if total_frames < 1 or clip_frames < 1 or hop_frames < 1:
-        raise ValueError(
-            f"clip_starts needs positive sizes, got total_frames={total_frames}, "
-            f"clip_frames={clip_frames}, hop_frames={hop_frames}"
-        )
-    if total_frames <= clip_frames:
-        return np.zeros(1, dtype=np.int64)
-    starts = np.arange(0, total_frames - clip_frames + 1, hop_frames, dtype=np.int64)
-    if starts[-1] + clip_frames < total_frames:
-        starts = np.append(starts, total_frames - clip_frames)
-    return starts
-
-
-def pad_centre(mel: np.ndarray, n_frames: int) -> np.ndarray:
-    """Zero-pad a ``(frames, n_mels)`` mel to ``(n_frames, n_mels)`` with the signal in the centre.
-
-    Zero is silence in the compressed domain, so this runs before input normalisation. The
-    extra frame of an odd padding goes to the end, as upstream MAEST does.
-    """
-    frames = mel.shape[0]
-    if frames > n_frames:
-        raise ValueError(f"pad_centre got {frames} frames, more than the {n_frames} to pad to: crop it first")
-    if frames == n_frames:
-        return mel
-    before = (n_frames - frames) // 2
-    out = np.zeros((n_frames,) + mel.shape[1:], dtype=mel.dtype)
-    out[before : before + frames] = mel
-    return out
 
 
 def teacher_targets(

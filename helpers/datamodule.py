@@ -22,6 +22,19 @@ SAMPLERS = ("balanced", "random")
 TEST_HOPS = ("full", "half")
 
 
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Indices ``rank, rank + world_size, ...``: every item exactly once over all ranks."""
+
+    def __init__(self, n_items: int, rank: int, world_size: int):
+        self.indices = range(rank, n_items, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class MAESTDataModule(pl.LightningDataModule):
     """Stored mel spectrograms and ground truths (SPEC §3) -> MAEST batches.
 
@@ -40,7 +53,7 @@ class MAESTDataModule(pl.LightningDataModule):
     Distributed training: build the Trainer with ``use_distributed_sampler=False``. The training
     sampler shards one shared draw by the global rank and world size it reads from
     ``self.trainer`` (right across nodes); Lightning's own distributed sampler would shard it
-    again. Evaluation loaders are then not sharded: every rank sees the whole val/test set.
+    again. Evaluation loaders give each rank a disjoint share (``ShardSampler``).
     """
 
     def __init__(
@@ -226,13 +239,21 @@ class MAESTDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0]))
         return self._loader(dataset, self.batch_size_train, sampler=sampler, generator=generator)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Evaluation clips; under DDP each rank takes a disjoint share (no padding duplicates),
+        and the module gathers the predictions of all ranks before computing metrics once."""
+        dataset = self.dataset(split)
+        rank, world_size = self._world()
+        sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+        return self._loader(dataset, self.batch_size_test, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader | list:
         if self.groundtruth["val"] is None:
             return []  # no validation set: Lightning skips validation
-        return self._loader(self.dataset("val"), self.batch_size_test)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), self.batch_size_test)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("predict"), self.batch_size_test)

@@ -1,0 +1,135 @@
+"""Named configs of ``ex_maest.py`` (SPEC §4): the paper's settings, their inference twins, targets, demo.
+
+Each named config only sets what differs from the defaults in ``ex_maest.py``; the defaults are
+the paper's training recipe (AdamW 2e-5, warm-up 5 epochs, ramp-down from epoch 50 over 50
+epochs to 0.01, 130 epochs, mixup 0.3, SWA from epoch 50, batch 12, 200 000 draws an epoch).
+Clip lengths are in seconds and ``input_t = seconds * 16000 // 256`` frames.
+"""
+
+from __future__ import annotations
+
+from sacred.config.config_dict import ConfigDict
+
+PASST = "passt_s_swa_p16_128_ap476"
+DEIT = "passt_deit_bd_p16_384"
+RANDOM = "maest-vit-b"
+
+
+def _named(doc: str, **entries):
+    """A dict named config that keeps a docstring (shown by `print_named_configs`)."""
+    config = ConfigDict(entries)
+    config.__doc__ = doc
+    return config
+
+
+def _paper_config(doc: str, seconds: int, arch: str, pretrained: bool, s_patchout_t: int):
+    return _named(
+        doc,
+        datamodule={"clip_length": seconds},
+        maest={"arch": arch, "pretrained": pretrained, "input_t": seconds * 16000 // 256, "s_patchout_t": s_patchout_t},
+    )
+
+
+# name: (docstring, clip seconds, init arch, pretrained, time patchout, released model of the twin)
+PAPER = {
+    # Section 4.2: impact of the initial weights (10 s).
+    "maest_10s_random_weights": ("10 s, random initialisation", 10, RANDOM, False, 30, "discogs-maest-10s-fs-129e"),
+    "maest_10s_from_deit": ("10 s, initialised from DeiT-B distilled 384", 10, DEIT, True, 30, "discogs-maest-10s-dw-75e"),
+    "maest_10s_from_passt": ("10 s, initialised from PaSST (AudioSet)", 10, PASST, True, 30, "discogs-maest-10s-pw-129e"),
+    # Section 4.3: input length (PaSST initialisation). 5 s has only 30 time patches: drop 15.
+    "maest_discogs_5sec": ("5 s, PaSST init", 5, PASST, True, 15, "discogs-maest-5s-pw-129e"),
+    "maest_discogs_10sec": ("10 s, PaSST init", 10, PASST, True, 30, "discogs-maest-10s-pw-129e"),
+    "maest_discogs_20sec": ("20 s, PaSST init", 20, PASST, True, 60, "discogs-maest-20s-pw-129e"),
+    "maest_discogs_30sec": ("30 s, PaSST init", 30, PASST, True, 90, "discogs-maest-30s-pw-129e"),
+}
+
+
+def maest_30s_teacher_student_pretrain():
+    """30 s teacher-student (Section 4.4): CLS head on the labels, DIST head on the teacher's hard targets.
+
+    Teacher logits come from `extract_logits` of a trained 30 s model, e.g.
+    `python ex_maest.py extract_logits with maest_discogs_30sec_inference predict.out_dir=outputs/teacher_logits
+    datamodule.groundtruth_predict=data/discogs/groundtruth-train.pk`.
+    """
+    datamodule = {"clip_length": 30, "teacher_dir": "outputs/teacher_logits", "teacher_threshold": 0.45}  # noqa: F841
+    maest = {"arch": PASST, "pretrained": True, "input_t": 1875, "s_patchout_t": 90, "distilled_type": "separated"}  # noqa: F841
+    module = {"teacher_student": True}  # noqa: F841
+
+
+def maest_30s_teacher_student_inference():
+    """The released 30 s teacher-student model (discogs-maest-30s-pw-73e-ts)."""
+    datamodule = {"clip_length": 30}  # noqa: F841
+    maest = {"arch": "discogs-maest-30s-pw-73e-ts", "pretrained": True, "input_t": 1875, "s_patchout_t": 90, "distilled_type": "separated"}  # noqa: F841
+
+
+def maest_discogs_30sec_519l_inference():
+    """The released 30 s model with 519 Discogs labels (discogs-maest-30s-pw-129e-519l)."""
+    datamodule = {"clip_length": 30}  # noqa: F841
+    maest = {"arch": "discogs-maest-30s-pw-129e-519l", "pretrained": True, "input_t": 1875, "s_patchout_t": 90, "n_classes": 519}  # noqa: F841
+
+
+def mini_train():
+    """A few batches of training and validation, to check a setup end to end."""
+    trainer = {"limit_train_batches": 5, "limit_val_batches": 5, "max_epochs": 2}  # noqa: F841
+
+
+def target_mtt():
+    """Extract embeddings of every MagnaTagATune clip (mels from datasets/mtt/preprocess.py) for `ex_tl.py with target_mtt_tl`."""
+    datamodule = {"base_dir": "data/mtt/mels", "groundtruth_predict": "datasets/mtt/groundtruth-all.pk"}  # noqa: F841
+    predict = {"out_dir": "outputs/mtt/embeddings"}  # noqa: F841
+
+
+def demo():
+    """The whole pipeline on a synthetic dataset the project generates itself; minutes on a laptop CPU.
+
+    `python ex_maest.py with demo` trains a small MAEST (depth 4, width 192) from scratch;
+    `python ex_maest.py extract_embeddings with demo` extracts its embeddings for `ex_tl.py with demo`.
+    """
+    synthetic_data = {"out_dir": "outputs/demo/data", "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # noqa: F841
+    inference_checkpoint = "outputs/demo/train/checkpoints/last.ckpt"  # noqa: F841
+    datamodule = {  # noqa: F841
+        "base_dir": "outputs/demo/data",
+        "groundtruth_train": "outputs/demo/data/groundtruth-train.pk",
+        "groundtruth_val": "outputs/demo/data/groundtruth-validation.pk",
+        "groundtruth_test": "outputs/demo/data/groundtruth-test.pk",
+        "groundtruth_predict": "outputs/demo/data/groundtruth-all.pk",
+        "clip_length": 5,
+        "batch_size_train": 16,
+        "batch_size_test": 32,
+        "num_workers": 0,
+        "epoch_length": 640,
+    }
+    maest = {"arch": "maest-demo", "pretrained": False, "input_t": 312, "s_patchout_t": 6, "s_patchout_f": 1}  # noqa: F841
+    module = {  # noqa: F841
+        "lr": 5e-4,
+        "weight_decay": 1e-2,
+        "warm_up_len": 1,
+        "ramp_down_start": 4,
+        "ramp_down_len": 4,
+        "swa_epoch_start": 5,
+        "swa_freq": 1,
+    }
+    trainer = {"max_epochs": 8, "default_root_dir": "outputs/demo/train", "log_every_n_steps": 10}  # noqa: F841
+    predict = {"out_dir": "outputs/demo/embeddings", "transformer_block": 2, "batch_size": 32, "num_workers": 0}  # noqa: F841
+    export = {"out_dir": "outputs/demo/export"}  # noqa: F841
+
+
+def register_named_configs(ex) -> None:
+    """Add every named config to ``ex``; names follow SPEC §4 exactly."""
+    for name, (doc, seconds, arch, pretrained, s_patchout_t, released) in PAPER.items():
+        ex.named_configs[f"{name}_pretrain"] = _paper_config(f"Pre-training: {doc}.", seconds, arch, pretrained, s_patchout_t)
+        ex.named_configs[f"{name}_inference"] = _paper_config(
+            f"Inference with the released {released} ({doc}).", seconds, released, True, s_patchout_t
+        )
+    ex.named_configs["maest_30s_from_passt_infer"] = _paper_config(
+        "Alias of maest_discogs_30sec_inference (discogs-maest-30s-pw-129e).", 30, "discogs-maest-30s-pw-129e", True, 90
+    )
+    for config in (
+        maest_30s_teacher_student_pretrain,
+        maest_30s_teacher_student_inference,
+        maest_discogs_30sec_519l_inference,
+        mini_train,
+        target_mtt,
+        demo,
+    ):
+        ex.named_config(config)

@@ -1,0 +1,374 @@
+"""Prepare a folder of labelled audio files for MAEST training, probing or extraction (SPEC §3).
+
+    python -m datasets.prepare_folder AUDIO_DIR OUT_DIR [--labels-csv F] [--jobs N] [--seed S]
+                                      [--split 0.8 0.1 0.1] [--format mmap|npy]
+
+Labels come from one of two places:
+
+- sub-folders (default): a file's label is the name of its first-level sub-folder of AUDIO_DIR
+  (``AUDIO_DIR/rock/album/x.mp3`` is ``rock``); files directly in AUDIO_DIR are skipped;
+- ``--labels-csv F``: rows ``path,labels`` (``.tsv``: tab separated), ``path`` relative to
+  AUDIO_DIR, ``labels`` separated by ``;`` or ``|`` (e.g. ``rock;live``; may be empty). An
+  optional header row starts with ``path``; lines starting with ``#`` are comments. Audio files
+  not in the CSV are ignored; CSV rows whose file is missing are listed as failed.
+
+Output, with ``datamodule.base_dir=OUT_DIR``:
+
+- ``OUT_DIR/mels/<path relative to AUDIO_DIR, suffix .mmap or .npy>``: ``(frames, 96)`` compressed
+  log mels at 16 kHz (``helpers.audio.audio_to_mel``); if two files differ only by their audio
+  suffix (``a.wav``, ``a.mp3``) both keep it (``a.wav.mmap``, ``a.mp3.mmap``);
+- ``groundtruth-{train,validation,test,all}.pk``: mel key -> bool multi-hot vector, split with
+  ``--seed``, stratified by label set; ``labels.txt``: label names in vector order;
+- ``failed.txt``: ``<audio path>\\t<reason>`` for each file that could not be read (the others
+  are still prepared; the file is removed when a rerun has no failures).
+
+The run is resumable: mel files are written atomically, and complete ones are not computed again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import logging
+import multiprocessing
+import os
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_audio_files, load_audio
+from helpers.melfiles import MelFileError, MelReader, save_groundtruth, write_mel
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "validation", "test")
+LABEL_SEPARATORS = re.compile(r"[;|]")
+MEL_FORMATS = ("mmap", "npy")
+
+
+# ---------------------------------------------------------------- mel extraction (shared with datasets/mtt)
+
+
+@dataclass
+class ExtractionResult:
+    """Outcome of ``extract_mel_files``: mel paths written or found complete, audio files that failed."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)  # audio path -> reason
+
+
+def mel_file_is_complete(path: Path) -> bool:
+    """True for an existing, readable ``(frames, 96)`` mel file (what a finished write leaves)."""
+    if not path.is_file():
+        return False
+    try:
+        MelReader(path.parent).open(path.name)
+    except MelFileError:
+        return False
+    return True
+
+
+def _extract_one(audio_path: Path, mel_path: Path) -> str | None:
+    """Write the mel of one audio file; return the reason it failed, or None."""
+    try:
+        audio = load_audio(audio_path)
+    except AudioLoadError as e:
+        return str(e)
+    write_mel(mel_path, audio_to_mel(audio))
+    return None
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from the processes
+
+
+def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc: str = "mel") -> ExtractionResult:
+    """Compute ``(audio_path, mel_path)`` tasks with ``n_jobs`` processes, skipping complete mel files.
+
+    Unreadable audio files are collected in ``result.failed``; any other error stops the run.
+    Worker processes are spawned, so a calling script needs the ``if __name__ == "__main__":`` guard.
+    """
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
+    result = ExtractionResult()
+    todo = []
+    for audio_path, mel_path in tasks:
+        if mel_file_is_complete(Path(mel_path)):
+            result.skipped.append(Path(mel_path))
+        else:
+            todo.append((Path(audio_path), Path(mel_path)))
+    if result.skipped:
+        log.info("%d mel file(s) already complete: skipped", len(result.skipped))
+
+    def record(task: tuple[Path, Path], reason: str | None) -> None:
+        if reason is None:
+            result.written.append(task[1])
+        else:
+            result.failed[task[0]] = reason
+            log.warning("skipping %s: %s", task[0], reason)
+
+    with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
+        if n_jobs == 1 or len(todo) <= 1:
+            for task in todo:
+                record(task, _extract_one(*task))
+                bar.update()
+        else:
+            # spawn, not fork: forking after torch's thread pool has run can deadlock the child.
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker) as pool:
+                futures = {pool.submit(_extract_one, *task): task for task in todo}
+                for future in cf.as_completed(futures):
+                    record(futures[future], future.result())
+                    bar.update()
+    return result
+
+
+def write_failed_list(out_dir: Path, failed: dict[Path, str], relative_to: Path | None = None) -> Path | None:
+    """``out_dir/failed.txt`` listing ``path<TAB>reason``; removes a stale list when nothing failed."""
+    path = out_dir / "failed.txt"
+    if not failed:
+        path.unlink(missing_ok=True)
+        return None
+    lines = []
+    for audio_path, reason in sorted(failed.items()):
+        shown = audio_path.relative_to(relative_to) if relative_to and audio_path.is_relative_to(relative_to) else audio_path
+        lines.append(f"{shown.as_posix()}\t{' '.join(reason.split())}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    log.warning("%d file(s) could not be read; they are listed in %s", len(failed), path)
+    return path
+
+
+# ---------------------------------------------------------------- labels
+
+
+def labels_from_folders(audio_dir: Path, files: Sequence[Path]) -> dict[Path, list[str]]:
+    """``{file: [first-level sub-folder name]}``; files directly in ``audio_dir`` are left out."""
+    labelled, unlabelled = {}, []
+    for f in files:
+        parts = f.relative_to(audio_dir).parts
+        if len(parts) < 2:
+            unlabelled.append(f)
+        else:
+            labelled[f] = [parts[0]]
+    if unlabelled:
+        log.warning(
+            "%d file(s) directly in %s have no label sub-folder and are skipped (e.g. %s)",
+            len(unlabelled), audio_dir, unlabelled[0].name,
+        )
+    return labelled
+
+
+def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
+    """Rows ``path,labels`` (tab separated for ``.tsv``) -> ``{audio_dir / path: [label, ...]}``."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"labels file {csv_path} does not exist")
+    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
+    labels: dict[Path, list[str]] = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if not labels and row[0].strip().lower() == "path":
+                continue  # header
+            if len(row) > 2:
+                raise ValueError(
+                    f"{csv_path}:{line_no}: expected 2 columns (path, labels) but got {len(row)}: {row!r}; "
+                    "separate labels with ';' or '|', not with the column delimiter"
+                )
+            rel = Path(row[0].strip())
+            path = rel if rel.is_absolute() else audio_dir / rel
+            if path in labels:
+                raise ValueError(f"{csv_path}:{line_no}: {rel} is listed twice")
+            names = LABEL_SEPARATORS.split(row[1]) if len(row) == 2 else []
+            labels[path] = sorted({n.strip() for n in names if n.strip()})
+    if not labels:
+        raise ValueError(f"labels file {csv_path} has no rows")
+    return labels
+
+
+# ---------------------------------------------------------------- keys and split
+
+
+def mel_keys(audio_dir: Path, files: Sequence[Path], mel_format: str) -> dict[Path, str]:
+    """``{audio file: "mels/<relative path>.<mel_format>"}``, keeping the audio suffix where two would clash."""
+    stems = defaultdict(list)
+    for f in files:
+        try:
+            rel = f.relative_to(audio_dir)
+        except ValueError:
+            raise ValueError(f"{f} is not inside {audio_dir}: list audio paths relative to AUDIO_DIR") from None
+        stems[rel.with_suffix("")].append(rel)
+    keys = {}
+    for stem, rels in stems.items():
+        for rel in rels:
+            name = rel if len(rels) > 1 else stem  # a.wav and a.mp3 -> a.wav.mmap and a.mp3.mmap
+            keys[audio_dir / rel] = f"mels/{name.as_posix()}.{mel_format}"
+    return keys
+
+
+def split_keys(
+    labels: dict[str, tuple[str, ...]], fractions: Sequence[float], seed: int
+) -> dict[str, list[str]]:
+    """Seeded train/validation/test split with exact overall fractions, stratified by label set.
+
+    Items are shuffled within groups of equal label sets and the groups laid end to end; each
+    item then goes to the split furthest below its target count, so every group is spread over
+    the splits in proportion (within one item).
+    """
+    rng = np.random.default_rng(seed)
+    groups = defaultdict(list)
+    for key in sorted(labels):
+        groups[labels[key]].append(key)
+    group_sets = sorted(groups)
+    order = []
+    for g in rng.permutation(len(group_sets)):
+        members = groups[group_sets[g]]
+        order += [members[i] for i in rng.permutation(len(members))]
+    counts = np.zeros(len(fractions))
+    splits = {name: [] for name in SPLIT_NAMES}
+    for j, key in enumerate(order):
+        s = int(np.argmax(np.asarray(fractions) * (j + 1) - counts))
+        counts[s] += 1
+        splits[SPLIT_NAMES[s]].append(key)
+    return {name: sorted(keys) for name, keys in splits.items()}
+
+
+# ---------------------------------------------------------------- the preparer
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    labels: list[str]
+    groundtruth: dict[str, Path]  # split name ("train", "validation", "test", "all") -> pickle
+    n_written: int
+    n_skipped: int
+    failed: dict[Path, str]
+
+
+def _check_split(split: Sequence[float]) -> tuple[float, float, float]:
+    if len(split) != 3 or min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise ValueError(
+            f"split must be three non-negative fractions (train, validation, test) summing to 1 "
+            f"with train > 0, got {list(split)}"
+        )
+    return tuple(float(x) for x in split)
+
+
+def prepare_folder(
+    audio_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike | None = None,
+    jobs: int = 1,
+    seed: int = 0,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
+    mel_format: str = "mmap",
+    extensions: Sequence[str] = AUDIO_EXTENSIONS,
+) -> PrepareResult:
+    """Mel files, ground truth and label list for a folder of labelled audio (see the module doc)."""
+    audio_dir, out_dir = Path(audio_dir), Path(out_dir)
+    fractions = _check_split(split)
+    if mel_format not in MEL_FORMATS:
+        raise ValueError(f"mel_format must be one of {MEL_FORMATS}, got {mel_format!r}")
+    if not audio_dir.is_dir():
+        raise FileNotFoundError(f"audio folder {audio_dir} does not exist")
+
+    failed: dict[Path, str] = {}
+    if labels_csv is None:
+        file_labels = labels_from_folders(audio_dir, list_audio_files([audio_dir], extensions))
+    else:
+        file_labels = read_labels_csv(Path(labels_csv), audio_dir)
+        for path in [p for p in file_labels if not p.is_file()]:
+            failed[path] = f"listed in {labels_csv} but not found"
+            del file_labels[path]
+    if not file_labels:
+        raise ValueError(
+            f"no labelled audio files ({', '.join(extensions)}) in {audio_dir}: put them in one sub-folder "
+            "per label, or pass a labels CSV"
+        )
+    label_names = sorted({name for names in file_labels.values() for name in names})
+    log.info("%d audio file(s), %d label(s) in %s", len(file_labels), len(label_names), audio_dir)
+
+    keys = mel_keys(audio_dir, sorted(file_labels), mel_format)
+    result = extract_mel_files([(f, out_dir / key) for f, key in keys.items()], n_jobs=jobs, desc=audio_dir.name)
+    failed.update(result.failed)
+    write_failed_list(out_dir, failed, relative_to=audio_dir)
+
+    index = {name: i for i, name in enumerate(label_names)}
+    gt = {}
+    for f, key in keys.items():
+        if f in failed:
+            continue
+        vector = np.zeros(len(label_names), dtype=bool)
+        vector[[index[n] for n in file_labels[f]]] = True
+        gt[key] = vector
+    if not gt:
+        raise ValueError(f"none of the audio files in {audio_dir} could be read: see {out_dir / 'failed.txt'}")
+
+    paths = {}
+    parts = split_keys({k: tuple(file_labels[f]) for f, k in keys.items() if k in gt}, fractions, seed)
+    for name, split_keys_ in {**parts, "all": sorted(gt)}.items():
+        path = out_dir / f"groundtruth-{name}.pk"
+        if split_keys_:
+            paths[name] = save_groundtruth(path, {k: gt[k] for k in split_keys_})
+        else:
+            path.unlink(missing_ok=True)
+            log.warning("the %s split is empty (fraction %s of %d files): no %s written", name,
+                        dict(zip(SPLIT_NAMES, fractions)).get(name), len(gt), path.name)
+    (out_dir / "labels.txt").write_text("\n".join(label_names) + "\n")
+    log.info(
+        "prepared %s: %d mel file(s) written, %d already complete, %d failed; %s",
+        out_dir, len(result.written), len(result.skipped), len(failed),
+        ", ".join(f"{name} {len(k)}" for name, k in parts.items()),
+    )
+    return PrepareResult(
+        out_dir=out_dir,
+        labels=label_names,
+        groundtruth=paths,
+        n_written=len(result.written),
+        n_skipped=len(result.skipped),
+        failed=failed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets.prepare_folder",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument("audio_dir", type=Path, help="folder of audio files (wav, flac, ogg, mp3)")
+    parser.add_argument("out_dir", type=Path, help="output folder (use it as datamodule.base_dir)")
+    parser.add_argument("--labels-csv", type=Path, help="CSV/TSV of path,labels (default: sub-folder names)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split")
+    parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                        help="train/validation/test fractions (default: 0.8 0.1 0.1)")
+    parser.add_argument("--format", dest="mel_format", choices=MEL_FORMATS, default="mmap", help="mel file kind")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = prepare_folder(**vars(args))
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 1
+    for name, path in result.groundtruth.items():
+        log.info("datamodule.groundtruth_%s=%s", {"validation": "val", "all": "predict"}.get(name, name), path)
+    log.info("datamodule.base_dir=%s, maest.n_classes=%d", result.out_dir, len(result.labels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""MAEST experiment: pre-training, test, extraction, prediction and export (Sacred + Lightning).
+
+    python ex_maest.py with demo                                   # train the demo model
+    python ex_maest.py with maest_discogs_30sec_pretrain           # paper settings
+    python ex_maest.py test with ... maest.checkpoint=x.ckpt
+    python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_mtt
+    python ex_maest.py predict with maest_30s_from_passt_infer predict.audio='["song.mp3"]'
+    python ex_maest.py print_config with maest_discogs_5sec_pretrain
+
+This file is the only place where the config meets the code: ``models/`` and ``helpers/`` take
+explicit arguments, built here by a few captured factories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from sacred import Experiment, Ingredient
+from sacred.observers import FileStorageObserver
+
+from configs.maest import register_named_configs
+from helpers.datamodule import MAESTDataModule
+from helpers.extract import extract, predict_files, write_predictions
+from helpers.module import MAESTModule
+from models import get_maest
+from models.mel import n_frames_for
+from models.registry import get_spec
+
+_logger = logging.getLogger("ex_maest")
+
+maest_ing = Ingredient("maest")
+datamodule_ing = Ingredient("datamodule")
+module_ing = Ingredient("module")
+trainer_ing = Ingredient("trainer")
+predict_ing = Ingredient("predict")
+export_ing = Ingredient("export")
+
+
+@maest_ing.config
+def maest_config():
+    arch = "passt_s_swa_p16_128_ap476"  # registry name (models/registry.py): an init architecture or a released model
+    pretrained = False  # initialise from the arch's weights in the weights directory (PaSST/DeiT/MAEST)
+    weights_dir = None  # where pre-trained weights live; None: $MAEST_WEIGHTS_DIR or ./weights
+    checkpoint = None  # a MAEST checkpoint to load (Lightning .ckpt, state dict, or Hugging Face directory)
+    checkpoint_swa_weights = True  # from a Lightning checkpoint, load the SWA weights (False: the plain ones)
+    n_classes = None  # output classes; None: the arch's for released models, else from the training ground truth
+    input_f = 96  # mel bands
+    input_t = 625  # frames of the longest clip (seconds * 16000 // 256): sizes the time embeddings
+    s_patchout_t = 0  # training: time columns dropped per input (structured patchout)
+    s_patchout_f = 0  # training: frequency rows dropped per input
+    u_patchout = 0  # training: random patches dropped (unstructured patchout)
+    s_patchout_f_indices = ()  # inference patchout: frequency rows always dropped
+    s_patchout_f_interleaved = 0  # inference patchout: keep every n-th frequency row (0 = off)
+    s_patchout_t_indices = ()  # inference patchout: time columns always dropped
+    s_patchout_t_interleaved = 0  # inference patchout: keep every n-th time column (0 = off)
+    distilled_type = "mean"  # "mean": head((CLS+DIST)/2); "separated": CLS and DIST heads (teacher-student)
+    drop_path_rate = 0.0  # stochastic depth of the transformer blocks
+    fused_attention = True  # F.scaled_dot_product_attention (False: explicit attention)
+
+
+@datamodule_ing.config
+def datamodule_config():
+    base_dir = "data/discogs/mels"  # folder of mel files (or an .h5 store); ground-truth keys are relative to it
+    groundtruth_train = "data/discogs/groundtruth-train.pk"  # pickle: mel path -> multi-hot vector
+    groundtruth_val = "data/discogs/groundtruth-validation.pk"
+    groundtruth_test = "data/discogs/groundtruth-test.pk"
+    groundtruth_predict = None  # ground truth listing the files to extract (its labels are not used)
+    clip_length = 10  # seconds per clip (10 s = 625 frames)
+    batch_size_train = 12  # per device
+    batch_size_test = 20  # validation, test and extraction
+    num_workers = 4  # DataLoader worker processes
+    epoch_length = 200_000  # training draws per epoch (all ranks together)
+    sampler = "balanced"  # "balanced" (class-balanced weights 1000 / (count + 100)) or "random"
+    sampler_replacement = True  # draw with replacement
+    seed = 0  # seeds the sampler draws and the crop offsets
+    teacher_dir = None  # teacher logits (<dir>/<key>.logits.npy) for teacher-student training
+    teacher_threshold = 0.45  # sigmoid threshold of the hard teacher targets
+    test_hop = "full"  # "full": consecutive test clips; "half": half-overlapping
+    pin_memory = torch.cuda.is_available()  # page-locked batches for faster host-to-GPU copies
+
+
+@module_ing.config
+def module_config():
+    lr = 2e-5  # AdamW peak learning rate
+    weight_decay = 1e-4  # AdamW weight decay
+    warm_up_len = 5  # epochs of exponential warm-up
+    ramp_down_start = 50  # epoch where the linear ramp-down starts
+    ramp_down_len = 50  # epochs of the ramp-down
+    last_lr_value = 0.01  # final learning rate as a fraction of the peak
+    mixup_alpha = 0.3  # Beta(alpha, alpha) mixup of inputs and targets; 0 disables it
+    mask_p = 0.2  # probability of each time/frequency mask (0 disables masking)
+    n_time_masks = 20  # time masks per input
+    max_time_width = 8  # frames per time mask, at most
+    n_freq_masks = 8  # frequency masks per input
+    max_freq_width = 5  # bands per frequency mask, at most
+    roll_max_shift = 0  # random circular time shift in frames (0 = off)
+    swa = True  # keep a stochastic-weight-averaged network (checkpoints hold it as net_swa)
+    swa_epoch_start = 50  # first epoch averaged into the SWA network
+    swa_freq = 5  # average every n epochs
+    teacher_student = False  # loss = mean(BCE(CLS head, labels), BCE(DIST head, teacher targets))
+
+
+@trainer_ing.config
+def trainer_config():
+    max_epochs = 130  # training epochs
+    accelerator = "auto"  # "cpu", "gpu" or "auto"
+    devices = "auto"  # devices per node (e.g. 4), or "auto"
+    num_nodes = 1  # machines for DDP
+    strategy = "auto"  # "ddp" for several GPUs or nodes
+    precision = "16-mixed" if torch.cuda.is_available() else "bf16-mixed"  # "32-true" for exact fp32
+    default_root_dir = "outputs/maest"  # checkpoints and TensorBoard logs go under it
+    log_every_n_steps = 50
+    num_sanity_val_steps = 0
+    enable_progress_bar = True
+
+
+@predict_ing.config
+def predict_config():
+    transformer_block = 6  # block of the embeddings (0-based: 6 is the paper's best, "the 7th block")
+    out_dir = "outputs/embeddings"  # extraction output: <out_dir>/<key>.embeddings.npy / .logits.npy
+    hop = "full"  # "full": consecutive clips; "half": half-overlapping clips
+    batch_size = 16  # clips per forward pass
+    num_workers = 2  # DataLoader workers reading mel files
+    bf16 = False  # bf16 autocast on CPU (fp16 on GPU) for faster extraction
+    device = "auto"  # "cpu", "cuda" or "auto"
+    audio = []  # `predict` command: audio files or folders (wav, flac, ogg, mp3)
+    top_k = 5  # `predict`: labels per file
+    output = None  # `predict`: a .json or .tsv file to write (None: print JSON)
+    labels_file = None  # `predict`: label names, one per line (None: the arch's Discogs labels)
+
+
+@export_ing.config
+def export_config():
+    out_dir = "outputs/export"  # export_hf: the Hugging Face directory; export_onnx: where model.onnx goes
+    onnx_with_mel = False  # export_onnx: include the mel front-end (input raw 16 kHz audio)
+    onnx_block = None  # export_onnx: output the (B, 3, D) embeddings of this block instead of logits
+    onnx_opset = 17  # export_onnx: ONNX opset version
+
+
+ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
+
+
+@ex.config
+def main_config():
+    synthetic_data = None  # dict(out_dir, n_tracks, clip_length, seed): generate the demo dataset before running
+    inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint (the demo's trained model)
+    ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's last.ckpt)
+    checkpoint_every_n_train_steps = None  # also checkpoint every n steps (long epochs: lose less on a kill)
+    norm_stats_out = "outputs/norm_stats.json"  # compute_norm_stats writes mean and std here
+    speed_test_batch_size = 8  # model_speed_test batch size
+    speed_test_iterations = 5  # model_speed_test timed iterations
+
+
+register_named_configs(ex)
+
+
+# ----------------------------------------------------------------------------------- factories
+@maest_ing.capture
+def build_net(
+    arch, pretrained, weights_dir, checkpoint, checkpoint_swa_weights, n_classes, input_f, input_t,
+    s_patchout_t, s_patchout_f, u_patchout, s_patchout_f_indices, s_patchout_f_interleaved,
+    s_patchout_t_indices, s_patchout_t_interleaved, distilled_type, drop_path_rate, fused_attention,
+    data_n_classes: int | None = None,
+    inference_checkpoint: str | None = None,
+):
+    """The network of the ``maest`` config; ``inference_checkpoint`` replaces ``checkpoint`` when given."""
+    checkpoint = inference_checkpoint or checkpoint
+    spec = get_spec(arch)
+    options = dict(
+        input_f=input_f, input_t=input_t, s_patchout_t=s_patchout_t, s_patchout_f=s_patchout_f, u_patchout=u_patchout,
+        s_patchout_f_indices=tuple(s_patchout_f_indices), s_patchout_f_interleaved=s_patchout_f_interleaved,
+        s_patchout_t_indices=tuple(s_patchout_t_indices), s_patchout_t_interleaved=s_patchout_t_interleaved,
+        distilled_type=distilled_type, drop_path_rate=drop_path_rate, fused_attention=fused_attention,
+    )
+    classes = n_classes or data_n_classes or spec.config.get("n_classes")
+    if classes:
+        options["n_classes"] = classes
+    if spec.weights_file and spec.init == "maest" and "input_t" in spec.config and input_t != spec.config["input_t"] and checkpoint is None:
+        _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], input_t)
+    net = get_maest(
+        arch, checkpoint=checkpoint, pretrained=pretrained, checkpoint_swa_weights=checkpoint_swa_weights,
+        weights_directory=weights_dir, **options,
+    )
+    return net
+
+
+@datamodule_ing.capture
+def build_datamodule(
+    base_dir, groundtruth_train, groundtruth_val, groundtruth_test, groundtruth_predict, clip_length, batch_size_train,
+    batch_size_test, num_workers, epoch_length, sampler, sampler_replacement, seed, teacher_dir, teacher_threshold,
+    test_hop, pin_memory,
+):
+    return MAESTDataModule(
+        base_dir=base_dir, clip_length=clip_length, groundtruth_train=groundtruth_train, groundtruth_val=groundtruth_val,
+        groundtruth_test=groundtruth_test, groundtruth_predict=groundtruth_predict, batch_size_train=batch_size_train,
+        batch_size_test=batch_size_test, num_workers=num_workers, epoch_length=epoch_length, sampler=sampler,
+        sampler_replacement=sampler_replacement, seed=seed, teacher_dir=teacher_dir, teacher_threshold=teacher_threshold,
+        test_hop=test_hop, pin_memory=pin_memory,
+    )
+
+
+@module_ing.capture
+def build_module(net, _config):
+    return MAESTModule(net, **_config)
+
+
+@trainer_ing.capture
+def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    options = dict(_config)
+    root = Path(options.pop("default_root_dir"))
+    callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
+    if not monitor_val:
+        callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)]
+    if checkpoint_every_n_train_steps:
+        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", filename="step-{step}", every_n_train_steps=checkpoint_every_n_train_steps, save_top_k=1, monitor="step", mode="max"))
+    if options.get("logger", True) is not False:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    # The data module shards the training draw by global rank itself (see helpers/datamodule.py).
+    return pl.Trainer(default_root_dir=root, callbacks=callbacks, use_distributed_sampler=False, **options)
+
+
+def _prepare_synthetic(synthetic_data):
+    if synthetic_data:
+        from helpers.synthetic import make_synthetic_dataset
+
+        info = make_synthetic_dataset(**synthetic_data)
+        _logger.info("synthetic dataset ready in %s", info["base_dir"])
+        return info
+    return None
+
+
+def _resolve_ckpt_path(ckpt_path, trainer):
+    if ckpt_path == "last":
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"ckpt_path='last' but {last} does not exist: nothing to resume")
+        return str(last)
+    return ckpt_path
+
+
+# ----------------------------------------------------------------------------------- commands
+@ex.main
+def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
+    """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
+    _prepare_synthetic(synthetic_data)
+    datamodule = build_datamodule()
+    net = build_net(data_n_classes=datamodule.n_classes)
+    module = build_module(net)
+    trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoint_cb = trainer.checkpoint_callback
+    result = {
+        "best_checkpoint": checkpoint_cb.best_model_path if checkpoint_cb else None,
+        "last_checkpoint": str(Path(checkpoint_cb.dirpath) / "last.ckpt") if checkpoint_cb else None,
+        "logs": trainer.logger.log_dir if trainer.logger else None,
+        "global_step": trainer.global_step,
+        "metrics": metrics,
+    }
+    _report(_run, result)
+    return result
+
+
+def _report(_run, result):
+    lines = ["", "Training finished."]
+    for key in ("val_roc", "val_ap", "val_loss", "val_roc_swa"):
+        if key in result["metrics"]:
+            lines.append(f"  {key:12s} {result['metrics'][key]:.4f}")
+    lines.append(f"  best checkpoint: {result['best_checkpoint']}")
+    lines.append(f"  last checkpoint: {result['last_checkpoint']}")
+    lines.append(f"  TensorBoard logs: {result['logs']}  (tensorboard --logdir {result['logs']})")
+    run_dirs = [getattr(o, "dir", None) for o in _run.observers]
+    run_dirs = [d for d in run_dirs if d]
+    lines.append(f"  Sacred run record: {run_dirs[0] if run_dirs else 'none (add -F DIR to keep one)'}")
+    print("\n".join(lines))
+
+
+@ex.command
+def test(_run, synthetic_data, inference_checkpoint):
+    """Test maest.checkpoint (or the configured weights) on datamodule.groundtruth_test, every clip."""
+    _prepare_synthetic(synthetic_data)
+    datamodule = build_datamodule()
+    net = build_net(data_n_classes=datamodule.n_classes, inference_checkpoint=inference_checkpoint)
+    module = build_module(net)
+    module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
+    trainer = build_trainer()
+    results = trainer.test(module, datamodule=datamodule)
+    return results[0] if results else {}
+
+
+@ex.command
+def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
+    """Mean and std of the (compressed, unnormalised) training mel values; printed and saved."""
+    from helpers.stats import mel_statistics
+
+    _prepare_synthetic(synthetic_data)
+    stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"])
+    out = Path(norm_stats_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(stats, indent=2))
+    print(f"mean {stats['mean']:.6f}  std {stats['std']:.6f}  over {stats['n_frames']} frames of {stats['n_files']} files -> {out}")
+    return stats
+
+
+@ex.command
+def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_checkpoint, maest, predict):
+    """Forward-pass speed of the configured model on random input of maest.input_t frames."""
+    net = build_net(inference_checkpoint=inference_checkpoint)
+    device = _device(predict["device"])
+    net = net.to(device)
+    x = torch.randn(speed_test_batch_size, 1, maest["input_f"], maest["input_t"] + 1, device=device)
+    x = x[..., : min(x.shape[-1], net.config.max_frames)]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=predict["bf16"]):
+        net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(speed_test_iterations):
+            net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / speed_test_iterations
+    result = {"clips_per_s": speed_test_batch_size / seconds, "batch_seconds": seconds, "device": str(device)}
+    print(f"{result['clips_per_s']:.2f} clips/s ({seconds * 1000:.1f} ms per batch of {speed_test_batch_size}, {device})")
+    return result
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@predict_ing.capture
+def _extract(kind, transformer_block, out_dir, hop, batch_size, num_workers, bf16, device, maest, datamodule_cfg, inference_checkpoint):
+    net = build_net(inference_checkpoint=inference_checkpoint).to(_device(device))
+    if datamodule_cfg["groundtruth_predict"] is None:
+        raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
+    n_frames = n_frames_for(datamodule_cfg["clip_length"])
+    report = extract(
+        net,
+        base_dir=datamodule_cfg["base_dir"],
+        groundtruth=datamodule_cfg["groundtruth_predict"],
+        out_dir=out_dir,
+        kind=kind,
+        block=transformer_block,
+        n_frames=n_frames,
+        hop_frames=n_frames if hop == "full" else n_frames // 2,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        bf16=bf16,
+        run_info={"arch": maest["arch"], "checkpoint": inference_checkpoint or maest["checkpoint"], "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
+                  "pretrained": maest["pretrained"], "clip_length": datamodule_cfg["clip_length"], "hop": hop},
+    )
+    print(report.summary())
+    if report.failed:
+        raise SystemExit(1)
+    return report.as_dict()
+
+
+@ex.command
+def extract_embeddings(synthetic_data, inference_checkpoint, datamodule):
+    """Write <predict.out_dir>/<key>.embeddings.npy (n_clips, 3, D) for every datamodule.groundtruth_predict key."""
+    _prepare_synthetic(synthetic_data)
+    return _extract("embeddings", datamodule_cfg=datamodule, inference_checkpoint=inference_checkpoint)
+
+
+@ex.command
+def extract_logits(synthetic_data, inference_checkpoint, datamodule):
+    """Write <predict.out_dir>/<key>.logits.npy (n_clips, n_classes) for every datamodule.groundtruth_predict key."""
+    _prepare_synthetic(synthetic_data)
+    return _extract("logits", datamodule_cfg=datamodule, inference_checkpoint=inference_checkpoint)
+
+
+@ex.command
+def predict(inference_checkpoint, maest, datamodule, predict):
+    """Top-k labels of audio files: predict.audio=['a.mp3', 'folder/'] -> JSON (or predict.output=x.tsv)."""
+    net = build_net(inference_checkpoint=inference_checkpoint).to(_device(predict["device"]))
+    labels = _labels(maest["arch"], predict["labels_file"], net.n_classes)
+    n_frames = n_frames_for(datamodule["clip_length"])
+    results, failures = predict_files(
+        net, predict["audio"], labels, n_frames=n_frames, hop_frames=n_frames if predict["hop"] == "full" else n_frames // 2,
+        top_k=predict["top_k"], batch_size=predict["batch_size"], bf16=predict["bf16"],
+    )
+    text = write_predictions(results, predict["output"])
+    if text is not None:
+        print(text)
+    for path, error in failures.items():
+        print(f"FAILED {path}: {error}", file=sys.stderr)
+    if failures:
+        raise SystemExit(1)
+    return results
+
+
+def _labels(arch, labels_file, n_classes) -> list[str]:
+    if labels_file:
+        labels = Path(labels_file).read_text().splitlines()
+    else:
+        labels = get_spec(arch).labels() or [f"class_{i}" for i in range(n_classes)]
+    if len(labels) != n_classes:
+        raise ValueError(f"{len(labels)} label names for a model with {n_classes} outputs: set predict.labels_file to the right list")
+    return labels
+
+
+@ex.command
+def export_hf(inference_checkpoint, maest, export, predict):
+    """Write the model as a Hugging Face ASTForAudioClassification directory (export.out_dir)."""
+    from models.hf import export_hf as _export_hf
+
+    net = build_net(inference_checkpoint=inference_checkpoint)
+    labels = _labels(maest["arch"], predict["labels_file"], net.n_classes)
+    out = _export_hf(net, export["out_dir"], labels=labels)
+    print(f"Hugging Face model written to {out}")
+    return str(out)
+
+
+@ex.command
+def export_onnx(inference_checkpoint, export):
+    """Write the model as ONNX (export.out_dir/model.onnx), optionally with the mel front-end or block embeddings."""
+    from helpers.export import export_onnx as _export_onnx
+
+    net = build_net(inference_checkpoint=inference_checkpoint)
+    path = Path(export["out_dir"]) / "model.onnx"
+    out = _export_onnx(net, path, with_mel=export["onnx_with_mel"], block=export["onnx_block"], opset=export["onnx_opset"])
+    print(f"ONNX model written to {out}")
+    return str(out)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv
+    observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith("--file_storage=") for a in argv)
+    if not observed and len(argv) > 1 and argv[1] not in ("print_config", "print_dependencies", "save_config", "print_named_configs", "help"):
+        # Keep a run record by default (in the program only, never at import); -F DIR or -u override it.
+        ex.observers.append(FileStorageObserver(os.environ.get("MAEST_SACRED_DIR", "outputs/sacred")))
+    ex.run_commandline()

@@ -1,0 +1,122 @@
+"""Exchange formats: ONNX (``export_onnx``) and Hugging Face AST directories (``export_hf``).
+
+The ONNX graph is the eval-mode network with a dynamic batch axis and a fixed input length:
+
+- ``with_mel=False``: input ``mel`` ``(batch, 96, n_frames)``, normalised as ``MAEST.forward`` expects;
+- ``with_mel=True``: input ``audio`` ``(batch, (n_frames - 1) * 256)`` at 16 kHz, through the same
+  mel front-end (``models.mel.MelSpectrogram(normalized=True)``, an ONNX ``STFT``);
+
+and output ``logits`` ``(batch, n_classes)``, or ``embeddings`` ``(batch, 3, D)`` (CLS, DIST, mean
+of the patch tokens after ``block``, as ``MAEST.embeddings``) when ``block`` is given.
+
+It uses torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, needs onnxscript); fused
+attention exports as is. The exporter's native opset is 18: lower opsets go through onnx's version
+converter, which cannot lower every operator (the front-end's ``Pad`` to 17): such a request fails
+instead of silently writing another opset. Weights are stored inside the file (models under 2 GB;
+ViT-B is about 350 MB).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.hf import export_hf
+from models.maest import MAEST
+from models.mel import HOP_LENGTH, MelSpectrogram
+
+__all__ = ["export_onnx", "export_hf", "OnnxExportWrapper"]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+
+
+class OnnxExportWrapper(nn.Module):
+    """The exported function: optional mel front-end, then logits or the embeddings of ``block``."""
+
+    def __init__(self, model: MAEST, with_mel: bool = False, block: int | None = None):
+        super().__init__()
+        self.model = model
+        self.mel = MelSpectrogram(normalized=True) if with_mel else None
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mel is not None:
+            x = self.mel(x)  # (B, samples) -> (B, 96, frames)
+        if self.block is None:
+            return self.model(x)  # (B, n_classes)
+        return self.model.embeddings(x, block=self.block)  # (B, 3, D)
+
+
+def export_onnx(
+    model: MAEST,
+    path: str | os.PathLike,
+    with_mel: bool = False,
+    block: int | None = None,
+    n_frames: int | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write ``model`` as an ONNX file at ``path`` (written complete or not at all); returns the path.
+
+    ``n_frames``: input length in mel frames, default the longest the model takes
+    (``model.config.max_frames``, e.g. 1876 for 30 s); with ``with_mel`` the audio input has
+    ``(n_frames - 1) * 256`` samples. ``block``: export the ``(B, 3, D)`` embeddings of this block
+    (0-based) instead of the logits. ``model`` itself is not changed.
+    """
+    cfg = model.config
+    n_frames = cfg.max_frames if n_frames is None else int(n_frames)
+    if not cfg.patch_size <= n_frames <= cfg.max_frames:
+        raise ValueError(f"n_frames must be in [{cfg.patch_size}, {cfg.max_frames}] for this model (input_t={cfg.input_t}), got {n_frames}")
+    if block is not None and (not isinstance(block, int) or not -cfg.depth <= block < cfg.depth):
+        raise ValueError(f"block must be an integer in [0, {cfg.depth - 1}] (0-based), got {block!r}")
+    try:
+        import onnxscript  # noqa: F401 - the dynamo exporter needs it; fail here with an install hint
+    except ImportError as e:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install -r requirements-extras.txt") from e
+
+    # A private eval-mode copy: the finiteness check is a data-dependent branch the exporter cannot trace.
+    net = copy.deepcopy(model).eval()
+    net.config = net.config.replace(check_finite=False)
+    wrapper = OnnxExportWrapper(net, with_mel=with_mel, block=block).eval()
+    device = next(net.parameters()).device
+    # Batch 2 in the example: torch.export specialises sizes 0 and 1, the batch axis must stay free.
+    if with_mel:
+        example, input_name = torch.zeros(2, (n_frames - 1) * HOP_LENGTH, device=device), "audio"
+        wrapper.mel.to(device)
+    else:
+        example, input_name = torch.zeros(2, cfg.input_f, n_frames, device=device), "mel"
+    output_name = "logits" if block is None else "embeddings"
+
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+            verbose=False,
+        )
+    written = program.model.opset_imports.get("", None)
+    if written != opset:
+        raise ValueError(
+            f"the ONNX exporter could not convert this graph to opset {opset} (it stays at {written}); "
+            f"use opset={written}{' or with_mel=False' if with_mel else ''}"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        program.save(tmp, external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _logger.info("exported %s -> %s to %s (opset %d)", input_name, output_name, path, opset)
+    return path

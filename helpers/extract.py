@@ -1,0 +1,246 @@
+"""Embedding and logit extraction (SPEC §7) and audio-file prediction.
+
+Extraction reads every file of a ground truth as consecutive (optionally half-overlapping)
+clips, tail included, and writes ``<out_dir>/<key>.embeddings.npy`` (n_clips, 3, D) or
+``<out_dir>/<key>.logits.npy`` (n_clips, n_classes). Each file is written whole (temporary name,
+then rename) and skipped when present, so a killed run resumes; an unreadable file is reported
+and the others are still extracted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from models import MAEST
+from models.inference import clip_starts, pad_centre, track_probabilities
+from models.mel import normalize
+
+from .melfiles import MelFileError, MelReader, load_groundtruth
+
+_logger = logging.getLogger(__name__)
+
+KINDS = {"embeddings": ".embeddings.npy", "logits": ".logits.npy"}
+
+
+def output_path(out_dir: str | os.PathLike, key: str, kind: str) -> Path:
+    return Path(out_dir) / (key + KINDS[kind])
+
+
+@dataclass
+class ExtractionReport:
+    out_dir: str
+    kind: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already present from an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.kind}: {len(self.written)} written, {len(self.skipped)} already present, "
+            f"{len(self.failed)} failed -> {self.out_dir}"
+        ]
+        for key, reason in list(self.failed.items())[:20]:
+            lines.append(f"  FAILED {key}: {reason}")
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more failures")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"out_dir": self.out_dir, "kind": self.kind, "written": len(self.written), "skipped": len(self.skipped), "failed": dict(self.failed)}
+
+
+class _FileClips(Dataset):
+    """One item per file: all its clips ``(n_clips, 1, F, n_frames)``, normalised; errors are returned, not raised."""
+
+    def __init__(self, reader: MelReader, keys: list[str], n_frames: int, hop_frames: int):
+        self.reader, self.keys, self.n_frames, self.hop_frames = reader, keys, n_frames, hop_frames
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        key = self.keys[i]
+        try:
+            mel = self.reader.read(key)  # (T, F) float32, NaN-checked
+            starts = clip_starts(mel.shape[0], self.n_frames, self.hop_frames)
+            if mel.shape[0] < self.n_frames:
+                clips = pad_centre(mel, self.n_frames)[None]
+            else:
+                clips = np.stack([mel[s : s + self.n_frames] for s in starts])
+            clips = normalize(clips).transpose(0, 2, 1)[:, None]  # (n_clips, 1, F, n_frames)
+            return key, torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)), None
+        except (MelFileError, OSError, ValueError) as e:
+            return key, None, str(e)
+
+
+def _write_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _check_run_info(out_dir: Path, info: dict) -> None:
+    """Refuse to mix outputs of different models or settings in one folder."""
+    path = out_dir / "config.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old:
+        different = {k: (old.get(k), v) for k, v in info.items() if k in old and old.get(k) != v}
+        if different:
+            raise ValueError(
+                f"{out_dir} holds outputs of another setting ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in different.items())}); "
+                "choose another predict.out_dir or delete the folder"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic_text(path, json.dumps({**old, **info}, indent=2, default=str))
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract(
+    model: MAEST,
+    *,
+    base_dir: str | os.PathLike,
+    groundtruth: str | os.PathLike | dict,
+    out_dir: str | os.PathLike,
+    kind: str = "embeddings",
+    block: int = 6,
+    n_frames: int,
+    hop_frames: int | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    bf16: bool = False,
+    run_info: dict | None = None,
+    progress: bool = True,
+) -> ExtractionReport:
+    """Extract ``kind`` ("embeddings" of ``block`` or "logits") for every key of ``groundtruth``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    hop_frames = hop_frames or n_frames
+    model.eval()
+    device = next(model.parameters()).device
+    out_dir = Path(out_dir)
+    gt = groundtruth if isinstance(groundtruth, dict) else load_groundtruth(groundtruth)
+    info = {
+        **(run_info or {}),
+        "block": model._block_index(block),
+        "n_frames": n_frames,
+        "hop_frames": hop_frames,
+        "embed_dim": model.embed_dim,
+        "n_classes": model.n_classes,
+    }
+    if kind == "logits":
+        info.pop("block")
+    _check_run_info(out_dir, info)
+
+    report = ExtractionReport(out_dir=str(out_dir), kind=kind)
+    todo = []
+    for key in gt:
+        (report.skipped if output_path(out_dir, key, kind).is_file() else todo).append(key)
+    if report.skipped:
+        _logger.info("%d of %d files already extracted in %s: skipped", len(report.skipped), len(gt), out_dir)
+    loader = DataLoader(
+        _FileClips(MelReader(base_dir), todo, n_frames, hop_frames),
+        batch_size=None,  # one file per item; its clips are batched below
+        num_workers=num_workers,
+        prefetch_factor=4 if num_workers else None,
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=bf16)
+    for key, clips, error in tqdm(loader, total=len(todo), desc=f"extract {kind}", unit="file", disable=not progress):
+        if error is not None:
+            _logger.warning("skipping %s: %s", key, error)
+            report.failed[key] = error
+            continue
+        try:
+            outputs = []
+            for start in range(0, clips.shape[0], batch_size):
+                x = clips[start : start + batch_size].to(device, non_blocking=True)
+                with autocast:
+                    y = model.embeddings(x, block=block) if kind == "embeddings" else model(x)
+                outputs.append(y.float().cpu())
+            _write_atomic(output_path(out_dir, key, kind), torch.cat(outputs).numpy().astype(np.float32))
+            report.written.append(key)
+        except (ValueError, RuntimeError, OSError) as e:  # one bad file never loses the others
+            _logger.warning("failed on %s: %s", key, e)
+            report.failed[key] = str(e)
+    if report.failed:
+        _write_atomic_text(out_dir / f"failed-{kind}.txt", "".join(f"{k}\t{v}\n" for k, v in report.failed.items()))
+    return report
+
+
+# ----------------------------------------------------------------------------------- prediction
+def predict_files(
+    model: MAEST,
+    paths: list[str],
+    labels: list[str],
+    *,
+    n_frames: int,
+    hop_frames: int | None = None,
+    top_k: int = 5,
+    batch_size: int = 16,
+    bf16: bool = False,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, str]]:
+    """Audio files or folders -> per-file top-k labels with probabilities; failures by path."""
+    from .audio import AudioLoadError, list_audio_files, load_audio
+
+    files = list_audio_files(list(paths))
+    if not files:
+        raise FileNotFoundError(f"no audio files (wav, flac, ogg, mp3) found in {list(paths)}")
+    model.eval()
+    results, failures = [], {}
+    for path in tqdm(files, desc="predict", unit="file", disable=not progress):
+        try:
+            audio = torch.from_numpy(load_audio(path))
+        except AudioLoadError as e:
+            failures[str(path)] = str(e)
+            continue
+        probs = track_probabilities(
+            model, [audio], n_frames, hop_frames, batch_size=batch_size, autocast_dtype=torch.bfloat16 if bf16 else None
+        )[0]
+        top = torch.topk(probs, k=min(top_k, probs.numel()))
+        results.append({
+            "file": str(path),
+            "seconds": round(audio.numel() / 16000, 3),
+            "labels": [{"label": labels[i], "probability": round(float(p), 6)} for p, i in zip(top.values, top.indices)],
+        })
+    return results, failures
+
+
+def write_predictions(results: list[dict], output: str | os.PathLike | None) -> str | None:
+    """Write predictions as JSON (``.json``) or TSV (``.tsv``: file, rank, label, probability); None: return JSON text."""
+    if output is None:
+        return json.dumps(results, indent=2)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".tsv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+        writer.writerow(["file", "rank", "label", "probability"])
+        for r in results:
+            for rank, item in enumerate(r["labels"], 1):
+                writer.writerow([r["file"], rank, item["label"], f"{item['probability']:.6f}"])
+        text = buffer.getvalue()
+    elif output.suffix == ".json":
+        text = json.dumps(results, indent=2)
+    else:
+        raise ValueError(f"predict.output must end in .json or .tsv, got {output}")
+    _write_atomic_text(output, text)
+    return None

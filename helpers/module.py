@@ -1,0 +1,180 @@
+"""Lightning training of a MAEST network: BCE, mixup, masking, SWA, metrics, teacher-student.
+
+The module composes a network it is given (``models.MAEST``); every data decision lives in
+``helpers.datamodule``. It keeps a stochastic-weight-averaged copy as ``net_swa`` so that its
+checkpoints have the upstream layout (``net.<k>`` and ``net_swa.<k>``, SPEC §5.1).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from models import MAEST
+
+from .augment import mixup, roll, spec_mask
+from .metrics import macro_metrics
+from .schedules import exp_warmup_linear_down
+
+_logger = logging.getLogger(__name__)
+
+
+class MAESTModule(pl.LightningModule):
+    """Pre-trains ``net`` on multi-label targets; validates and tests the live and the SWA network.
+
+    Batches are ``(x (B, 1, F, T), keys, y (B, C))`` or, for teacher-student training,
+    ``(x, keys, y, y_teacher)``.
+    """
+
+    def __init__(
+        self,
+        net: MAEST,
+        *,
+        lr: float = 2e-5,
+        weight_decay: float = 1e-4,
+        warm_up_len: int = 5,
+        ramp_down_start: int = 50,
+        ramp_down_len: int = 50,
+        last_lr_value: float = 0.01,
+        mixup_alpha: float = 0.3,
+        mask_p: float = 0.2,
+        n_time_masks: int = 20,
+        max_time_width: int = 8,
+        n_freq_masks: int = 8,
+        max_freq_width: int = 5,
+        roll_max_shift: int = 0,
+        swa: bool = True,
+        swa_epoch_start: int = 50,
+        swa_freq: int = 5,
+        teacher_student: bool = False,
+    ):
+        super().__init__()
+        if teacher_student and net.config.distilled_type != "separated":
+            raise ValueError("teacher-student training needs maest.distilled_type='separated' (a CLS head and a DIST head)")
+        self.net = net
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.schedule = exp_warmup_linear_down(warm_up_len, ramp_down_len, ramp_down_start, last_lr_value)
+        self.mixup_alpha = mixup_alpha
+        self.mask = dict(p=mask_p, n_time_masks=n_time_masks, max_time_width=max_time_width, n_freq_masks=n_freq_masks, max_freq_width=max_freq_width)
+        self.roll_max_shift = roll_max_shift
+        self.swa = swa
+        self.swa_epoch_start = swa_epoch_start
+        self.swa_freq = swa_freq
+        self.teacher_student = teacher_student
+        # The SWA copy is always there, so every checkpoint loads as SPEC §5.1 says; until SWA
+        # starts it follows the live weights.
+        self.net_swa = copy.deepcopy(net).requires_grad_(False)
+        self.register_buffer("swa_n_averaged", torch.zeros((), dtype=torch.long))
+        self._outputs: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def training_step(self, batch, batch_idx):
+        x, _, y, *teacher = batch
+        if self.mask["p"] > 0:
+            x = spec_mask(x, **self.mask)
+        if self.roll_max_shift:
+            x = roll(x, self.roll_max_shift)
+        if self.mixup_alpha > 0:
+            x, y, *teacher = mixup(x, y, self.mixup_alpha, *teacher)
+        if self.teacher_student:
+            logits, logits_dist = self.net.forward_heads(x)
+            loss_labels = F.binary_cross_entropy_with_logits(logits.float(), y)
+            loss_teacher = F.binary_cross_entropy_with_logits(logits_dist.float(), teacher[0])
+            loss = (loss_labels + loss_teacher) / 2
+            self.log_dict({"train_loss_labels": loss_labels, "train_loss_teacher": loss_teacher}, on_step=False, on_epoch=True)
+        else:
+            loss = F.binary_cross_entropy_with_logits(self.net(x).float(), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._update_swa(self.current_epoch)
+
+    @torch.no_grad()
+    def _update_swa(self, epoch: int) -> None:
+        """Average the live weights into ``net_swa`` every ``swa_freq`` epochs from ``swa_epoch_start``."""
+        live, swa = self.net.state_dict(), self.net_swa.state_dict()
+        if not self.swa or epoch < self.swa_epoch_start:
+            for k in swa:
+                swa[k].copy_(live[k])
+            return
+        if (epoch - self.swa_epoch_start) % self.swa_freq:
+            return
+        self.swa_n_averaged += 1
+        n = self.swa_n_averaged.item()
+        for k in swa:
+            if swa[k].is_floating_point():
+                swa[k].add_((live[k] - swa[k]) / n)
+
+    # ------------------------------------------------------------------ evaluation
+    def _nets(self):
+        return [("", self.net), ("swa", self.net_swa)] if self.swa else [("", self.net)]
+
+    def _eval_step(self, batch, stage: str):
+        x, _, y, *teacher = batch
+        out = self._outputs.setdefault(stage, [])
+        record = {"y": y.detach().float().cpu()}
+        for name, net in self._nets():
+            logits = net(x).float()
+            record[name] = torch.sigmoid(logits).cpu()
+            record[name + "loss"] = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).cpu()
+        out.append(record)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-rank tensor over all ranks (ranks may hold different counts)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return t
+        n = torch.tensor([t.shape[0]], device=self.device)
+        counts = self.all_gather(n).flatten().tolist()
+        padded = torch.zeros((max(counts),) + tuple(t.shape[1:]), dtype=t.dtype, device=self.device)
+        padded[: t.shape[0]] = t.to(self.device)
+        gathered = self.all_gather(padded)  # (world, max, ...)
+        return torch.cat([gathered[r, :c] for r, c in enumerate(counts)]).cpu()
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, float]:
+        outputs = self._outputs.pop(stage, [])
+        if not outputs and (self.trainer is None or self.trainer.world_size == 1):
+            return {}
+        y = self._gather(torch.cat([o["y"] for o in outputs]) if outputs else torch.zeros(0, self.net.n_classes))
+        results = {}
+        for name, _ in self._nets():
+            suffix = f"_{name}" if name else ""
+            scores = self._gather(torch.cat([o[name] for o in outputs]) if outputs else torch.zeros(0, self.net.n_classes))
+            losses = self._gather(torch.cat([o[name + "loss"] for o in outputs]) if outputs else torch.zeros(0))
+            m = macro_metrics(y.numpy(), scores.numpy())
+            results.update({
+                f"{stage}_loss{suffix}": float(losses.mean()),
+                f"{stage}_roc{suffix}": m["roc_auc"],
+                f"{stage}_ap{suffix}": m["pr_auc"],
+            })
+        # Every rank holds the same gathered values: log them without another reduction.
+        self.log_dict(results, prog_bar=stage == "val", sync_dist=False, rank_zero_only=False)
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch, batch_idx):
+        x, keys, *_ = batch
+        return {"keys": list(keys), "logits": self.net(x).float().cpu()}
+

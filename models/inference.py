@@ -1,0 +1,96 @@
+"""Cutting long inputs into model-sized clips and aggregating clip outputs per track (SPEC §3, §6).
+
+Clips start at ``0, hop, 2 * hop, ...``; when the last one stops short of the end, one more
+clip is aligned to the end, so no frame is dropped and every clip has the model's length. A
+track shorter than a clip is zero-padded (silence, before normalisation) around its centre,
+as in training. Outputs are averaged over the clips of one track, never across tracks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .mel import MelSpectrogram, normalize
+
+
+def clip_starts(total_frames: int, clip_frames: int, hop_frames: int) -> np.ndarray:
+    """Start frames of the clips that cover ``total_frames`` with no frame dropped.
+
+    ``clip_starts(25, 10, 10) -> [0, 10, 15]``; a file no longer than a clip gives ``[0]``.
+    """
+    if total_frames < 1 or clip_frames < 1 or hop_frames < 1:
+        raise ValueError(
+            f"clip_starts needs positive sizes, got total_frames={total_frames}, "
+            f"clip_frames={clip_frames}, hop_frames={hop_frames}"
+        )
+    if total_frames <= clip_frames:
+        return np.zeros(1, dtype=np.int64)
+    starts = np.arange(0, total_frames - clip_frames + 1, hop_frames, dtype=np.int64)
+    if starts[-1] + clip_frames < total_frames:
+        starts = np.append(starts, total_frames - clip_frames)
+    return starts
+
+
+def pad_centre(mel, n_frames: int):
+    """Zero-pad a ``(frames, ...)`` array or tensor to ``n_frames`` frames, signal in the centre.
+
+    The extra frame of an odd padding goes to the end, as upstream MAEST does.
+    """
+    frames = mel.shape[0]
+    if frames > n_frames:
+        raise ValueError(f"pad_centre got {frames} frames, more than the {n_frames} to pad to: crop it first")
+    if frames == n_frames:
+        return mel
+    before = (n_frames - frames) // 2
+    shape = (n_frames,) + tuple(mel.shape[1:])
+    out = mel.new_zeros(shape) if torch.is_tensor(mel) else np.zeros(shape, dtype=mel.dtype)
+    out[before : before + frames] = mel
+    return out
+
+
+def split_into_clips(mel: torch.Tensor, n_frames: int, hop_frames: int | None = None) -> torch.Tensor:
+    """A compressed mel ``(n_mels, T)`` -> clips ``(n_clips, n_mels, n_frames)`` covering all of it."""
+    if mel.dim() != 2:
+        raise ValueError(f"split_into_clips expects one mel (n_mels, frames), got shape {tuple(mel.shape)}")
+    hop_frames = hop_frames or n_frames
+    T = mel.shape[1]
+    if T <= n_frames:
+        return pad_centre(mel.T, n_frames).T.unsqueeze(0)
+    starts = torch.as_tensor(clip_starts(T, n_frames, hop_frames), device=mel.device)
+    index = starts[:, None] + torch.arange(n_frames, device=mel.device)  # (n_clips, n_frames)
+    return mel[:, index].permute(1, 0, 2)  # (n_clips, n_mels, n_frames)
+
+
+@torch.no_grad()
+def track_probabilities(
+    model: torch.nn.Module,
+    audios: list[torch.Tensor],
+    n_frames: int,
+    hop_frames: int | None = None,
+    batch_size: int = 16,
+    mel: MelSpectrogram | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Mean sigmoid probabilities ``(n_classes,)`` per track for 16 kHz mono audio tensors.
+
+    Each track is cut into clips of ``n_frames``; all clips of all tracks run in shared batches
+    and their probabilities are averaged per track.
+    """
+    device = next(model.parameters()).device
+    mel = (mel or MelSpectrogram()).to(device)
+    clips, owners = [], []
+    for i, audio in enumerate(audios):
+        m = split_into_clips(mel(audio.to(device).float()), n_frames, hop_frames)
+        clips.append(normalize(m))
+        owners += [i] * m.shape[0]
+    clips = torch.cat(clips)
+    owner = torch.as_tensor(owners, device=device)
+    probs = []
+    for start in range(0, clips.shape[0], batch_size):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            probs.append(torch.sigmoid(model(clips[start : start + batch_size]).float()))
+    probs = torch.cat(probs)
+    sums = torch.zeros(len(audios), probs.shape[1], device=device).index_add_(0, owner, probs)
+    counts = torch.bincount(owner, minlength=len(audios)).clamp(min=1).unsqueeze(1)
+    return list((sums / counts).cpu())

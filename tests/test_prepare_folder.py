@@ -1,0 +1,171 @@
+"""datasets/prepare_folder.py: audio folder -> mel files, ground truth, labels; resumable, failures listed."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from datasets.prepare_folder import main, mel_keys, prepare_folder, split_keys
+from helpers.melfiles import MelReader, load_groundtruth
+
+FREQS = {"bass": 200.0, "treble": 3000.0}
+LENGTH_S = 0.5
+
+
+def tone(freq_hz: float, sample_rate: int, channels: int) -> np.ndarray:
+    t = np.arange(int(LENGTH_S * sample_rate)) / sample_rate
+    return np.repeat((0.3 * np.sin(2 * np.pi * freq_hz * t))[:, None], channels, axis=1).astype(np.float32)
+
+
+@pytest.fixture
+def audio_dir(tmp_path):
+    """6 files per label folder in mixed formats, rates and channel counts, plus one corrupt file."""
+    root = tmp_path / "audio"
+    formats = [("wav", 44100, 2), ("flac", 22050, 1), ("wav", 16000, 1)]
+    for label, freq in FREQS.items():
+        for i in range(6):
+            fmt, sr, ch = formats[i % 3]
+            path = root / label / ("live" if i >= 3 else "") / f"{label}_{i}.{fmt}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, tone(freq, sr, ch), sr)
+    (root / "treble" / "broken.wav").write_bytes(b"RIFF" + bytes(100))
+    return root
+
+
+def expected_frames() -> int:
+    return 1 + int(LENGTH_S * 16000) // 256
+
+
+def test_subfolder_labels(audio_dir, tmp_path):
+    out = tmp_path / "out"
+
+    result = prepare_folder(audio_dir, out, seed=1)
+
+    assert result.labels == ["bass", "treble"]
+    assert (out / "labels.txt").read_text().splitlines() == ["bass", "treble"]
+    gt = load_groundtruth(out / "groundtruth-all.pk")
+    assert len(gt) == 12 and "mels/bass/live/bass_4.mmap" in gt and "mels/treble/treble_0.mmap" in gt
+    reader = MelReader(out)
+    for key, vector in gt.items():
+        label = "bass" if key.startswith("mels/bass/") else "treble"
+        assert vector.dtype == bool and vector.tolist() == [label == "bass", label == "treble"]
+        mel = reader.read(key)
+        assert mel.shape == (expected_frames(), 96)
+        peak_band = int(np.argmax(mel.mean(axis=0)))
+        assert (peak_band < 10) if label == "bass" else (60 < peak_band < 70), (key, peak_band)
+
+    splits = {name: load_groundtruth(out / f"groundtruth-{name}.pk") for name in ("train", "validation", "test")}
+    assert [len(s) for s in splits.values()] == [10, 1, 1]  # round(12 x 0.8 / 0.1 / 0.1) in total
+    assert set().union(*splits.values()) == set(gt)
+    assert result.groundtruth["validation"] == out / "groundtruth-validation.pk"
+
+    # the corrupt file is skipped and listed; every other file was written
+    assert result.n_written == 12 and list(result.failed) == [audio_dir / "treble" / "broken.wav"]
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == 1 and failed[0].startswith("treble/broken.wav\tcannot decode audio file")
+    assert not (out / "mels" / "treble" / "broken.mmap").exists()
+
+
+def test_rerun_skips_complete_files_and_redoes_missing_or_truncated(audio_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(audio_dir, out)
+    kept = out / "mels" / "bass" / "bass_0.mmap"
+    removed = out / "mels" / "bass" / "bass_1.mmap"
+    truncated = out / "mels" / "treble" / "treble_2.mmap"
+    mtime = kept.stat().st_mtime_ns
+    content = removed.read_bytes()
+    removed.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+
+    result = prepare_folder(audio_dir, out)
+
+    assert (result.n_written, result.n_skipped) == (2, 10)
+    assert kept.stat().st_mtime_ns == mtime
+    assert removed.read_bytes() == content
+    assert MelReader(out).read("mels/treble/treble_2.mmap").shape == (expected_frames(), 96)
+
+
+def test_parallel_jobs_write_the_same_files(audio_dir, tmp_path):
+    prepare_folder(audio_dir, tmp_path / "one", jobs=1)
+    result = prepare_folder(audio_dir, tmp_path / "two", jobs=2)
+
+    assert result.n_written == 12 and len(result.failed) == 1
+    for path in (tmp_path / "one").rglob("*.mmap"):
+        assert path.read_bytes() == (tmp_path / "two" / path.relative_to(tmp_path / "one")).read_bytes()
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_labels_csv_multi_label(audio_dir, tmp_path, suffix, sep):
+    table = tmp_path / f"labels{suffix}"
+    table.write_text(
+        f"path{sep}labels\n"
+        f"bass/bass_0.wav{sep}low;calm\n"
+        f"treble/treble_0.wav{sep}high | bright\n"
+        f"bass/live/bass_4.flac{sep}low|live|calm\n"
+        f"treble/treble_1.flac{sep}\n"
+        f"treble/gone.wav{sep}high\n"
+    )
+    out = tmp_path / "out"
+
+    result = prepare_folder(audio_dir, out, labels_csv=table, split=(0.5, 0.25, 0.25))
+
+    assert result.labels == ["bright", "calm", "high", "live", "low"]
+    gt = load_groundtruth(out / "groundtruth-all.pk")
+    assert {k: v.astype(int).tolist() for k, v in gt.items()} == {
+        "mels/bass/bass_0.mmap": [0, 1, 0, 0, 1],
+        "mels/treble/treble_0.mmap": [1, 0, 1, 0, 0],
+        "mels/bass/live/bass_4.mmap": [0, 1, 0, 1, 1],
+        "mels/treble/treble_1.mmap": [0, 0, 0, 0, 0],
+    }
+    assert list(result.failed) == [audio_dir / "treble" / "gone.wav"]
+    assert "treble/gone.wav\tlisted in" in (out / "failed.txt").read_text()
+    assert len(list((out / "mels").rglob("*.mmap"))) == 4  # files not in the table are ignored
+
+
+def test_labels_csv_with_the_delimiter_inside_labels_is_an_error(audio_dir, tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("bass/bass_0.wav,low,calm\n")
+    with pytest.raises(ValueError, match=r"labels\.csv:1: expected 2 columns.*separate labels with ';' or '\|'"):
+        prepare_folder(audio_dir, tmp_path / "out", labels_csv=table)
+
+
+def test_cli_npy_format(audio_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(audio_dir), str(out), "--format", "npy", "--jobs", "1", "--split", "0.5", "0.25", "0.25"]) == 0
+    gt = load_groundtruth(out / "groundtruth-all.pk")
+    assert all(k.endswith(".npy") for k in gt) and len(gt) == 12
+    assert np.load(out / "mels" / "bass" / "bass_0.npy").shape == (expected_frames(), 96)
+    assert len(load_groundtruth(out / "groundtruth-test.pk")) == 3
+    assert main([str(tmp_path / "nowhere"), str(out)]) == 1
+
+
+def test_bad_arguments(audio_dir, tmp_path):
+    with pytest.raises(ValueError, match="summing to 1"):
+        prepare_folder(audio_dir, tmp_path / "out", split=(0.8, 0.1, 0.2))
+    with pytest.raises(ValueError, match="mel_format must be one of"):
+        prepare_folder(audio_dir, tmp_path / "out", mel_format="wav")
+    empty = tmp_path / "empty"
+    (empty / "label").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no labelled audio files"):
+        prepare_folder(empty, tmp_path / "out")
+
+
+def test_mel_keys_keep_the_audio_suffix_only_where_names_clash(tmp_path):
+    files = [tmp_path / "a" / "x.wav", tmp_path / "a" / "x.mp3", tmp_path / "a" / "y.flac"]
+    assert mel_keys(tmp_path, files, "mmap") == {
+        files[0]: "mels/a/x.wav.mmap",
+        files[1]: "mels/a/x.mp3.mmap",
+        files[2]: "mels/a/y.mmap",
+    }
+
+
+def test_split_is_seeded_exact_and_stratified():
+    labels = {f"k{i:03d}": ("a",) if i < 60 else ("b",) for i in range(100)}
+
+    split = split_keys(labels, (0.8, 0.1, 0.1), seed=0)
+
+    assert [len(split[s]) for s in ("train", "validation", "test")] == [80, 10, 10]
+    assert split == split_keys(labels, (0.8, 0.1, 0.1), seed=0)
+    assert split != split_keys(labels, (0.8, 0.1, 0.1), seed=1)
+    for keys in split.values():
+        share_a = sum(labels[k] == ("a",) for k in keys) / len(keys)
+        assert share_a == pytest.approx(0.6, abs=0.11)  # label a is 60 % of every split
