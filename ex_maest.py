@@ -148,7 +148,8 @@ ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, tra
 
 @ex.config
 def main_config():
-    synthetic_data = None  # dict(out_dir, n_tracks, clip_length, seed): generate the demo dataset before running
+    """MAEST pre-training, evaluation, extraction and export; see the ingredients for each part."""
+    synthetic_data = {"out_dir": None, "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # out_dir set: generate the demo dataset there first
     inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint (the demo's trained model)
     ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's last.ckpt)
     checkpoint_every_n_train_steps = None  # also checkpoint every n steps (long epochs: lose less on a kill)
@@ -229,7 +230,7 @@ def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True
 
 
 def _prepare_synthetic(synthetic_data):
-    if synthetic_data:
+    if synthetic_data.get("out_dir"):
         from helpers.synthetic import make_synthetic_dataset
 
         info = make_synthetic_dataset(**synthetic_data)
@@ -340,8 +341,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@predict_ing.capture
-def _extract(kind, transformer_block, out_dir, hop, batch_size, num_workers, bf16, device, maest, datamodule_cfg, inference_checkpoint):
+def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
+    transformer_block, out_dir, hop = predict["transformer_block"], predict["out_dir"], predict["hop"]
+    batch_size, num_workers, bf16, device = predict["batch_size"], predict["num_workers"], predict["bf16"], predict["device"]
     net = build_net(inference_checkpoint=inference_checkpoint).to(_device(device))
     if datamodule_cfg["groundtruth_predict"] is None:
         raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
@@ -368,17 +370,17 @@ def _extract(kind, transformer_block, out_dir, hop, batch_size, num_workers, bf1
 
 
 @ex.command
-def extract_embeddings(synthetic_data, inference_checkpoint, datamodule):
+def extract_embeddings(synthetic_data, inference_checkpoint, maest, datamodule, predict):
     """Write <predict.out_dir>/<key>.embeddings.npy (n_clips, 3, D) for every datamodule.groundtruth_predict key."""
     _prepare_synthetic(synthetic_data)
-    return _extract("embeddings", datamodule_cfg=datamodule, inference_checkpoint=inference_checkpoint)
+    return _extract("embeddings", predict, maest, datamodule, inference_checkpoint)
 
 
 @ex.command
-def extract_logits(synthetic_data, inference_checkpoint, datamodule):
+def extract_logits(synthetic_data, inference_checkpoint, maest, datamodule, predict):
     """Write <predict.out_dir>/<key>.logits.npy (n_clips, n_classes) for every datamodule.groundtruth_predict key."""
     _prepare_synthetic(synthetic_data)
-    return _extract("logits", datamodule_cfg=datamodule, inference_checkpoint=inference_checkpoint)
+    return _extract("logits", predict, maest, datamodule, inference_checkpoint)
 
 
 @ex.command

@@ -99,7 +99,7 @@ def demo():
         "num_workers": 0,
         "epoch_length": 640,
     }
-    maest = {"arch": "maest-demo", "pretrained": False, "input_t": 312, "s_patchout_t": 6, "s_patchout_f": 1}  # noqa: F841
+    maest = {"arch": "maest-demo", "pretrained": False, "n_classes": 10, "input_t": 312, "s_patchout_t": 6, "s_patchout_f": 1}  # noqa: F841
     module = {  # noqa: F841
         "lr": 5e-4,
         "weight_decay": 1e-2,

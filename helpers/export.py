@@ -11,8 +11,8 @@ of the patch tokens after ``block``, as ``MAEST.embeddings``) when ``block`` is 
 
 It uses torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, needs onnxscript); fused
 attention exports as is. The exporter's native opset is 18: lower opsets go through onnx's version
-converter, which cannot lower every operator (the front-end's ``Pad`` to 17): such a request fails
-instead of silently writing another opset. Weights are stored inside the file (models under 2 GB;
+converter, which converts the mel-input logits graph to 17 but not the front-end (``Pad``) nor the
+embeddings output; such a request fails instead of silently writing another opset. Weights are stored inside the file (models under 2 GB;
 ViT-B is about 350 MB).
 """
 
@@ -48,7 +48,8 @@ class OnnxExportWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mel is not None:
-            x = self.mel(x)  # (B, samples) -> (B, 96, frames)
+            # (B, samples) -> (B, 96, frames); the front-end computes in fp32, the network in its own dtype
+            x = self.mel(x).to(self.model.cls_token.dtype)
         if self.block is None:
             return self.model(x)  # (B, n_classes)
         return self.model.embeddings(x, block=self.block)  # (B, 3, D)
@@ -84,13 +85,13 @@ def export_onnx(
     net = copy.deepcopy(model).eval()
     net.config = net.config.replace(check_finite=False)
     wrapper = OnnxExportWrapper(net, with_mel=with_mel, block=block).eval()
-    device = next(net.parameters()).device
+    device, dtype = net.cls_token.device, net.cls_token.dtype
     # Batch 2 in the example: torch.export specialises sizes 0 and 1, the batch axis must stay free.
     if with_mel:
         example, input_name = torch.zeros(2, (n_frames - 1) * HOP_LENGTH, device=device), "audio"
         wrapper.mel.to(device)
     else:
-        example, input_name = torch.zeros(2, cfg.input_f, n_frames, device=device), "mel"
+        example, input_name = torch.zeros(2, cfg.input_f, n_frames, device=device, dtype=dtype), "mel"
     output_name = "logits" if block is None else "embeddings"
 
     with torch.no_grad():

@@ -55,7 +55,7 @@ class MAESTModule(pl.LightningModule):
         super().__init__()
         if teacher_student and net.config.distilled_type != "separated":
             raise ValueError("teacher-student training needs maest.distilled_type='separated' (a CLS head and a DIST head)")
-        self.net = net
+        self.net = net.train()  # get_maest returns eval mode; Lightning switches modes for evaluation
         self.lr = lr
         self.weight_decay = weight_decay
         self.schedule = exp_warmup_linear_down(warm_up_len, ramp_down_len, ramp_down_start, last_lr_value)
@@ -68,7 +68,7 @@ class MAESTModule(pl.LightningModule):
         self.teacher_student = teacher_student
         # The SWA copy is always there, so every checkpoint loads as SPEC §5.1 says; until SWA
         # starts it follows the live weights.
-        self.net_swa = copy.deepcopy(net).requires_grad_(False)
+        self.net_swa = copy.deepcopy(net).requires_grad_(False)  # only ever run inside evaluation loops
         self.register_buffer("swa_n_averaged", torch.zeros((), dtype=torch.long))
         self._outputs: dict[str, list] = {}
 
