@@ -26,7 +26,7 @@ from sacred.observers import FileStorageObserver
 
 from configs.maest import register_named_configs
 from helpers.datamodule import MAESTDataModule
-from helpers.extract import extract, predict_files, write_predictions
+from helpers.extract import extract, hop_frames_for, predict_files, write_predictions
 from helpers.module import MAESTModule
 from models import get_maest
 from models.mel import n_frames_for
@@ -127,12 +127,12 @@ def predict_config():
     hop = "full"  # "full": consecutive clips; "half": half-overlapping clips
     batch_size = 16  # clips per forward pass
     num_workers = 2  # DataLoader workers reading mel files
-    bf16 = False  # bf16 autocast on CPU (fp16 on GPU) for faster extraction
+    bf16 = False  # bf16 autocast (fp16 on GPUs without bf16) for faster extraction and prediction
     device = "auto"  # "cpu", "cuda" or "auto"
     audio = []  # `predict` command: audio files or folders (wav, flac, ogg, mp3)
     top_k = 5  # `predict`: labels per file
     output = None  # `predict`: a .json or .tsv file to write (None: print JSON)
-    labels_file = None  # `predict`: label names, one per line (None: the arch's Discogs labels)
+    labels_file = None  # `predict`, `export_hf`: label names, one per line (None: the arch's Discogs labels)
 
 
 @export_ing.config
@@ -140,7 +140,8 @@ def export_config():
     out_dir = "outputs/export"  # export_hf: the Hugging Face directory; export_onnx: where model.onnx goes
     onnx_with_mel = False  # export_onnx: include the mel front-end (input raw 16 kHz audio)
     onnx_block = None  # export_onnx: output the (B, 3, D) embeddings of this block instead of logits
-    onnx_opset = 17  # export_onnx: ONNX opset version
+    onnx_opset = 18  # export_onnx: ONNX opset version (18: torch's exporter's own; 17 only for plain logits graphs)
+    hf_allow_separated = False  # export_hf: allow a teacher-student model (AST has one head: its logits will differ)
 
 
 ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
@@ -211,12 +212,43 @@ def build_module(net, _config):
     return MAESTModule(net, **_config)
 
 
+# Set by build_trainer itself; a `trainer.<key>` for one of them would be passed twice.
+_TRAINER_OWN_ARGUMENTS = ("callbacks", "use_distributed_sampler")
+
+
+def _accept_trainer_arguments(f):
+    """Declare every Lightning Trainer argument in ``f``'s signature (``f`` takes them as ``**``).
+
+    Sacred refuses a command-line key that no captured function names (ConfigAddedError), yet
+    SPEC §4 promises ``trainer.<any Lightning Trainer argument>`` (e.g. ``trainer.limit_train_batches=5``);
+    ``build_trainer`` reads them all from ``_config``.
+    """
+    import inspect
+
+    import lightning.pytorch as pl
+
+    own = inspect.signature(f)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in inspect.signature(pl.Trainer.__init__).parameters
+        if name != "self" and name not in own.parameters
+    ]
+    params = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    f.__signature__ = own.replace(parameters=params + extra)
+    return f
+
+
 @trainer_ing.capture
-def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True):
+@_accept_trainer_arguments
+def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True, **_lightning_arguments):
+    """The Lightning Trainer of the ``trainer`` config (any Trainer argument) with checkpointing."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     options = dict(_config)
+    clash = [k for k in _TRAINER_OWN_ARGUMENTS if k in options]
+    if clash:
+        raise ValueError(f"trainer.{clash[0]} cannot be configured: ex_maest.py sets it (see build_trainer)")
     root = Path(options.pop("default_root_dir"))
     callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
     if not monitor_val:
@@ -342,12 +374,14 @@ def _device(name: str) -> torch.device:
 
 
 def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
+    """Shared body of extract_embeddings / extract_logits; exits non-zero when any file failed."""
     transformer_block, out_dir, hop = predict["transformer_block"], predict["out_dir"], predict["hop"]
     batch_size, num_workers, bf16, device = predict["batch_size"], predict["num_workers"], predict["bf16"], predict["device"]
-    net = build_net(inference_checkpoint=inference_checkpoint).to(_device(device))
     if datamodule_cfg["groundtruth_predict"] is None:
         raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
     n_frames = n_frames_for(datamodule_cfg["clip_length"])
+    hop_frames = hop_frames_for(hop, n_frames)
+    net = build_net(inference_checkpoint=inference_checkpoint).to(_device(device))
     report = extract(
         net,
         base_dir=datamodule_cfg["base_dir"],
@@ -356,7 +390,7 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
         kind=kind,
         block=transformer_block,
         n_frames=n_frames,
-        hop_frames=n_frames if hop == "full" else n_frames // 2,
+        hop_frames=hop_frames,
         batch_size=batch_size,
         num_workers=num_workers,
         bf16=bf16,
@@ -386,11 +420,14 @@ def extract_logits(synthetic_data, inference_checkpoint, maest, datamodule, pred
 @ex.command
 def predict(inference_checkpoint, maest, datamodule, predict):
     """Top-k labels of audio files: predict.audio=['a.mp3', 'folder/'] -> JSON (or predict.output=x.tsv)."""
+    if not predict["audio"]:
+        raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
+    n_frames = n_frames_for(datamodule["clip_length"])
+    hop_frames = hop_frames_for(predict["hop"], n_frames)
     net = build_net(inference_checkpoint=inference_checkpoint).to(_device(predict["device"]))
     labels = _labels(maest["arch"], predict["labels_file"], net.n_classes)
-    n_frames = n_frames_for(datamodule["clip_length"])
     results, failures = predict_files(
-        net, predict["audio"], labels, n_frames=n_frames, hop_frames=n_frames if predict["hop"] == "full" else n_frames // 2,
+        net, predict["audio"], labels, n_frames=n_frames, hop_frames=hop_frames,
         top_k=predict["top_k"], batch_size=predict["batch_size"], bf16=predict["bf16"],
     )
     text = write_predictions(results, predict["output"])
@@ -404,8 +441,12 @@ def predict(inference_checkpoint, maest, datamodule, predict):
 
 
 def _labels(arch, labels_file, n_classes) -> list[str]:
+    """Label names: predict.labels_file (one per line; blank lines ignored), else the arch's, else class_<i>."""
     if labels_file:
-        labels = Path(labels_file).read_text().splitlines()
+        path = Path(labels_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"predict.labels_file={labels_file!r} does not exist: give a text file with one label name per line")
+        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     else:
         labels = get_spec(arch).labels() or [f"class_{i}" for i in range(n_classes)]
     if len(labels) != n_classes:
@@ -420,7 +461,7 @@ def export_hf(inference_checkpoint, maest, export, predict):
 
     net = build_net(inference_checkpoint=inference_checkpoint)
     labels = _labels(maest["arch"], predict["labels_file"], net.n_classes)
-    out = _export_hf(net, export["out_dir"], labels=labels)
+    out = _export_hf(net, export["out_dir"], labels=labels, allow_separated=export["hf_allow_separated"])
     print(f"Hugging Face model written to {out}")
     return str(out)
 

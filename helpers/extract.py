@@ -87,14 +87,47 @@ class _FileClips(Dataset):
 def _write_atomic(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed (e.g. a full disk)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device has it (CPU, Ampere and newer GPUs), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def hop_frames_for(hop: str, n_frames: int) -> int:
+    """``"full"``: consecutive clips; ``"half"``: half-overlapping clips (the ``predict.hop`` setting)."""
+    if hop == "full":
+        return n_frames
+    if hop == "half":
+        return max(n_frames // 2, 1)
+    raise ValueError(f"predict.hop must be 'full' (consecutive clips) or 'half' (half-overlapping clips), got {hop!r}")
+
+
+def check_clip_frames(model: MAEST, n_frames: int, hop_frames: int) -> None:
+    """Refuse clip sizes the model cannot take before any file is read (not once per file)."""
+    cfg = model.config
+    if not cfg.patch_size <= n_frames <= cfg.max_frames:
+        raise ValueError(
+            f"clips of {n_frames} frames do not fit this model: it takes {cfg.patch_size} to {cfg.max_frames} "
+            f"frames (its time embeddings were sized for input_t={cfg.input_t}); choose a clip length "
+            "(datamodule.clip_length) the model was trained for"
+        )
+    if not 1 <= hop_frames <= n_frames:
+        raise ValueError(f"hop_frames must be between 1 and the clip's {n_frames} frames (no frame dropped), got {hop_frames}")
 
 
 def _check_run_info(out_dir: Path, info: dict) -> None:
     """Refuse to mix outputs of different models or settings in one folder."""
     path = out_dir / "config.json"
+    info = json.loads(json.dumps(info, default=str))  # compare as stored: paths as text, tuples as lists
     old = json.loads(path.read_text()) if path.is_file() else {}
     if old:
         different = {k: (old.get(k), v) for k, v in info.items() if k in old and old.get(k) != v}
@@ -109,8 +142,11 @@ def _check_run_info(out_dir: Path, info: dict) -> None:
 
 def _write_atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -130,10 +166,17 @@ def extract(
     run_info: dict | None = None,
     progress: bool = True,
 ) -> ExtractionReport:
-    """Extract ``kind`` ("embeddings" of ``block`` or "logits") for every key of ``groundtruth``."""
+    """Extract ``kind`` ("embeddings" of ``block`` or "logits") for every key of ``groundtruth``.
+
+    Clips of ``n_frames`` start every ``hop_frames`` (default: ``n_frames``, consecutive), the
+    tail included. ``run_info`` (model, checkpoint, ...) is recorded in ``<out_dir>/config.json``
+    with the clip settings; a folder holding outputs of another setting is refused. Files whose
+    output exists are skipped; failures are listed in the report and ``failed-<kind>.txt``.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     hop_frames = hop_frames or n_frames
+    check_clip_frames(model, n_frames, hop_frames)
     model.eval()
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
@@ -162,7 +205,7 @@ def extract(
         num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=bf16)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype(device), enabled=bf16)
     for key, clips, error in tqdm(loader, total=len(todo), desc=f"extract {kind}", unit="file", disable=not progress):
         if error is not None:
             _logger.warning("skipping %s: %s", key, error)
@@ -180,15 +223,18 @@ def extract(
         except (ValueError, RuntimeError, OSError) as e:  # one bad file never loses the others
             _logger.warning("failed on %s: %s", key, e)
             report.failed[key] = str(e)
+    failed_list = out_dir / f"failed-{kind}.txt"
     if report.failed:
-        _write_atomic_text(out_dir / f"failed-{kind}.txt", "".join(f"{k}\t{v}\n" for k, v in report.failed.items()))
+        _write_atomic_text(failed_list, "".join(f"{k}\t{v}\n" for k, v in report.failed.items()))
+    else:
+        failed_list.unlink(missing_ok=True)  # an earlier run's failures have all been extracted now
     return report
 
 
 # ----------------------------------------------------------------------------------- prediction
 def predict_files(
     model: MAEST,
-    paths: list[str],
+    paths: str | os.PathLike | list[str | os.PathLike],
     labels: list[str],
     *,
     n_frames: int,
@@ -201,20 +247,28 @@ def predict_files(
     """Audio files or folders -> per-file top-k labels with probabilities; failures by path."""
     from .audio import AudioLoadError, list_audio_files, load_audio
 
+    if len(labels) != model.n_classes:
+        raise ValueError(f"{len(labels)} label names for a model with {model.n_classes} outputs: pass one name per output")
+    hop_frames = hop_frames or n_frames
+    check_clip_frames(model, n_frames, hop_frames)
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # one file or folder, not its characters
     files = list_audio_files(list(paths))
     if not files:
         raise FileNotFoundError(f"no audio files (wav, flac, ogg, mp3) found in {list(paths)}")
     model.eval()
+    device = next(model.parameters()).device
     results, failures = [], {}
     for path in tqdm(files, desc="predict", unit="file", disable=not progress):
         try:
             audio = torch.from_numpy(load_audio(path))
-        except AudioLoadError as e:
+            probs = track_probabilities(
+                model, [audio], n_frames, hop_frames, batch_size=batch_size, autocast_dtype=autocast_dtype(device) if bf16 else None
+            )[0]
+        except (AudioLoadError, ValueError, RuntimeError) as e:  # one bad file never loses the others
+            _logger.warning("failed on %s: %s", path, e)
             failures[str(path)] = str(e)
             continue
-        probs = track_probabilities(
-            model, [audio], n_frames, hop_frames, batch_size=batch_size, autocast_dtype=torch.bfloat16 if bf16 else None
-        )[0]
         top = torch.topk(probs, k=min(top_k, probs.numel()))
         results.append({
             "file": str(path),

@@ -180,6 +180,10 @@ def _hint(model, state_dict, shapes) -> str:
 
 def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True):
     """Load a MAEST checkpoint (Lightning, bare or Hugging Face directory) strictly into ``model``."""
+    if Path(path).is_dir():
+        from .hf import check_hf_config  # a Hugging Face config names the mismatching option directly
+
+        check_hf_config(path, model.config)
     sd = select_state_dict(read_checkpoint(path), use_swa=use_swa, source=f"checkpoint {path}")
     return load_state_dict_strict(model, sd, source=f"checkpoint {path}")
 

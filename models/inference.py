@@ -24,6 +24,11 @@ def clip_starts(total_frames: int, clip_frames: int, hop_frames: int) -> np.ndar
             f"clip_starts needs positive sizes, got total_frames={total_frames}, "
             f"clip_frames={clip_frames}, hop_frames={hop_frames}"
         )
+    if hop_frames > clip_frames:
+        raise ValueError(
+            f"clip_starts got hop_frames={hop_frames} longer than clip_frames={clip_frames}: the frames between "
+            "clips would be dropped; use a hop of at most one clip"
+        )
     if total_frames <= clip_frames:
         return np.zeros(1, dtype=np.int64)
     starts = np.arange(0, total_frames - clip_frames + 1, hop_frames, dtype=np.int64)
@@ -75,12 +80,24 @@ def track_probabilities(
     """Mean sigmoid probabilities ``(n_classes,)`` per track for 16 kHz mono audio tensors.
 
     Each track is cut into clips of ``n_frames``; all clips of all tracks run in shared batches
-    and their probabilities are averaged per track.
+    and their probabilities are averaged per track. ``mel`` must give compressed, un-normalised
+    mels (the default); the model-input normalisation is applied here.
     """
+    if not audios:
+        return []
+    if mel is None:
+        mel = MelSpectrogram()
+    elif mel.normalized:
+        raise ValueError(
+            "track_probabilities normalises the mels itself: pass a MelSpectrogram(normalized=False), "
+            "or none for the default front-end"
+        )
     device = next(model.parameters()).device
-    mel = (mel or MelSpectrogram()).to(device)
+    mel = mel.to(device)
     clips, owners = [], []
     for i, audio in enumerate(audios):
+        if audio.dim() != 1:
+            raise ValueError(f"track_probabilities expects mono 16 kHz audio (samples,) per track; track {i} has shape {tuple(audio.shape)}")
         m = split_into_clips(mel(audio.to(device).float()), n_frames, hop_frames)
         clips.append(normalize(m))
         owners += [i] * m.shape[0]

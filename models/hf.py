@@ -1,0 +1,505 @@
+"""Hugging Face ``ASTForAudioClassification`` <-> MAEST (SPEC §5.5).
+
+The published MAEST models on the Hub (``mtg-upf/discogs-maest-*``) are AST checkpoints. AST is
+the same network with other names, two differences of form and one of substance:
+
+- AST has one learned position embedding per patch, ``position_embeddings (1, 2 + F'*T', D)``;
+  MAEST sums a frequency ``(1, D, F, 1)`` and a time ``(1, D, 1, T)`` embedding. Export writes the
+  sum, flattened frequency-major like the patch tokens; import splits it back (row and column
+  means) and refuses grids that are not such a sum (an AudioSet AST, not a MAEST model). The split
+  is unique up to a constant moved between the two: the sum, hence every output, is unchanged.
+- AST fuses nothing: ``qkv`` is stored as ``query``/``key``/``value``.
+- AST classifies ``head((CLS + DIST) / 2)`` with one head. That is MAEST's ``distilled_type="mean"``.
+  A ``"separated"`` (teacher-student) model predicts ``head(CLS)`` and has a second head for the
+  teacher that AST has no place for: export refuses it unless ``allow_separated=True``, in which
+  case the file predicts ``head((CLS + DIST) / 2)`` with the CLS head (what the published
+  ``discogs-maest-30s-pw-73e-ts`` on the Hub does) and a warning says the logits differ.
+
+AST feeds exactly ``max_length`` frames; we export ``max_length = MAESTConfig.max_frames`` so its
+grid has as many time positions as our time embedding (316, 626, 1256, 1876 frames for 5 to 30 s,
+the values of the published models).
+
+Files use the Hub layout (``encoder.layer.{i}.attention.attention.query``, ...), which transformers
+4 and 5 both read and write. This module imports transformers only inside the functions that use
+it: reading a directory needs only torch (and safetensors for ``.safetensors`` files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointError, load_state_dict_strict
+from .maest import MAEST, MAESTConfig
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+TORCH_NAME = "pytorch_model.bin"
+INDEX_SUFFIX = ".index.json"
+WEIGHT_NAMES = (SAFETENSORS_NAME, TORCH_NAME, SAFETENSORS_NAME + INDEX_SUFFIX, TORCH_NAME + INDEX_SUFFIX)
+
+AST_MODEL_TYPE = "audio-spectrogram-transformer"
+AST_ARCHITECTURE = "ASTForAudioClassification"
+PREFIX = "audio_spectrogram_transformer."
+# AST layer-norm eps of the published MAEST models (the blocks' and the final norm's). MAEST's head
+# LayerNorm keeps torch's 1e-5 but AST has one eps for all: logits differ by about 1e-5 relative.
+LAYER_NORM_EPS = 1e-6
+# What MAEST's front-end and patch grid fix; an AST with other values is not a MAEST model.
+MAEST_FIXED = {"num_mel_bins": 96, "patch_size": 16, "frequency_stride": 10, "time_stride": 10, "hidden_act": "gelu"}
+ADDITIVE_RTOL = 1e-4  # max |grid - (freq + time)| / max |grid| for float32 position embeddings
+
+# Per-block names: MAEST suffix -> AST (Hub layout) suffix, after "blocks.{i}." / PREFIX + "encoder.layer.{i}.".
+_BLOCK_NAMES = {
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "attn.proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+_QKV = ("query", "key", "value")
+# transformers >= 5 names modules differently in memory (it converts on load and save); accepted on import.
+_V5_BLOCK_NAMES = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+_GLOBAL_NAMES = {
+    "cls_token": PREFIX + "embeddings.cls_token",
+    "dist_token": PREFIX + "embeddings.distillation_token",
+    "patch_embed.proj.weight": PREFIX + "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": PREFIX + "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": PREFIX + "layernorm.weight",
+    "norm.bias": PREFIX + "layernorm.bias",
+    "head.0.weight": "classifier.layernorm.weight",
+    "head.0.bias": "classifier.layernorm.bias",
+    "head.1.weight": "classifier.dense.weight",
+    "head.1.bias": "classifier.dense.bias",
+}
+POS_KEY = PREFIX + "embeddings.position_embeddings"
+
+
+# ---------------------------------------------------------------------------------------- position grid
+def merge_position_embeddings(new_pos: torch.Tensor, freq: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """MAEST ``(1,2,D)``, ``(1,D,F,1)``, ``(1,D,1,T)`` -> AST ``(1, 2 + F*T, D)``, frequency-major."""
+    grid = (freq + time).flatten(2).transpose(1, 2)  # (1, F*T, D), index f * T + t as MAEST's tokens
+    return torch.cat((new_pos, grid), dim=1)
+
+
+def split_position_embeddings(
+    pos: torch.Tensor, grid: tuple[int, int], source: str = "AST checkpoint"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AST ``(1, 2 + F*T, D)`` -> MAEST ``new_pos_embed``, ``freq_new_pos_embed``, ``time_new_pos_embed``.
+
+    ``freq[f] = mean_t grid[f, t]`` and ``time[t] = mean_f grid[f, t] - mean(grid)`` reproduce the
+    grid exactly when it is a sum of a frequency and a time term, which every MAEST export is. A
+    grid that is not (an AST trained with free 2-D embeddings) raises ``CheckpointError``.
+    """
+    n_f, n_t = grid
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[1] != 2 + n_f * n_t:
+        raise CheckpointError(
+            f"{source}: position_embeddings of shape {tuple(pos.shape)} do not fit a {n_f} x {n_t} patch grid "
+            f"(expected (1, {2 + n_f * n_t}, D))"
+        )
+    work = pos.float()
+    image = work[0, 2:].reshape(n_f, n_t, -1)  # (F, T, D)
+    freq = image.mean(dim=1)  # (F, D)
+    time = image.mean(dim=0) - image.mean(dim=(0, 1))  # (T, D)
+    residual = (image - freq[:, None] - time[None]).abs().max()
+    scale = image.abs().max().clamp_min(1e-12)
+    # Stored in half precision the sum carries rounding noise of a few ulps: allow it, nothing more.
+    tolerance = max(ADDITIVE_RTOL, 4 * torch.finfo(pos.dtype).eps) if pos.is_floating_point() else ADDITIVE_RTOL
+    if residual / scale > tolerance:
+        raise CheckpointError(
+            f"{source}: its position embeddings are not a sum of a frequency and a time embedding (relative "
+            f"residual {float(residual / scale):.3g} > {tolerance:g}): this is an AST model, not a MAEST model, "
+            "and MAEST cannot represent it"
+        )
+    new_pos = pos[:, :2]
+    freq_embed = freq.t()[None, :, :, None].to(pos.dtype)  # (1, D, F, 1)
+    time_embed = time.t()[None, :, None, :].to(pos.dtype)  # (1, D, 1, T)
+    return new_pos, freq_embed, time_embed
+
+
+# ---------------------------------------------------------------------------------------- configs
+def hf_config_dict(config: MAESTConfig, labels: list[str] | None = None) -> dict:
+    """The ``ASTConfig`` fields of a MAEST model (``id2label``/``label2id`` from ``labels``)."""
+    if config.input_f != MAEST_FIXED["num_mel_bins"] or config.patch_size != MAEST_FIXED["patch_size"]:
+        raise ValueError(
+            f"only 96-band, 16x16-patch MAEST models export to AST (the MAEST front-end); this one has "
+            f"input_f={config.input_f}, patch_size={config.patch_size}"
+        )
+    n_f, _ = config.patches(config.max_frames)
+    if n_f != config.grid_f:
+        raise ValueError(f"AST needs one frequency embedding per frequency patch; this model has {config.grid_f} for {n_f} patches")
+    if labels is None:
+        labels = [f"LABEL_{i}" for i in range(config.n_classes)]
+    labels = [str(label) for label in labels]
+    if len(labels) != config.n_classes:
+        raise ValueError(f"{len(labels)} labels given for a model with n_classes={config.n_classes}")
+    if len(set(labels)) != len(labels):
+        duplicated = sorted({label for label in labels if labels.count(label) > 1})
+        raise ValueError(f"labels must be unique (label2id maps names to indices); duplicated: {duplicated[:5]}")
+    intermediate = int(config.embed_dim * config.mlp_ratio)
+    return {
+        "architectures": [AST_ARCHITECTURE],
+        "model_type": AST_MODEL_TYPE,
+        "num_mel_bins": config.input_f,
+        "max_length": config.max_frames,
+        "patch_size": config.patch_size,
+        "frequency_stride": config.stride_f,
+        "time_stride": config.stride_t,
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": intermediate,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "qkv_bias": config.qkv_bias,
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+        # Styles are independent (MAEST is trained with a binary cross-entropy per label): pipelines
+        # then report sigmoid scores, and a Hugging Face fine-tuning uses BCEWithLogitsLoss.
+        "problem_type": "multi_label_classification",
+    }
+
+
+def _patch_size(hf_config: dict) -> int | tuple:
+    p = hf_config.get("patch_size", 16)
+    if isinstance(p, (list, tuple)):
+        return int(p[0]) if len(set(p)) == 1 else tuple(p)
+    return int(p)
+
+
+def _ast_grid(hf_config: dict) -> tuple[int, int]:
+    p, fs, ts = _patch_size(hf_config), hf_config["frequency_stride"], hf_config["time_stride"]
+    return (hf_config["num_mel_bins"] - p) // fs + 1, (hf_config["max_length"] - p) // ts + 1
+
+
+def _check_maest_compatible(hf_config: dict, source: str) -> None:
+    model_type = hf_config.get("model_type")
+    if model_type not in (None, AST_MODEL_TYPE):
+        raise CheckpointError(f"{source} holds a {model_type!r} model; MAEST imports {AST_ARCHITECTURE} ({AST_MODEL_TYPE!r}) models")
+    missing = [k for k in ("num_mel_bins", "max_length", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf_config]
+    if missing:
+        raise CheckpointError(f"{source}: config lacks {missing}; not an {AST_ARCHITECTURE} config")
+    found = {k: _patch_size(hf_config) if k == "patch_size" else hf_config.get(k, v) for k, v in MAEST_FIXED.items()}
+    wrong = {k: v for k, v in found.items() if v != MAEST_FIXED[k]}
+    if wrong:
+        raise CheckpointError(
+            f"{source}: {', '.join(f'{k}={v!r}' for k, v in wrong.items())}; MAEST models have "
+            f"{', '.join(f'{k}={MAEST_FIXED[k]!r}' for k in wrong)} (its mel front-end and patch grid): "
+            "this AST model cannot be loaded as MAEST"
+        )
+
+
+def maest_overrides_from_hf(hf_config: dict, source: str = "AST config") -> dict:
+    """The ``MAESTConfig`` fields an AST config implies (``input_t`` = time patches x stride)."""
+    _check_maest_compatible(hf_config, source)
+    d, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    _, n_t = _ast_grid(hf_config)
+    n_classes = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get("num_labels", 2)
+    return {
+        "n_classes": int(n_classes),
+        "input_f": int(hf_config["num_mel_bins"]),
+        "input_t": int(n_t * hf_config["time_stride"]),
+        "patch_size": _patch_size(hf_config),
+        "stride_f": int(hf_config["frequency_stride"]),
+        "stride_t": int(hf_config["time_stride"]),
+        "embed_dim": int(d),
+        "depth": int(hf_config["num_hidden_layers"]),
+        "num_heads": int(heads),
+        "mlp_ratio": hf_config["intermediate_size"] / d,
+        "qkv_bias": bool(hf_config.get("qkv_bias", True)),
+        "distilled_type": "mean",  # AST's only classifier: head((CLS + DIST) / 2)
+    }
+
+
+def check_hf_config(hf_config: dict | str | os.PathLike, config: MAESTConfig, source: str | None = None) -> None:
+    """Raise ``CheckpointError`` naming the option to set when an AST config does not fit ``config``."""
+    if not isinstance(hf_config, dict):
+        source = source or f"Hugging Face directory {hf_config}"
+        hf_config = read_hf_config(hf_config)
+    source = source or "AST config"
+    want = maest_overrides_from_hf(hf_config, source)
+    problems = []
+    arch = {k: want[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")}
+    if any(getattr(config, k) != v for k, v in arch.items()):
+        have = {k: getattr(config, k) for k in arch}
+        problems.append(f"the network is {arch}, the model {have}: use an arch of that shape (maest.arch) or set those options")
+    if want["n_classes"] != config.n_classes:
+        problems.append(f"it predicts {want['n_classes']} labels: set n_classes={want['n_classes']} (maest.n_classes)")
+    n_t = want["input_t"] // want["stride_t"]
+    if n_t != config.grid_t:
+        problems.append(
+            f"max_length={hf_config['max_length']} frames gives {n_t} time positions, the model has {config.grid_t}: "
+            f"set input_t={want['input_t']} (maest.input_t; any value in [{n_t * config.stride_t}, {n_t * config.stride_t + config.stride_t - 1}])"
+        )
+    if problems:
+        raise CheckpointError(f"{source} does not fit this MAEST model:\n  " + "\n  ".join(problems))
+    if config.distilled_type == "separated":
+        _logger.warning(
+            "%s is an AST model that predicts head((CLS + DIST) / 2); this MAEST model is 'separated' and predicts "
+            "head(CLS) with the same weights, so its logits differ from the Hugging Face model's "
+            "(build it with distilled_type='mean' to reproduce them)",
+            source,
+        )
+
+
+# ---------------------------------------------------------------------------------------- state dicts
+def maest_to_hf_state_dict(sd: dict[str, torch.Tensor], config: MAESTConfig, allow_separated: bool = False) -> dict[str, torch.Tensor]:
+    """MAEST state dict -> ``ASTForAudioClassification`` state dict (Hub layout, new contiguous tensors).
+
+    ``head_dist`` has no AST counterpart and is left out: a ``"mean"`` model never uses it. A
+    ``"separated"`` model needs ``allow_separated=True`` (see the module docstring).
+    """
+    if config.distilled_type == "separated" and not allow_separated:
+        raise ValueError(
+            "this MAEST model is distilled_type='separated' (teacher-student: logits = head(CLS)); "
+            "ASTForAudioClassification can only compute head((CLS + DIST) / 2), so its logits would differ. "
+            "Pass allow_separated=True to export it anyway (as the published discogs-maest-30s-pw-73e-ts)"
+        )
+    if config.distilled_type == "separated":
+        _logger.warning("exporting a 'separated' MAEST model: the AST model predicts head((CLS + DIST) / 2), not head(CLS); its logits differ")
+    out: dict[str, torch.Tensor] = {}
+    remaining = dict(sd)
+    for key, hf_key in _GLOBAL_NAMES.items():
+        out[hf_key] = remaining.pop(key)
+    out[POS_KEY] = merge_position_embeddings(
+        remaining.pop("new_pos_embed"), remaining.pop("freq_new_pos_embed"), remaining.pop("time_new_pos_embed")
+    )
+    for i in range(config.depth):
+        src, dst = f"blocks.{i}.", f"{PREFIX}encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            qkv = remaining.pop(f"{src}attn.qkv.{kind}", None)
+            if qkv is not None:
+                for name, part in zip(_QKV, qkv.chunk(3, dim=0)):
+                    out[f"{dst}attention.attention.{name}.{kind}"] = part
+            for ours, theirs in _BLOCK_NAMES.items():
+                out[f"{dst}{theirs}.{kind}"] = remaining.pop(f"{src}{ours}.{kind}")
+    for key in ("head_dist.weight", "head_dist.bias"):
+        remaining.pop(key, None)
+    if remaining:
+        raise ValueError(f"MAEST state dict has keys with no AST counterpart: {sorted(remaining)[:10]}")
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _canonical_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub-layout names for a state dict in the Hub layout, transformers 5's module layout or a bare ``ASTModel``."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(("embeddings.", "encoder.", "layers.", "layernorm.")):
+            key = PREFIX + key  # an ASTModel saved without the classification wrapper
+        m = re.match(re.escape(PREFIX) + r"layers\.(\d+)\.(.*)$", key)
+        if m:
+            i, rest = m.groups()
+            for new, old in _V5_BLOCK_NAMES.items():
+                if rest.startswith(new + "."):
+                    rest = old + rest[len(new) :]
+                    break
+            key = f"{PREFIX}encoder.layer.{i}.{rest}"
+        out[key] = value
+    return out
+
+
+def hf_to_maest_state_dict(
+    sd: dict[str, torch.Tensor], hf_config: dict, source: str = "Hugging Face checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """``ASTForAudioClassification`` state dict + config -> (MAEST state dict, ``MAESTConfig`` overrides).
+
+    ``head_dist`` is set to a copy of the classifier: AST has a single head, applied to
+    ``(CLS + DIST) / 2``, so the imported model is ``distilled_type="mean"``, which never uses
+    ``head_dist``. Filling it keeps every MAEST load strict (a missing key stays an error) and
+    gives a ``"separated"`` fine-tuning the same starting point for both heads.
+    """
+    overrides = maest_overrides_from_hf(hf_config, source)
+    remaining = _canonical_hf_keys(sd)
+    if "classifier.dense.weight" not in remaining:
+        raise CheckpointError(
+            f"{source} has no classifier ('classifier.dense.weight'): it is an ASTModel, MAEST loads "
+            f"{AST_ARCHITECTURE} checkpoints"
+        )
+    out: dict[str, torch.Tensor] = {}
+    missing = []
+
+    def take(hf_key: str):
+        if hf_key not in remaining:
+            missing.append(hf_key)
+            return None
+        return remaining.pop(hf_key)
+
+    for key, hf_key in _GLOBAL_NAMES.items():
+        out[key] = take(hf_key)
+    pos = take(POS_KEY)
+    for i in range(overrides["depth"]):
+        src, dst = f"{PREFIX}encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            if kind == "weight" or overrides["qkv_bias"]:
+                parts = [take(f"{src}attention.attention.{name}.{kind}") for name in _QKV]
+                if all(p is not None for p in parts):
+                    out[f"{dst}attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+            for ours, theirs in _BLOCK_NAMES.items():
+                out[f"{dst}{ours}.{kind}"] = take(f"{src}{theirs}.{kind}")
+    if missing or remaining:
+        lines = [f"{source} does not match its config ({overrides['depth']} layers, qkv_bias={overrides['qkv_bias']}):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if remaining:
+            lines.append(f"  unexpected keys ({len(remaining)}): {', '.join(sorted(remaining)[:10])}")
+        raise CheckpointError("\n".join(lines))
+    out["new_pos_embed"], out["freq_new_pos_embed"], out["time_new_pos_embed"] = split_position_embeddings(
+        pos, _ast_grid(hf_config), source
+    )
+    out["head_dist.weight"] = out["head.1.weight"].clone()
+    out["head_dist.bias"] = out["head.1.bias"].clone()
+    eps = hf_config.get("layer_norm_eps", LAYER_NORM_EPS)
+    if abs(eps - LAYER_NORM_EPS) > 1e-9:
+        _logger.warning("%s uses layer_norm_eps=%g; MAEST uses %g: outputs may differ slightly", source, eps, LAYER_NORM_EPS)
+    return out, overrides
+
+
+# ---------------------------------------------------------------------------------------- files
+def read_hf_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory: {CONFIG_NAME} is missing "
+            f"(expected {CONFIG_NAME} and one of {', '.join(WEIGHT_NAMES)})"
+        )
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs safetensors: pip install safetensors (see requirements-extras.txt)") from e
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The raw (AST-layout) state dict of a Hugging Face directory, single-file or sharded."""
+    path = Path(path)
+    for name in WEIGHT_NAMES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if not name.endswith(INDEX_SUFFIX):
+            return _load_weights_file(file)
+        weight_map = json.loads(file.read_text(encoding="utf-8"))["weight_map"]
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            sd.update(_load_weights_file(path / shard))
+        return sd
+    raise FileNotFoundError(f"no weights in Hugging Face directory {path}: expected one of {', '.join(WEIGHT_NAMES)}")
+
+
+def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``ASTForAudioClassification`` directory -> MAEST state dict (``read_checkpoint`` hook)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Hugging Face model directory {path} does not exist")
+    hf_config = read_hf_config(path)
+    sd = read_hf_weights(path)
+    out, _ = hf_to_maest_state_dict(sd, hf_config, source=f"Hugging Face directory {path}")
+    return out
+
+
+def maest_from_hf(path: str | os.PathLike, **overrides) -> MAEST:
+    """Build a MAEST model shaped by a Hugging Face directory's config and load its weights (eval mode).
+
+    ``overrides``: other ``MAESTConfig`` fields (e.g. ``s_patchout_t_interleaved``); shape fields
+    that contradict the directory fail the strict load.
+    """
+    path = Path(path)
+    source = f"Hugging Face directory {path}"
+    hf_config = read_hf_config(path)
+    sd, shape = hf_to_maest_state_dict(read_hf_weights(path), hf_config, source=source)
+    model = MAEST(MAESTConfig(**{**shape, **overrides}))
+    load_state_dict_strict(model, sd, source=source)
+    return model.eval()
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers
+
+
+def _write_config(out_dir: Path, config: dict) -> None:
+    transformers = _transformers()
+    if transformers is not None:
+        # ASTConfig validates the fields and adds the ones of this transformers version.
+        fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+        hf_config = transformers.ASTConfig(**fields)
+        hf_config.architectures = list(config["architectures"])
+        hf_config.save_pretrained(out_dir)
+        return
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_weights(out_dir: Path, sd: dict[str, torch.Tensor]) -> Path:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        _logger.warning("safetensors is not installed: writing %s instead of %s", TORCH_NAME, SAFETENSORS_NAME)
+        target = out_dir / TORCH_NAME
+        torch.save(sd, target)
+        return target
+    target = out_dir / SAFETENSORS_NAME
+    save_file(sd, str(target), metadata={"format": "pt"})
+    return target
+
+
+def export_hf(
+    model: MAEST,
+    out_dir: str | os.PathLike,
+    labels: list[str] | None = None,
+    feature_extractor: bool = True,
+    allow_separated: bool = False,
+) -> Path:
+    """Write ``model`` as a Hugging Face ``ASTForAudioClassification`` directory; returns ``out_dir``.
+
+    Files: ``config.json`` (``max_length = model.config.max_frames``, labels as ``id2label``),
+    ``model.safetensors`` (``pytorch_model.bin`` without safetensors) and, with
+    ``feature_extractor``, the ``MAESTFeatureExtractor``'s ``preprocessor_config.json`` plus its code,
+    so ``AutoFeatureExtractor.from_pretrained(out_dir, trust_remote_code=True)`` works.
+    ``ASTForAudioClassification.from_pretrained(out_dir)`` then gives this model's logits for
+    ``input_values = mel.transpose(1, 2)`` of exactly ``max_length`` frames. Inference patchout
+    settings are not exported (AST has none).
+    """
+    config = model.config
+    hf_config = hf_config_dict(config, labels)
+    sd = maest_to_hf_state_dict(model.state_dict(), config, allow_separated=allow_separated)
+    out_dir = Path(out_dir)
+    if out_dir.is_file():
+        raise NotADirectoryError(f"export_hf writes a directory; {out_dir} is a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(out_dir, hf_config)
+    weights = _write_weights(out_dir, sd)
+    if feature_extractor:
+        from .feature_extraction import MAESTFeatureExtractor
+
+        MAESTFeatureExtractor(max_length=config.max_frames).save_pretrained(out_dir)
+    _logger.info("exported %s (AST, max_length=%d frames) to %s", type(model).__name__, config.max_frames, weights)
+    return out_dir
