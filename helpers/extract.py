@@ -181,16 +181,10 @@ def extract(
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
     gt = groundtruth if isinstance(groundtruth, dict) else load_groundtruth(groundtruth)
-    info = {
-        **(run_info or {}),
-        "block": model._block_index(block),
-        "n_frames": n_frames,
-        "hop_frames": hop_frames,
-        "embed_dim": model.embed_dim,
-        "n_classes": model.n_classes,
-    }
-    if kind == "logits":
-        info.pop("block")
+    info = {**(run_info or {}), "n_frames": n_frames, "hop_frames": hop_frames, "embed_dim": model.embed_dim, "n_classes": model.n_classes}
+    if kind == "embeddings":  # logits do not depend on the block: any value (e.g. the default 6 of a shallower model) is fine
+        block = model._block_index(block)
+        info["block"] = block
     _check_run_info(out_dir, info)
 
     report = ExtractionReport(out_dir=str(out_dir), kind=kind)
