@@ -30,7 +30,7 @@ from helpers.extract import extract, hop_frames_for, predict_files, write_predic
 from helpers.module import MAESTModule
 from models import get_maest
 from models.mel import n_frames_for
-from models.registry import get_spec
+from models.registry import get_spec, pretrained_path
 
 _logger = logging.getLogger("ex_maest")
 
@@ -261,6 +261,13 @@ def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True
     return pl.Trainer(default_root_dir=root, callbacks=callbacks, use_distributed_sampler=False, **options)
 
 
+@maest_ing.capture
+def check_pretrained_weights(arch, pretrained, weights_dir, checkpoint):
+    """Fail before any data is read when ``pretrained`` weights are not in the weights directory."""
+    if pretrained and checkpoint is None:
+        pretrained_path(arch, weights_dir)  # raises FileNotFoundError naming the file and its URL
+
+
 def _prepare_synthetic(synthetic_data):
     if synthetic_data.get("out_dir"):
         from helpers.synthetic import make_synthetic_dataset
@@ -284,11 +291,13 @@ def _resolve_ckpt_path(ckpt_path, trainer):
 @ex.main
 def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
+    check_pretrained_weights()
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule()
     net = build_net(data_n_classes=datamodule.n_classes)
     module = build_module(net)
-    trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps)
+    has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
+    trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val)
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
@@ -299,7 +308,8 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
         "global_step": trainer.global_step,
         "metrics": metrics,
     }
-    _report(_run, result)
+    if trainer.is_global_zero:  # under DDP every rank runs main; one report
+        _report(_run, result)
     return result
 
 
@@ -482,7 +492,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv
     observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith("--file_storage=") for a in argv)
-    if not observed and len(argv) > 1 and argv[1] not in ("print_config", "print_dependencies", "save_config", "print_named_configs", "help"):
+    main_rank = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"  # DDP re-runs this per rank
+    if not observed and main_rank and len(argv) > 1 and argv[1] not in ("print_config", "print_dependencies", "save_config", "print_named_configs", "help"):
         # Keep a run record by default (in the program only, never at import); -F DIR or -u override it.
         ex.observers.append(FileStorageObserver(os.environ.get("MAEST_SACRED_DIR", "outputs/sacred")))
     ex.run_commandline()

@@ -56,6 +56,10 @@ class MAESTModule(pl.LightningModule):
         if teacher_student and net.config.distilled_type != "separated":
             raise ValueError("teacher-student training needs maest.distilled_type='separated' (a CLS head and a DIST head)")
         self.net = net.train()  # get_maest returns eval mode; Lightning switches modes for evaluation
+        # The DIST head gets a loss only in teacher-student training ("mean" averages the CLS and
+        # DIST tokens into `head`). Freeze it otherwise: DDP fails on a trainable parameter that
+        # gets no gradient, and the optimiser has nothing to do for it.
+        net.head_dist.requires_grad_(teacher_student)
         self.lr = lr
         self.weight_decay = weight_decay
         self.schedule = exp_warmup_linear_down(warm_up_len, ramp_down_len, ramp_down_start, last_lr_value)
@@ -70,11 +74,13 @@ class MAESTModule(pl.LightningModule):
         # starts it follows the live weights.
         self.net_swa = copy.deepcopy(net).requires_grad_(False)  # only ever run inside evaluation loops
         self.register_buffer("swa_n_averaged", torch.zeros((), dtype=torch.long))
+        self._swa_updated_epoch: int | None = None  # the epoch whose SWA update is done
         self._outputs: dict[str, list] = {}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -91,14 +97,31 @@ class MAESTModule(pl.LightningModule):
             loss_labels = F.binary_cross_entropy_with_logits(logits.float(), y)
             loss_teacher = F.binary_cross_entropy_with_logits(logits_dist.float(), teacher[0])
             loss = (loss_labels + loss_teacher) / 2
-            self.log_dict({"train_loss_labels": loss_labels, "train_loss_teacher": loss_teacher}, on_step=False, on_epoch=True)
+            self.log_dict({"train_loss_labels": loss_labels, "train_loss_teacher": loss_teacher}, on_step=False, on_epoch=True, batch_size=len(y))
         else:
             loss = F.binary_cross_entropy_with_logits(self.net(x).float(), y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Lightning runs the end-of-epoch validation *before* on_train_epoch_end: update the SWA
+        # network first, so that val_*_swa scores this epoch's SWA weights, not the last epoch's.
+        trainer = self._trainer
+        if (
+            trainer is not None
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            self._swa_epoch_end()
+
     def on_train_epoch_end(self) -> None:
-        self._update_swa(self.current_epoch)
+        self._swa_epoch_end()  # when no validation ran this epoch
+
+    def _swa_epoch_end(self) -> None:
+        if self._swa_updated_epoch != self.current_epoch:
+            self._update_swa(self.current_epoch)
+            self._swa_updated_epoch = self.current_epoch
 
     @torch.no_grad()
     def _update_swa(self, epoch: int) -> None:
@@ -138,7 +161,7 @@ class MAESTModule(pl.LightningModule):
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-rank tensor over all ranks (ranks may hold different counts)."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self._trainer.world_size == 1:
             return t
         n = torch.tensor([t.shape[0]], device=self.device)
         counts = self.all_gather(n).flatten().tolist()
@@ -149,7 +172,7 @@ class MAESTModule(pl.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         outputs = self._outputs.pop(stage, [])
-        if not outputs and (self.trainer is None or self.trainer.world_size == 1):
+        if not outputs and (self._trainer is None or self._trainer.world_size == 1):
             return {}
         y = self._gather(torch.cat([o["y"] for o in outputs]) if outputs else torch.zeros(0, self.net.n_classes))
         results = {}

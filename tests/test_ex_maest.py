@@ -1,0 +1,388 @@
+"""ex_maest.py pre-training: Sacred runs of the demo and teacher-student configs on a tiny synthetic
+dataset, checkpoints, resume, `test`, `compute_norm_stats`, `model_speed_test`, every named config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ex_maest import ex
+from helpers.datamodule import MAESTDataModule
+from helpers.melfiles import MelReader, load_groundtruth
+from helpers.metrics import macro_metrics
+from helpers.synthetic import make_synthetic_dataset
+from models import get_maest
+from models.mel import n_frames_for
+from models.registry import get_spec
+
+CLIP_LENGTH = 2  # seconds: 125 frames
+INPUT_T = 125
+EPOCH_LENGTH = 32
+BATCH_SIZE = 8
+STEPS_PER_EPOCH = EPOCH_LENGTH // BATCH_SIZE
+TINY_MAEST = {"arch": "maest-tiny", "pretrained": False, "input_t": INPUT_T, "s_patchout_t": 3, "s_patchout_f": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_tracks=40, clip_length=float(CLIP_LENGTH))
+
+
+def tiny_updates(data, root, **trainer):
+    """Config updates that shrink any named config to seconds on a CPU."""
+    return {
+        "seed": 0,  # Sacred seeds torch with it: reproducible runs
+        "synthetic_data": {"out_dir": None},
+        "inference_checkpoint": None,
+        "datamodule": {
+            "base_dir": data["base_dir"],
+            "groundtruth_train": data["groundtruth_train"],
+            "groundtruth_val": data["groundtruth_val"],
+            "groundtruth_test": data["groundtruth_test"],
+            "groundtruth_predict": data["groundtruth_all"],
+            "clip_length": CLIP_LENGTH,
+            "epoch_length": EPOCH_LENGTH,
+            "batch_size_train": BATCH_SIZE,
+            "batch_size_test": 16,
+            "num_workers": 0,
+        },
+        "maest": dict(TINY_MAEST),
+        "module": {"swa_epoch_start": 0, "swa_freq": 1},
+        "trainer": {
+            "max_epochs": 2,
+            "default_root_dir": str(root),
+            "accelerator": "cpu",
+            "precision": "32-true",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,  # Lightning Trainer arguments the ingredient does not list
+            "logger": False,
+            **trainer,
+        },
+    }
+
+
+def run(command="main", named_configs=(), updates=None):
+    return ex.run(command, named_configs=list(named_configs), config_updates=updates or {}, options={"--loglevel": "ERROR"})
+
+
+@pytest.fixture(scope="module")
+def demo_run(data, tmp_path_factory):
+    """The demo config, tiny, 2 epochs with SWA over both."""
+    root = tmp_path_factory.mktemp("demo")
+    return run("main", ["demo"], tiny_updates(data, root))
+
+
+def _split_state(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    net = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    swa = {k[len("net_swa.") :]: v for k, v in state.items() if k.startswith("net_swa.")}
+    return state, net, swa
+
+
+# ---------------------------------------------------------------------------------- training
+def test_demo_trains_and_writes_best_and_last_checkpoints(demo_run):
+    assert demo_run.status == "COMPLETED"
+    result = demo_run.result
+    assert result["global_step"] == 2 * STEPS_PER_EPOCH
+    assert result["best_checkpoint"].endswith("-best.ckpt") and result["last_checkpoint"].endswith("last.ckpt")
+    for key in ("val_loss", "val_roc", "val_ap", "val_loss_swa", "val_roc_swa", "train_loss"):
+        assert np.isfinite(result["metrics"][key]), key
+    assert 0.0 <= result["metrics"]["val_roc"] <= 1.0
+    for path in (result["best_checkpoint"], result["last_checkpoint"]):
+        state, net, swa = _split_state(path)
+        assert net and set(net) == set(swa)
+        epoch = torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+        assert state["swa_n_averaged"].item() == epoch + 1  # every epoch from 0 (swa_epoch_start=0, swa_freq=1)
+    assert torch.load(result["last_checkpoint"], map_location="cpu", weights_only=False)["epoch"] == 1
+    assert demo_run.config["maest"]["n_classes"] == 10 and demo_run.config["trainer"]["logger"] is False
+
+
+def test_trained_checkpoint_loads_with_get_maest(demo_run):
+    last = demo_run.result["last_checkpoint"]
+    _, net_weights, swa_weights = _split_state(last)
+    options = dict(n_classes=10, input_t=INPUT_T)
+    swa = get_maest("maest-tiny", checkpoint=last, **options)
+    plain = get_maest("maest-tiny", checkpoint=last, checkpoint_swa_weights=False, **options)
+    for model, expected in ((swa, swa_weights), (plain, net_weights)):
+        assert not model.training
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, expected[k]), k
+    # SWA averaged two different epochs: the two weight sets differ.
+    assert not torch.equal(swa.head[1].weight, plain.head[1].weight)
+    x = torch.randn(2, 96, INPUT_T)
+    assert swa(x).shape == (2, 10)
+
+
+def test_test_command_scores_every_test_clip(demo_run, data, tmp_path):
+    last = demo_run.result["last_checkpoint"]
+    updates = tiny_updates(data, tmp_path / "test")
+    updates["maest"]["checkpoint"] = last
+    r = run("test", ["demo"], updates)
+    assert r.status == "COMPLETED"
+    results = r.result
+
+    # The same numbers from the SWA weights over every clip of every test file, tail included.
+    net = get_maest("maest-tiny", checkpoint=last, n_classes=10, input_t=INPUT_T)
+    dm = MAESTDataModule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_test=data["groundtruth_test"], batch_size_test=64)
+    dm.setup("test")
+    n_files = len(load_groundtruth(data["groundtruth_test"]))
+    assert len(dm.dataset("test")) > n_files  # tracks are 0.8-1.4 clips long: some give two clips
+    x, _, y = next(iter(dm.test_dataloader()))
+    assert len(x) == len(dm.dataset("test"))
+    with torch.no_grad():
+        logits = net(x)
+    expected = macro_metrics(y.numpy(), torch.sigmoid(logits).numpy())
+    assert results["test_roc"] == pytest.approx(expected["roc_auc"], abs=1e-5)
+    assert results["test_ap"] == pytest.approx(expected["pr_auc"], abs=1e-5)
+    assert results["test_loss"] == pytest.approx(F.binary_cross_entropy_with_logits(logits, y).item(), abs=1e-5)
+
+
+def test_inference_checkpoint_replaces_maest_checkpoint_in_test(demo_run, data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "test")
+    updates["inference_checkpoint"] = demo_run.result["last_checkpoint"]
+    updates["maest"]["checkpoint_swa_weights"] = False
+    results = run("test", ["demo"], updates).result
+    net = get_maest("maest-tiny", checkpoint=demo_run.result["last_checkpoint"], checkpoint_swa_weights=False, n_classes=10, input_t=INPUT_T)
+    dm = MAESTDataModule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_test=data["groundtruth_test"], batch_size_test=64)
+    dm.setup("test")
+    x, _, y = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        expected = F.binary_cross_entropy_with_logits(net(x), y).item()
+    assert results["test_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_resume_continues_epochs_and_steps(data, tmp_path):
+    root = tmp_path / "resume"
+    first = run("main", ["demo"], tiny_updates(data, root, max_epochs=1))
+    last = root / "checkpoints" / "last.ckpt"
+    assert first.result["global_step"] == STEPS_PER_EPOCH
+    first_state = torch.load(last, map_location="cpu", weights_only=False)
+    assert first_state["epoch"] == 0 and first_state["global_step"] == STEPS_PER_EPOCH
+
+    updates = tiny_updates(data, root, max_epochs=2)
+    updates["ckpt_path"] = "last"
+    second = run("main", ["demo"], updates)
+    assert second.status == "COMPLETED"
+    assert second.result["global_step"] == 2 * STEPS_PER_EPOCH  # one more epoch, not two from scratch
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and state["global_step"] == 2 * STEPS_PER_EPOCH
+    assert state["lr_schedulers"][0]["last_epoch"] == 2  # the schedule continued too
+    assert state["state_dict"]["swa_n_averaged"].item() == 2
+    # The optimiser state was restored: Adam's step count covers both epochs.
+    steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
+    assert steps == {2 * STEPS_PER_EPOCH}
+
+
+def test_resume_from_last_without_a_checkpoint_says_so(data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "empty")
+    updates["ckpt_path"] = "last"
+    with pytest.raises(FileNotFoundError, match="last.ckpt does not exist: nothing to resume"):
+        run("main", ["demo"], updates)
+
+
+def test_training_without_validation_set_checkpoints_every_n_steps(data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "noval", limit_train_batches=3)  # any Lightning Trainer argument
+    updates["datamodule"]["groundtruth_val"] = None
+    updates["checkpoint_every_n_train_steps"] = 2
+    r = run("main", ["demo"], updates)
+    assert r.status == "COMPLETED"
+    assert r.result["global_step"] == 2 * 3
+    assert not any(k.startswith("val_") for k in r.result["metrics"])
+    checkpoints = tmp_path / "noval" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    (step_checkpoint,) = checkpoints.glob("step-*.ckpt")  # save_top_k=1: the latest step
+    assert torch.load(step_checkpoint, map_location="cpu", weights_only=False)["global_step"] == 6
+
+
+def test_trainer_arguments_set_by_the_experiment_are_refused(data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "x")
+    updates["trainer"]["use_distributed_sampler"] = True
+    with pytest.raises(ValueError, match="trainer.use_distributed_sampler cannot be configured"):
+        run("main", ["demo"], updates)
+
+
+def test_teacher_student_pretrain_trains_on_teacher_logits(data, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    rng = np.random.default_rng(0)
+    for key in load_groundtruth(data["groundtruth_train"]):
+        path = teacher_dir / f"{key}.logits.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, rng.normal(-1.0, 2.0, size=(2, 10)).astype(np.float32))  # (n_clips, n_classes)
+    updates = tiny_updates(data, tmp_path / "ts", max_epochs=1)
+    updates["datamodule"]["teacher_dir"] = str(teacher_dir)
+    updates["datamodule"]["num_workers"] = 2  # teacher targets are read (and cached) in the workers
+    updates["maest"] = dict(TINY_MAEST)  # maest-tiny, no pretrained weights, 2 s clips
+
+    r = run("main", ["maest_30s_teacher_student_pretrain"], updates)
+
+    assert r.status == "COMPLETED"
+    assert r.config["maest"]["distilled_type"] == "separated" and r.config["module"]["teacher_student"] is True
+    metrics = r.result["metrics"]
+    assert metrics["train_loss_labels"] > 0 and metrics["train_loss_teacher"] > 0
+    assert metrics["train_loss_labels"] != pytest.approx(metrics["train_loss_teacher"])
+    assert metrics["train_loss_epoch"] == pytest.approx((metrics["train_loss_labels"] + metrics["train_loss_teacher"]) / 2, rel=1e-5)
+    _, net, _ = _split_state(r.result["last_checkpoint"])
+    model = get_maest("maest-tiny", checkpoint=r.result["last_checkpoint"], n_classes=10, input_t=INPUT_T, distilled_type="separated")
+    assert "head_dist.weight" in net and model.config.distilled_type == "separated"
+
+
+# ---------------------------------------------------------------------------------- other commands
+def test_compute_norm_stats_equals_numpy(data, tmp_path):
+    out = tmp_path / "stats" / "norm.json"
+    updates = {"datamodule": {"base_dir": data["base_dir"], "groundtruth_train": data["groundtruth_train"]}, "norm_stats_out": str(out)}
+    r = run("compute_norm_stats", updates=updates)
+    reader = MelReader(data["base_dir"])
+    keys = list(load_groundtruth(data["groundtruth_train"]))
+    values = np.concatenate([reader.read(k).astype(np.float64).ravel() for k in keys])
+    assert r.result["mean"] == pytest.approx(values.mean(), rel=1e-9)
+    assert r.result["std"] == pytest.approx(values.std(), rel=1e-6)
+    assert r.result["n_files"] == len(keys) and r.result["failed"] == []
+    assert r.result["n_frames"] == values.size // 96
+    assert json.loads(out.read_text()) == r.result
+
+
+def test_model_speed_test_reports_throughput():
+    updates = {"maest": dict(TINY_MAEST), "speed_test_batch_size": 2, "speed_test_iterations": 2, "predict": {"device": "cpu"}}
+    r = run("model_speed_test", updates=updates)
+    assert r.result["clips_per_s"] > 0 and r.result["device"] == "cpu"
+    assert r.result["clips_per_s"] == pytest.approx(2 / r.result["batch_seconds"])
+
+
+@pytest.mark.parametrize(
+    "name, weights_file, url",
+    [
+        ("maest_10s_from_passt_pretrain", "passt-s-f128-p16-s10-ap.476-swa.pt",
+         "https://github.com/kkoutini/PaSST/releases/download/v0.0.1-audioset/passt-s-f128-p16-s10-ap.476-swa.pt"),
+        ("maest_10s_from_deit_pretrain", "deit_base_distilled_patch16_384-d0272ac0.pth",
+         "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_384-d0272ac0.pth"),
+    ],
+)
+def test_missing_pretrained_weights_name_the_file_and_url(name, weights_file, url, tmp_path):
+    # No data is read first: the weights are checked before the (large) ground truth is loaded.
+    with pytest.raises(FileNotFoundError) as error:
+        run("main", [name], {"maest.weights_dir": str(tmp_path)})
+    message = str(error.value)
+    assert str(tmp_path / weights_file) in message and url in message
+
+
+# ---------------------------------------------------------------------------------- named configs
+PASST, DEIT = "passt_s_swa_p16_128_ap476", "passt_deit_bd_p16_384"
+PATCHOUT = {5: 15, 10: 30, 20: 60, 30: 90}
+# SPEC §4: name -> (clip seconds, arch, pretrained)
+PRETRAIN = {
+    "maest_10s_random_weights_pretrain": (10, "maest-vit-b", False),
+    "maest_10s_from_deit_pretrain": (10, DEIT, True),
+    "maest_10s_from_passt_pretrain": (10, PASST, True),
+    "maest_discogs_5sec_pretrain": (5, PASST, True),
+    "maest_discogs_10sec_pretrain": (10, PASST, True),
+    "maest_discogs_20sec_pretrain": (20, PASST, True),
+    "maest_discogs_30sec_pretrain": (30, PASST, True),
+    "maest_30s_teacher_student_pretrain": (30, PASST, True),
+}
+INFERENCE = {
+    "maest_10s_random_weights_inference": (10, "discogs-maest-10s-fs-129e"),
+    "maest_10s_from_deit_inference": (10, "discogs-maest-10s-dw-75e"),
+    "maest_10s_from_passt_inference": (10, "discogs-maest-10s-pw-129e"),
+    "maest_discogs_5sec_inference": (5, "discogs-maest-5s-pw-129e"),
+    "maest_discogs_10sec_inference": (10, "discogs-maest-10s-pw-129e"),
+    "maest_discogs_20sec_inference": (20, "discogs-maest-20s-pw-129e"),
+    "maest_discogs_30sec_inference": (30, "discogs-maest-30s-pw-129e"),
+    "maest_30s_from_passt_infer": (30, "discogs-maest-30s-pw-129e"),
+    "maest_30s_teacher_student_inference": (30, "discogs-maest-30s-pw-73e-ts"),
+    "maest_discogs_30sec_519l_inference": (30, "discogs-maest-30s-pw-129e-519l"),
+}
+OTHER = {"demo", "mini_train", "target_mtt"}
+
+
+@pytest.fixture(scope="module")
+def resolved():
+    """Every named config resolved by Sacred (print_config runs nothing else)."""
+    configs = {}
+    for name in ex.named_configs:
+        r = run("print_config", [name])
+        assert r.status == "COMPLETED", name
+        configs[name] = r.config
+    return configs
+
+
+def test_every_spec_name_is_registered(resolved):
+    assert set(PRETRAIN) | set(INFERENCE) | OTHER <= set(resolved)
+    for name in resolved:
+        assert ex.named_configs[name].__doc__, f"{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAIN))
+def test_pretrain_configs_have_the_paper_settings(resolved, name):
+    seconds, arch, pretrained = PRETRAIN[name]
+    config = resolved[name]
+    maest = config["maest"]
+    assert config["datamodule"]["clip_length"] == seconds
+    assert maest["input_t"] == seconds * 16000 // 256 == n_frames_for(seconds)
+    assert maest["s_patchout_t"] == PATCHOUT[seconds]
+    assert (maest["arch"], maest["pretrained"]) == (arch, pretrained)
+    expected_heads = "separated" if "teacher_student" in name else "mean"
+    assert maest["distilled_type"] == expected_heads
+    assert config["module"]["teacher_student"] is ("teacher_student" in name)
+
+
+@pytest.mark.parametrize("name", sorted(INFERENCE))
+def test_inference_configs_load_the_released_models(resolved, name):
+    seconds, arch = INFERENCE[name]
+    config = resolved[name]
+    maest = config["maest"]
+    assert config["datamodule"]["clip_length"] == seconds
+    assert maest["input_t"] == seconds * 16000 // 256 == get_spec(arch).config["input_t"]
+    assert maest["s_patchout_t"] == PATCHOUT[seconds]
+    assert (maest["arch"], maest["pretrained"]) == (arch, True)
+    assert maest["distilled_type"] == get_spec(arch).config.get("distilled_type", "mean")
+
+
+def test_inference_twins_differ_from_pretrain_only_in_the_model(resolved):
+    for name in PRETRAIN:
+        twin = resolved[name.replace("_pretrain", "_inference")]
+        pretrain = resolved[name]
+        assert twin["datamodule"]["clip_length"] == pretrain["datamodule"]["clip_length"]
+        assert twin["maest"]["arch"].startswith("discogs-maest-")
+    alias, original = (
+        {k: v for k, v in resolved[name].items() if k != "seed"}  # Sacred draws a seed per run
+        for name in ("maest_30s_from_passt_infer", "maest_discogs_30sec_inference")
+    )
+    assert alias == original
+    assert resolved["maest_discogs_30sec_519l_inference"]["maest"]["n_classes"] == 519
+
+
+@pytest.mark.parametrize("name", sorted(set(PRETRAIN) | set(INFERENCE)))
+def test_named_config_builds_its_network(resolved, name):
+    """Every paper configuration builds (ViT-B on the meta device: no memory, no time)."""
+    maest = resolved[name]["maest"]
+    options = {k: maest[k] for k in ("input_f", "input_t", "s_patchout_t", "s_patchout_f", "u_patchout", "distilled_type")}
+    with torch.device("meta"):
+        net = get_maest(maest["arch"], pretrained=False, n_classes=maest["n_classes"] or 400, **options)
+    assert net.config.embed_dim == 768 and net.config.depth == 12
+    assert net.time_new_pos_embed.shape[-1] == maest["input_t"] // 10
+
+
+def test_5s_patchout_keeps_half_of_the_time_columns(resolved):
+    """5 s = 312 frames = 30 time patches; dropping 15 leaves 15 columns of 9 frequency patches."""
+    maest = resolved["maest_discogs_5sec_pretrain"]["maest"]
+    net = get_maest(
+        "maest-tiny", n_classes=10, input_t=maest["input_t"], s_patchout_t=maest["s_patchout_t"],
+        s_patchout_f=maest["s_patchout_f"],
+    )
+    x = torch.randn(2, 1, 96, maest["input_t"])
+    assert net.config.patches(maest["input_t"]) == (9, 30)
+    assert net.train().tokens(x).shape == (2, 2 + 9 * 15, 64)
+    assert net.eval().tokens(x).shape == (2, 2 + 9 * 30, 64)
+    assert net.train()(x).shape == (2, 10)
+
+
+def test_demo_config_is_self_contained(resolved):
+    demo = resolved["demo"]
+    assert demo["synthetic_data"]["out_dir"] == demo["datamodule"]["base_dir"]
+    assert demo["maest"]["pretrained"] is False and demo["maest"]["arch"] == "maest-demo"
+    assert demo["maest"]["input_t"] == n_frames_for(demo["datamodule"]["clip_length"])
+    assert demo["inference_checkpoint"].startswith(demo["trainer"]["default_root_dir"])
