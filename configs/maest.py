@@ -85,6 +85,7 @@ def demo():
     `python ex_maest.py with demo` trains a small MAEST (depth 4, width 192) from scratch;
     `python ex_maest.py extract_embeddings with demo` extracts its embeddings for `ex_tl.py with demo`.
     """
+    seed = 0  # noqa: F841  (Sacred seeds python, numpy and torch with it: the demo is reproducible)
     synthetic_data = {"out_dir": "outputs/demo/data", "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # noqa: F841
     inference_checkpoint = "outputs/demo/train/checkpoints/last.ckpt"  # noqa: F841
     datamodule = {  # noqa: F841
@@ -104,12 +105,12 @@ def demo():
         "lr": 5e-4,
         "weight_decay": 1e-2,
         "warm_up_len": 1,
-        "ramp_down_start": 4,
-        "ramp_down_len": 4,
-        "swa_epoch_start": 5,
+        "ramp_down_start": 5,
+        "ramp_down_len": 5,
+        "swa_epoch_start": 6,
         "swa_freq": 1,
     }
-    trainer = {"max_epochs": 8, "default_root_dir": "outputs/demo/train", "log_every_n_steps": 10}  # noqa: F841
+    trainer = {"max_epochs": 10, "default_root_dir": "outputs/demo/train", "log_every_n_steps": 10}  # noqa: F841
     predict = {"out_dir": "outputs/demo/embeddings", "transformer_block": 2, "batch_size": 32, "num_workers": 0}  # noqa: F841
     export = {"out_dir": "outputs/demo/export"}  # noqa: F841
 
