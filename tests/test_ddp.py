@@ -100,6 +100,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ddp_env() -> dict:
+    """Environment of a 2-process CPU DDP run: the project importable, one local port, no GPU."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
@@ -119,14 +131,7 @@ def ddp_run(tmp_path_factory):
     (tmp / "config.json").write_text(json.dumps(config))
     script = tmp / "train_ddp.py"
     script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = _ddp_env()
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp / "config.json")],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=180,
@@ -209,14 +214,7 @@ def test_ex_maest_command_line_trains_with_ddp(ddp_run, tmp_path):
         "trainer.precision=32-true", f"trainer.default_root_dir={root}", "trainer.enable_progress_bar=False",
         "trainer.logger=False", "trainer.limit_val_batches=1",
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = _ddp_env()
     proc = subprocess.run(
         [sys.executable, str(PROJECT / "ex_maest.py"), "-u", "with", *args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
