@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import lightning as pl
@@ -24,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from sacred import Experiment
 
 from configs.tl import register
+from helpers.files import write_text_atomic
 from helpers.probe import EmbeddingDataModule, ProbeModule, ProbeNet
 
 logger = logging.getLogger(__name__)
@@ -140,10 +140,7 @@ def make_trainer(out_dir, max_epochs, trainer) -> tuple[pl.Trainer, ModelCheckpo
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 @ex.main

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helpers.files import atomic_path
 from models.hf import export_hf
 from models.maest import MAEST
 from models.mel import HOP_LENGTH, MelSpectrogram
@@ -74,8 +75,8 @@ def export_onnx(
     n_frames = cfg.max_frames if n_frames is None else int(n_frames)
     if not cfg.patch_size <= n_frames <= cfg.max_frames:
         raise ValueError(f"n_frames must be in [{cfg.patch_size}, {cfg.max_frames}] for this model (input_t={cfg.input_t}), got {n_frames}")
-    if block is not None and (not isinstance(block, int) or not -cfg.depth <= block < cfg.depth):
-        raise ValueError(f"block must be an integer in [0, {cfg.depth - 1}] (0-based), got {block!r}")
+    if block is not None:
+        model.block_index(block)  # the model's own check and message
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter needs it; fail here with an install hint
     except ImportError as e:
@@ -112,12 +113,7 @@ def export_onnx(
             f"use opset={written}{' or with_mel=False' if with_mel else ''}"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
+    with atomic_path(path) as tmp:
         program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     _logger.info("exported %s -> %s to %s (opset %d)", input_name, output_name, path, opset)
     return path

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from models import MAEST
-from models.inference import clip_starts, pad_centre, track_probabilities
+from models.inference import split_into_clips, track_probabilities
 from models.mel import normalize
 
+from .files import atomic_path, write_text_atomic
 from .melfiles import MelFileError, MelReader, load_groundtruth
 
 _logger = logging.getLogger(__name__)
@@ -72,27 +73,16 @@ class _FileClips(Dataset):
     def __getitem__(self, i: int):
         key = self.keys[i]
         try:
-            mel = self.reader.read(key)  # (T, F) float32, NaN-checked
-            starts = clip_starts(mel.shape[0], self.n_frames, self.hop_frames)
-            if mel.shape[0] < self.n_frames:
-                clips = pad_centre(mel, self.n_frames)[None]
-            else:
-                clips = np.stack([mel[s : s + self.n_frames] for s in starts])
-            clips = normalize(clips).transpose(0, 2, 1)[:, None]  # (n_clips, 1, F, n_frames)
-            return key, torch.from_numpy(np.ascontiguousarray(clips, dtype=np.float32)), None
+            mel = torch.from_numpy(self.reader.read(key)).T  # (F, T) float32, NaN-checked
+            clips = split_into_clips(mel, self.n_frames, self.hop_frames)  # (n_clips, F, n_frames)
+            return key, normalize(clips).unsqueeze(1).contiguous(), None
         except (MelFileError, OSError, ValueError) as e:
             return key, None, str(e)
 
 
 def _write_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed (e.g. a full disk)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -137,16 +127,7 @@ def _check_run_info(out_dir: Path, info: dict) -> None:
                 "choose another predict.out_dir or delete the folder"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic_text(path, json.dumps({**old, **info}, indent=2, default=str))
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps({**old, **info}, indent=2, default=str))
 
 
 @torch.no_grad()
@@ -183,7 +164,7 @@ def extract(
     gt = groundtruth if isinstance(groundtruth, dict) else load_groundtruth(groundtruth)
     info = {**(run_info or {}), "n_frames": n_frames, "hop_frames": hop_frames, "embed_dim": model.embed_dim, "n_classes": model.n_classes}
     if kind == "embeddings":  # logits do not depend on the block: any value (e.g. the default 6 of a shallower model) is fine
-        block = model._block_index(block)
+        block = model.block_index(block)
         info["block"] = block
     _check_run_info(out_dir, info)
 
@@ -219,7 +200,7 @@ def extract(
             report.failed[key] = str(e)
     failed_list = out_dir / f"failed-{kind}.txt"
     if report.failed:
-        _write_atomic_text(failed_list, "".join(f"{k}\t{v}\n" for k, v in report.failed.items()))
+        write_text_atomic(failed_list, "".join(f"{k}\t{v}\n" for k, v in report.failed.items()))
     else:
         failed_list.unlink(missing_ok=True)  # an earlier run's failures have all been extracted now
     return report
@@ -290,5 +271,5 @@ def write_predictions(results: list[dict], output: str | os.PathLike | None) -> 
         text = json.dumps(results, indent=2)
     else:
         raise ValueError(f"predict.output must end in .json or .tsv, got {output}")
-    _write_atomic_text(output, text)
+    write_text_atomic(output, text)
     return None

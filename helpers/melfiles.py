@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path
+
 N_MELS = 96
 MMAP_DTYPE = np.dtype("<f2")
 
@@ -31,10 +33,6 @@ def is_hdf5(base_dir: str | os.PathLike) -> bool:
     return str(base_dir).endswith((".h5", ".hdf5"))
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_mel(path: str | os.PathLike, mel: np.ndarray) -> Path:
     """Write a ``(frames, n_mels)`` mel to ``path`` (``.mmap`` or ``.npy``) atomically."""
     path = Path(path)
@@ -43,16 +41,13 @@ def write_mel(path: str | os.PathLike, mel: np.ndarray) -> Path:
         raise ValueError(f"write_mel expects a (frames, n_mels) array, got shape {mel.shape} for {path}")
     if not np.isfinite(mel).all():
         raise ValueError(f"refusing to write {path}: the mel spectrogram contains NaN or inf")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    if path.suffix == ".mmap":
-        np.ascontiguousarray(mel, dtype=MMAP_DTYPE).tofile(tmp)
-    elif path.suffix == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(mel, dtype=np.float16))
-    else:
+    if path.suffix not in (".mmap", ".npy"):
         raise ValueError(f"unknown mel file kind {path.suffix!r} for {path}: use .mmap or .npy")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if path.suffix == ".mmap":
+            np.ascontiguousarray(mel, dtype=MMAP_DTYPE).tofile(f)
+        else:
+            np.save(f, np.ascontiguousarray(mel, dtype=np.float16))
     return path
 
 
@@ -61,12 +56,9 @@ def write_mels_hdf5(h5_path: str | os.PathLike, mels: dict[str, np.ndarray]) -> 
     import h5py
 
     h5_path = Path(h5_path)
-    h5_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(h5_path)
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
         for key, mel in mels.items():
             f.create_dataset(key, data=np.asarray(mel, dtype=np.float16))
-    os.replace(tmp, h5_path)
     return h5_path
 
 
@@ -163,9 +155,6 @@ def load_groundtruth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_groundtruth(path: str | os.PathLike, gt: dict[str, np.ndarray]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump(gt, f)
-    os.replace(tmp, path)
     return path

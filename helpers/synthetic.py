@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.files import write_text_atomic
 from helpers.melfiles import save_groundtruth, write_mel
 from models.mel import SAMPLE_RATE, MelSpectrogram
 
@@ -300,7 +301,5 @@ def make_synthetic_dataset(
         save_groundtruth(paths[key], {_key(i, n_tracks): gt_all[_key(i, n_tracks)] for i in indices})
     save_groundtruth(paths["groundtruth_all"], gt_all)
     Path(paths["labels_path"]).write_text("\n".join(LABELS) + "\n")
-    tmp = done.with_name(".DONE.json.tmp")
-    tmp.write_text(json.dumps(params, indent=2) + "\n")
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(params, indent=2) + "\n")
     return paths

@@ -12,10 +12,9 @@ Names and shapes of parameters equal the published checkpoints (SPEC §5.2).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import Block, PatchEmbed
@@ -249,7 +248,8 @@ class MAEST(nn.Module):
         return idx.to(device)
 
     # ------------------------------------------------------------------ outputs
-    def _block_index(self, block: int) -> int:
+    def block_index(self, block: int) -> int:
+        """``block`` checked against the depth, negative indices counted from the end."""
         depth = self.config.depth
         if not isinstance(block, int) or not -depth <= block < depth:
             raise ValueError(f"block must be an integer in [0, {depth - 1}] (0-based; negative counts from the end), got {block!r}")
@@ -276,7 +276,7 @@ class MAEST(nn.Module):
 
     def embeddings(self, x: torch.Tensor, block: int = 6) -> torch.Tensor:
         """``(B, 3, D)``: CLS, DIST and the mean of the patch tokens after ``block`` (0-based, not normalised)."""
-        block = self._block_index(block)
+        block = self.block_index(block)
         h = self.tokens(self._check_input(x))
         for blk in self.blocks[: block + 1]:
             h = blk(h)
@@ -284,7 +284,7 @@ class MAEST(nn.Module):
 
     def attention_maps(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """Self-attention weights ``(B, heads, N, N)`` of ``block`` (explicit attention path)."""
-        block = self._block_index(block)
+        block = self.block_index(block)
         h = self.tokens(self._check_input(x))
         for blk in self.blocks[:block]:
             h = blk(h)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import load_checkpoint, load_pretrained

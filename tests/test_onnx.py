@@ -36,7 +36,7 @@ def run(sess, x: torch.Tensor) -> torch.Tensor:
 def test_mel_input_logits_match_for_any_batch(model, tmp_path):
     path = export_onnx(model, tmp_path / "maest.onnx")
     assert path == tmp_path / "maest.onnx" and path.is_file()
-    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("*.part"))  # one self-contained file
+    assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*.tmp"))  # one self-contained file
     sess = session(path)
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     assert (inp.name, inp.shape[1:], out.name, out.shape[1:]) == ("mel", [96, 106], "logits", [5])
@@ -90,7 +90,7 @@ def test_invalid_requests_fail_before_or_instead_of_writing(model, tmp_path):
     # onnx cannot lower the front-end's Pad to opset 17: an error, not a file of another opset.
     with pytest.raises(ValueError, match=r"opset 17 \(it stays at 18\); use opset=18 or with_mel=False"):
         export_onnx(model, tmp_path / "x.onnx", with_mel=True, n_frames=30, opset=17)
-    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.onnx.part").exists()
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.onnx.part").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_export_module_also_offers_the_hugging_face_export():
