@@ -326,3 +326,40 @@ def test_extract_command_config_errors(data, checkpoint, tmp_path):
         ex.run("extract_embeddings", config_updates=updates, options={"--loglevel": "ERROR"})
     with pytest.raises(ValueError, match=r"predict.hop must be 'full' .* or 'half'"):
         ex.run("extract_logits", config_updates=sacred_updates(data, checkpoint, tmp_path / "o", hop="quarter"), options={"--loglevel": "ERROR"})
+
+
+def test_target_mtt_extracts_the_shipped_magnatagatune_keys_where_target_mtt_tl_reads(model, checkpoint, tmp_path):
+    """The upstream MTT pickles drive extraction over SPEC §3 mel files; ex_tl's target_mtt_tl finds the outputs."""
+    import pickle
+
+    from ex_maest import ex
+    from ex_tl import ex as ex_tl
+    from helpers.probe import check_embeddings_exist
+
+    with open("datasets/mtt/groundtruth-test.pk", "rb") as f:
+        test_gt = pickle.load(f)
+    keys = sorted(test_gt)[:3]
+    rng = np.random.default_rng(1)
+    for key in keys:  # 29.1 s MagnaTagATune clips -> about 1820 frames
+        write_mel(tmp_path / "mels" / key, rng.uniform(0, 4, size=(1820, N_MELS)).astype(np.float16))
+    subset = save_groundtruth(tmp_path / "gt.pk", {k: test_gt[k] for k in keys})
+
+    named = ex.named_configs["target_mtt"]()
+    assert named["datamodule"]["groundtruth_predict"] == "datasets/mtt/groundtruth-all.pk"
+    out_dir = named["predict"]["out_dir"]
+    assert out_dir == ex_tl.named_configs["target_mtt_tl"]()["embeddings_dir"]  # the chain: one writes, one reads
+
+    out = tmp_path / out_dir
+    run = ex.run(
+        "extract_embeddings",
+        named_configs=["target_mtt"],
+        config_updates={
+            "maest": {"arch": "maest-tiny", "checkpoint": str(checkpoint), "n_classes": N_CLASSES, "input_t": N_FRAMES},
+            "datamodule": {"base_dir": str(tmp_path / "mels"), "groundtruth_predict": str(subset), "clip_length": 2},
+            "predict": {"out_dir": str(out), "transformer_block": 1, "num_workers": 0, "device": "cpu"},
+        },
+        options={"--loglevel": "ERROR"},
+    )
+    assert run.result["written"] == 3
+    assert np.load(output_path(out, keys[0], "embeddings")).shape == (len(range(0, 1820 - 125 + 1, 125)) + 1, 3, EMBED_DIM)
+    check_embeddings_exist(out, keys)  # raises if ex_tl would not find a file
