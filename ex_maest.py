@@ -13,12 +13,18 @@ explicit arguments, built here by a few captured factories.
 
 from __future__ import annotations
 
+import collections.abc
+import functools
 import json
 import logging
+import numbers
 import os
 import sys
 import time
+import types
+import typing
 from pathlib import Path
+from typing import Literal, Union
 
 import torch
 from sacred import Experiment, Ingredient
@@ -27,10 +33,12 @@ from sacred.observers import FileStorageObserver
 from configs.maest import register_named_configs
 from helpers.datamodule import MAESTDataModule
 from helpers.extract import extract, hop_frames_for, predict_files, write_predictions
+from helpers.failures import format_failures, update_failure_list
+from helpers.files import write_text_atomic
 from helpers.module import MAESTModule
 from models import get_maest
-from models.mel import n_frames_for
-from models.registry import get_spec, pretrained_path
+from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
+from models.registry import build_config, get_spec, pretrained_path
 
 _logger = logging.getLogger("ex_maest")
 
@@ -49,6 +57,7 @@ def maest_config():
     weights_dir = None  # where pre-trained weights live; None: $MAEST_WEIGHTS_DIR or ./weights
     checkpoint = None  # a MAEST checkpoint to load (Lightning .ckpt, state dict, or Hugging Face directory)
     checkpoint_swa_weights = True  # from a Lightning checkpoint, load the SWA weights (False: the plain ones)
+    trust_checkpoint = False  # True: unpickle checkpoint/weights files fully, running any code they hold (only files you trust)
     n_classes = None  # output classes; None: the arch's for released models, else from the training ground truth
     input_f = 96  # mel bands
     input_t = 625  # frames of the longest clip (seconds * 16000 // 256): sizes the time embeddings
@@ -77,7 +86,7 @@ def datamodule_config():
     num_workers = 4  # DataLoader worker processes
     epoch_length = 200_000  # training draws per epoch (all ranks together)
     sampler = "balanced"  # "balanced" (class-balanced weights 1000 / (count + 100)) or "random"
-    sampler_replacement = True  # draw with replacement
+    sampler_replacement = False  # draw with replacement (released models: without, as upstream's code; needs epoch_length <= training tracks)
     seed = 0  # seeds the sampler draws and the crop offsets
     teacher_dir = None  # teacher logits (<dir>/<key>.logits.npy) for teacher-student training
     teacher_threshold = 0.45  # sigmoid threshold of the hard teacher targets
@@ -87,22 +96,31 @@ def datamodule_config():
 
 @module_ing.config
 def module_config():
+    # Defaults: the recipe that produced the released models; the named config `recipe_paper`
+    # (configs/maest.py) switches to the one upstream's config describes (README, "Training recipe").
     lr = 2e-5  # AdamW peak learning rate
-    weight_decay = 1e-4  # AdamW weight decay
+    weight_decay = 1e-4  # AdamW weight decay (upstream: on every parameter)
+    no_weight_decay_tokens = False  # no weight decay on the tokens and position embeddings (MAEST.no_weight_decay())
+    no_weight_decay_biases_norms = False  # no weight decay on biases and LayerNorm weights (as timm)
     warm_up_len = 5  # epochs of exponential warm-up
-    ramp_down_start = 50  # epoch where the linear ramp-down starts
+    ramp_down_start = 50  # epoch where the linear ramp-down starts (released models: the SWA phase replaced it from epoch 49)
     ramp_down_len = 50  # epochs of the ramp-down
     last_lr_value = 0.01  # final learning rate as a fraction of the peak
     mixup_alpha = 0.3  # Beta(alpha, alpha) mixup of inputs and targets; 0 disables it
-    mask_p = 0.2  # probability of each time/frequency mask (0 disables masking)
-    n_time_masks = 20  # time masks per input
-    max_time_width = 8  # frames per time mask, at most
-    n_freq_masks = 8  # frequency masks per input
-    max_freq_width = 5  # bands per frequency mask, at most
+    masking = False  # SpecAugment masking (released models: none, upstream's code discarded the masked batch)
+    mask_p = 0.2  # masking: a time mask covers at most this fraction of the frames (torchaudio's p; not a probability)
+    n_time_masks = 20  # masking: time masks per input
+    max_time_width = 8  # masking: time masks are 0 to max_time_width - 1 frames wide (torchaudio's time_mask_param)
+    n_freq_masks = 8  # masking: frequency masks per input
+    max_freq_width = 5  # masking: frequency masks are 0 to max_freq_width - 1 bands wide (torchaudio's freq_mask_param)
     roll_max_shift = 0  # random circular time shift in frames (0 = off)
     swa = True  # keep a stochastic-weight-averaged network (checkpoints hold it as net_swa)
-    swa_epoch_start = 50  # first epoch averaged into the SWA network
-    swa_freq = 5  # average every n epochs
+    swa_epoch_start = 50  # the SWA phase starts with this epoch, counted from 1 (Lightning's swa_epoch_start: 50 = 0-based epoch 49)
+    swa_freq = 1  # average the weights at the start of every n-th epoch of the SWA phase (released models: every epoch)
+    swa_lr_schedule = True  # in the SWA phase the learning rate anneals to swa_lr (Lightning's SWALR) instead of the ramp-down
+    swa_lr = lr  # learning rate of the SWA phase (upstream's swa_lrs=2e-5, its lr)
+    swa_anneal_epochs = 10  # epochs from the learning rate in force to swa_lr (Lightning's annealing_epochs)
+    swa_anneal_strategy = "cos"  # "cos" or "linear" (Lightning's annealing_strategy)
     teacher_student = False  # loss = mean(BCE(CLS head, labels), BCE(DIST head, teacher targets))
 
 
@@ -152,7 +170,7 @@ def main_config():
     """MAEST pre-training, evaluation, extraction and export; see the ingredients for each part."""
     synthetic_data = {"out_dir": None, "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # out_dir set: generate the demo dataset there first
     inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint (the demo's trained model)
-    ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's last.ckpt)
+    ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's newest: last.ckpt or its step checkpoint)
     checkpoint_every_n_train_steps = None  # also checkpoint every n steps (long epochs: lose less on a kill)
     norm_stats_out = "outputs/norm_stats.json"  # compute_norm_stats writes mean and std here
     speed_test_batch_size = 8  # model_speed_test batch size
@@ -165,7 +183,7 @@ register_named_configs(ex)
 # ----------------------------------------------------------------------------------- factories
 @maest_ing.capture
 def build_net(
-    arch, pretrained, weights_dir, checkpoint, checkpoint_swa_weights, n_classes, input_f, input_t,
+    arch, pretrained, weights_dir, checkpoint, checkpoint_swa_weights, trust_checkpoint, n_classes, input_f, input_t,
     s_patchout_t, s_patchout_f, u_patchout, s_patchout_f_indices, s_patchout_f_interleaved,
     s_patchout_t_indices, s_patchout_t_interleaved, distilled_type, drop_path_rate, fused_attention,
     data_n_classes: int | None = None,
@@ -187,7 +205,7 @@ def build_net(
         _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], input_t)
     net = get_maest(
         arch, checkpoint=checkpoint, pretrained=pretrained, checkpoint_swa_weights=checkpoint_swa_weights,
-        weights_directory=weights_dir, **options,
+        weights_directory=weights_dir, trust_checkpoint=trust_checkpoint, **options,
     )
     return net
 
@@ -245,6 +263,8 @@ def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from helpers.resume import RandomStateCheckpoint, StepCheckpoint
+
     options = dict(_config)
     clash = [k for k in _TRAINER_OWN_ARGUMENTS if k in options]
     if clash:
@@ -254,7 +274,8 @@ def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True
     if not monitor_val:
         callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)]
     if checkpoint_every_n_train_steps:
-        callbacks.append(ModelCheckpoint(dirpath=root / "checkpoints", filename="step-{step}", every_n_train_steps=checkpoint_every_n_train_steps, save_top_k=1, monitor="step", mode="max"))
+        callbacks.append(StepCheckpoint(dirpath=root / "checkpoints", filename="step-{step}", every_n_train_steps=checkpoint_every_n_train_steps, save_top_k=1, monitor="step", mode="max"))
+    callbacks.append(RandomStateCheckpoint())  # exact resume: every rank's random state goes into each checkpoint
     if options.get("logger", True) is not False:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     # The data module shards the training draw by global rank itself (see helpers/datamodule.py).
@@ -279,18 +300,184 @@ def _prepare_synthetic(synthetic_data):
 
 
 def _resolve_ckpt_path(ckpt_path, trainer):
+    """``"last"``: the run's newest checkpoint, last.ckpt (epoch end) or the step checkpoint."""
     if ckpt_path == "last":
-        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise FileNotFoundError(f"ckpt_path='last' but {last} does not exist: nothing to resume")
-        return str(last)
+        folder = Path(trainer.default_root_dir) / "checkpoints"
+        candidates = [p for p in [folder / "last.ckpt", *folder.glob("step-*.ckpt")] if p.is_file()]
+        if not candidates:
+            raise FileNotFoundError(f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume")
+        return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
     return ckpt_path
+
+
+# ----------------------------------------------------------------------------------- config checks
+def _at_least(minimum: int, note: str = ""):
+    return (lambda v: v >= minimum), f"at least {minimum}{note}"
+
+
+# Keys whose valid values their default's type does not tell (other kinds, ranges). Every other key
+# with a bool, int or float default must keep that type (an int is a valid float), and trainer.<key>
+# must match Lightning's own annotation of that Trainer argument.
+# key -> (type hint, (test, text) for a number of that type or None), or a function that raises ValueError
+_CONFIG_RULES = {
+    "datamodule.clip_length": (float, (lambda v: v > 0, "> 0 (seconds)")),
+    "datamodule.batch_size_train": (int, _at_least(1)),
+    "datamodule.batch_size_test": (int, _at_least(1)),
+    "datamodule.num_workers": (int, _at_least(0)),
+    "datamodule.epoch_length": (int, _at_least(1)),
+    "datamodule.test_hop": (Literal["full", "half"], None),
+    "maest.n_classes": (int | None, _at_least(1)),
+    "predict.transformer_block": (int, None),  # one block; extract() checks its range against the model
+    "predict.hop": lambda hop: hop_frames_for(hop, 2),  # a validator of its own: its message
+    "predict.batch_size": (int, _at_least(1)),
+    "predict.num_workers": (int, _at_least(0)),
+    "predict.top_k": (int, _at_least(1)),
+    "trainer.max_epochs": (int | None, _at_least(-1, " (-1: no limit)")),
+    "checkpoint_every_n_train_steps": (int | None, _at_least(1)),
+    "speed_test_batch_size": (int, _at_least(1)),
+    "speed_test_iterations": (int, _at_least(1)),
+}
+_INFO_COMMANDS = ("print_config", "print_dependencies", "save_config", "print_named_configs", "help")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+@functools.cache
+def _default_config() -> dict:
+    """Every ingredient's and the experiment's defaults, flattened: ``{"trainer.max_epochs": 130, ...}``."""
+    defaults = {}
+    for ingredient in ex.ingredients:
+        for scope in ingredient.configurations:
+            defaults.update(_flatten(scope(), ingredient.path + "."))
+    for scope in ex.configurations:
+        defaults.update(_flatten(scope()))
+    return defaults
+
+
+@functools.cache
+def _trainer_hints() -> dict:
+    import lightning.pytorch as pl
+
+    try:
+        return typing.get_type_hints(pl.Trainer.__init__)
+    except Exception:  # an annotation this Lightning cannot resolve: fall back to the defaults' types
+        return {}
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is not None:
+        return isinstance(value, origin)  # dict[str, int], Iterable[Logger]: the container only
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # bool is an int to Python, not to a config; an int is a valid float
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is Literal:
+        return " or ".join(map(repr, args))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0] if args else None, "values")
+    names = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint) or getattr(origin or hint, "__name__", str(hint))
+
+
+def _rule(key: str, default):
+    if key in _CONFIG_RULES:
+        return _CONFIG_RULES[key]
+    section, _, name = key.partition(".")
+    if section == "trainer" and name in _trainer_hints():
+        return _trainer_hints()[name], None
+    for kind in (bool, int, float):  # bool first: it is an int too
+        if isinstance(default, kind):
+            return kind, None
+    return None, None
+
+
+def check_config(config: dict) -> None:
+    """Refuse values of the wrong type or range before any work, naming every such key at once.
+
+    Sacred reads ``trainer.max_epochs=abc`` as the text "abc" and only warns; Lightning would then
+    stop on a bare AssertionError, ``predict.top_k=-1`` would fail every file.
+    """
+    defaults = _default_config()
+    problems = []
+    for key, value in _flatten(config).items():
+        rule = _rule(key, defaults.get(key))
+        if callable(rule):
+            try:
+                rule(value)
+            except ValueError as e:
+                problems.append(str(e))
+            continue
+        hint, condition = rule
+        if hint is None:
+            continue
+        if _matches(value, hint) and (condition is None or not isinstance(value, numbers.Real) or condition[0](value)):
+            continue
+        expected = _describe(hint) + (f", {condition[1]}" if condition else "")
+        example = f" (e.g. {key}={defaults[key]!r})" if defaults.get(key) is not None else ""
+        problems.append(f"{key} must be {expected}, got {value!r}{example}")
+    if problems:
+        raise ValueError("invalid configuration; fix these keys (command line or named config):\n  " + "\n  ".join(problems))
+
+
+@ex.config_hook
+def _check_config_hook(config, command_name, logger):
+    if command_name not in _INFO_COMMANDS:  # print_config still shows a broken config
+        check_config(config)
+    return {}
+
+
+@ex.capture
+def check_training_clip(maest, datamodule):
+    """Before any data is read: training clips fit the time embeddings and keep patches after patchout."""
+    clip_length, input_t = datamodule["clip_length"], maest["input_t"]
+    n_frames = n_frames_for(clip_length)
+    cfg = build_config(
+        maest["arch"], input_f=maest["input_f"], input_t=input_t,
+        s_patchout_t=maest["s_patchout_t"], s_patchout_f=maest["s_patchout_f"], u_patchout=maest["u_patchout"],
+    )
+    if n_frames > cfg.max_frames:
+        raise ValueError(
+            f"datamodule.clip_length={clip_length} s gives {n_frames}-frame training clips, longer than the time embeddings "
+            f"of maest.input_t={input_t} allow ({cfg.max_frames} frames at most): set maest.input_t={n_frames} "
+            f"(clip_length * {SAMPLE_RATE} // {HOP_LENGTH}) or datamodule.clip_length={input_t * HOP_LENGTH / SAMPLE_RATE:g} or less"
+        )
+    if n_frames < cfg.patch_size:
+        raise ValueError(f"datamodule.clip_length={clip_length} s gives {n_frames} frames, fewer than one {cfg.patch_size}-frame patch: use a longer clip")
+    try:
+        cfg.check_patchout(n_frames)
+    except ValueError as e:
+        raise ValueError(f"datamodule.clip_length={clip_length} s with maest.input_t={input_t}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------- commands
 @ex.main
 def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
+    check_training_clip()
     check_pretrained_weights()
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule()
@@ -298,7 +485,9 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     module = build_module(net)
     has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
     trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer))
+    val_failures, failed_list = _list_val_failures(datamodule, trainer) if has_val else ({}, None)
+    # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
     result = {
@@ -310,7 +499,27 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     }
     if trainer.is_global_zero:  # under DDP every rank runs main; one report
         _report(_run, result)
+    # SPEC §8: trained and validated on the good files, checkpoints written; the run still fails.
+    _exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero)
     return result
+
+
+def _list_val_failures(datamodule, trainer) -> tuple[dict[str, str], Path]:
+    """Validation files that cannot be read, listed in <trainer.default_root_dir>/failed-val.txt before training.
+
+    ClipDataset reads every validation file once up front (the index that validation then uses)
+    and leaves the bad ones out, so training goes on and validates on the good ones; ``main``
+    exits with status 1 at the end. When no validation file can be read, training does not start.
+    """
+    dataset = datamodule.dataset("val")
+    failures = dataset.failures
+    keys = [dataset.key(track) for track in range(len(dataset.labels))]
+    failed_list = Path(trainer.default_root_dir) / "failed-val.txt"
+    if trainer.is_global_zero:  # under DDP every rank runs main; one writes the list
+        update_failure_list(failed_list, failures, succeeded=[k for k in keys if k not in failures])
+    if len(failures) == len(keys):
+        _exit_on_failures(failures, failed_list, "validation file", report=trainer.is_global_zero)
+    return failures, failed_list
 
 
 def _report(_run, result):
@@ -336,8 +545,27 @@ def test(_run, synthetic_data, inference_checkpoint):
     module = build_module(net)
     module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
     trainer = build_trainer()
+    # Every test file is read and checked before testing (ClipDataset): bad ones are left out and
+    # listed, the metrics are those of the good ones, and the command then fails (SPEC §8).
+    dataset = datamodule.dataset("test")
+    keys = [dataset.key(track) for track in range(len(dataset.labels))]
+    failures = dataset.failures
+    failed_list = Path(trainer.default_root_dir) / "failed-test.txt"
+    if trainer.is_global_zero:
+        update_failure_list(failed_list, failures, succeeded=[k for k in keys if k not in failures])
+    if len(failures) == len(keys):  # nothing to test
+        _exit_on_failures(failures, failed_list, "test file")
     results = trainer.test(module, datamodule=datamodule)
+    _exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # every rank exits 1, one reports
     return results[0] if results else {}
+
+
+def _exit_on_failures(failures: dict, failed_list: Path, what: str, report: bool = True) -> None:
+    """SPEC §8: list every skipped input on stderr and exit with status 1 when there is one."""
+    if failures:
+        if report:
+            print(format_failures(failures, failed_list, what), file=sys.stderr)
+        raise SystemExit(1)
 
 
 @ex.command
@@ -346,11 +574,12 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
     from helpers.stats import mel_statistics
 
     _prepare_synthetic(synthetic_data)
-    stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"])
     out = Path(norm_stats_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(stats, indent=2))
+    failed_list = out.parent / "failed-norm-stats.txt"
+    stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"], failed_list=failed_list)
+    write_text_atomic(out, json.dumps(stats, indent=2))
     print(f"mean {stats['mean']:.6f}  std {stats['std']:.6f}  over {stats['n_frames']} frames of {stats['n_files']} files -> {out}")
+    _exit_on_failures(stats["failed"], failed_list, "mel file")  # the statistics of the good files are written
     return stats
 
 
@@ -408,8 +637,7 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
                   "pretrained": maest["pretrained"], "clip_length": datamodule_cfg["clip_length"], "hop": hop},
     )
     print(report.summary())
-    if report.failed:
-        raise SystemExit(1)
+    _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file")
     return report.as_dict()
 
 
@@ -429,7 +657,11 @@ def extract_logits(synthetic_data, inference_checkpoint, maest, datamodule, pred
 
 @ex.command
 def predict(inference_checkpoint, maest, datamodule, predict):
-    """Top-k labels of audio files: predict.audio=['a.mp3', 'folder/'] -> JSON (or predict.output=x.tsv)."""
+    """Top-k labels of audio files: predict.audio=['a.mp3', 'folder/'] -> JSON (or predict.output=x.tsv).
+
+    Files that cannot be labelled are listed in failed-predict.txt beside predict.output (in the
+    working directory when the JSON is printed); the command then exits with status 1.
+    """
     if not predict["audio"]:
         raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
     n_frames = n_frames_for(datamodule["clip_length"])
@@ -443,10 +675,11 @@ def predict(inference_checkpoint, maest, datamodule, predict):
     text = write_predictions(results, predict["output"])
     if text is not None:
         print(text)
-    for path, error in failures.items():
-        print(f"FAILED {path}: {error}", file=sys.stderr)
-    if failures:
-        raise SystemExit(1)
+    # SPEC §8: the failures are listed beside predict.output (in the working directory when the
+    # JSON is printed); an earlier run's entries for other files are kept, this run's good files dropped.
+    failed_list = (Path(predict["output"]).parent if predict["output"] else Path()) / "failed-predict.txt"
+    update_failure_list(failed_list, failures, succeeded=[r["file"] for r in results])
+    _exit_on_failures(failures, failed_list, "audio file")
     return results
 
 

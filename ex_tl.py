@@ -159,8 +159,8 @@ def main(_config, out_dir, seed) -> dict:
             "no checkpoint was saved: validation never ran (check trainer.limit_val_batches / check_val_every_n_epoch)"
         )
     logger.info("best validation ROC-AUC %.4f in %s", float(checkpoint.best_model_score), best)
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = {
         "val": {"roc_auc": val["val_roc_auc"], "pr_auc": val["val_pr_auc"]},

@@ -10,7 +10,8 @@ Labels come from one of two places:
 - ``--labels-csv F``: rows ``path,labels`` (``.tsv``: tab separated), ``path`` relative to
   AUDIO_DIR, ``labels`` separated by ``;`` or ``|`` (e.g. ``rock;live``; may be empty). An
   optional header row starts with ``path``; lines starting with ``#`` are comments. Audio files
-  not in the CSV are ignored; CSV rows whose file is missing are listed as failed.
+  not in the CSV are ignored; CSV rows whose file is missing are listed as failed. Absolute
+  paths and paths with a ``..`` part are refused (every such row is listed) before any work.
 
 Output, with ``datamodule.base_dir=OUT_DIR``:
 
@@ -20,7 +21,8 @@ Output, with ``datamodule.base_dir=OUT_DIR``:
 - ``groundtruth-{train,validation,test,all}.pk``: mel key -> bool multi-hot vector, split with
   ``--seed``, stratified by label set; ``labels.txt``: label names in vector order;
 - ``failed.txt``: ``<audio path>\\t<reason>`` for each file that could not be read (the others
-  are still prepared; the file is removed when a rerun has no failures).
+  are still prepared, and the command exits with status 1). A rerun updates the list: entries of
+  files it prepared are dropped, the others kept (``helpers.failures``).
 
 The run is resumable: mel files are written atomically, and complete ones are not computed again.
 """
@@ -44,7 +46,9 @@ import numpy as np
 from tqdm import tqdm
 
 from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_audio_files, load_audio
-from helpers.melfiles import MelFileError, MelReader, save_groundtruth, write_mel
+from helpers.failures import format_failures, update_failure_list
+from helpers.files import write_text_atomic
+from helpers.melfiles import MelFileError, MelReader, key_problem, save_groundtruth, write_mel
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +137,24 @@ def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc:
     return result
 
 
-def write_failed_list(out_dir: Path, failed: dict[Path, str], relative_to: Path | None = None) -> Path | None:
-    """``out_dir/failed.txt`` listing ``path<TAB>reason``; removes a stale list when nothing failed."""
+def write_failed_list(
+    out_dir: Path, failed: dict[Path, str], relative_to: Path | None = None, succeeded: Sequence[Path] = ()
+) -> Path | None:
+    """Merge this run's failures into ``out_dir/failed.txt`` (``path<TAB>reason``, ``helpers.failures``).
+
+    Entries of ``succeeded`` audio files are dropped, those of files this run did not handle are
+    kept; returns the list's path, or None when it holds no entry.
+    """
+
+    def shown(audio_path: Path) -> str:
+        rel = audio_path.relative_to(relative_to) if relative_to and audio_path.is_relative_to(relative_to) else audio_path
+        return rel.as_posix()
+
     path = out_dir / "failed.txt"
-    if not failed:
-        path.unlink(missing_ok=True)
-        return None
-    lines = []
-    for audio_path, reason in sorted(failed.items()):
-        shown = audio_path.relative_to(relative_to) if relative_to and audio_path.is_relative_to(relative_to) else audio_path
-        lines.append(f"{shown.as_posix()}\t{' '.join(reason.split())}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    log.warning("%d file(s) could not be read; they are listed in %s", len(failed), path)
-    return path
+    entries = update_failure_list(path, {shown(p): reason for p, reason in failed.items()}, [shown(p) for p in succeeded])
+    if failed:
+        log.warning("%d file(s) could not be read; they are listed in %s", len(failed), path)
+    return path if entries else None
 
 
 # ---------------------------------------------------------------- labels
@@ -175,6 +183,7 @@ def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
         raise FileNotFoundError(f"labels file {csv_path} does not exist")
     delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     labels: dict[Path, list[str]] = {}
+    outside = []  # rows whose path would leave AUDIO_DIR: refused together, before any work
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
@@ -186,12 +195,21 @@ def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
                     f"{csv_path}:{line_no}: expected 2 columns (path, labels) but got {len(row)}: {row!r}; "
                     "separate labels with ';' or '|', not with the column delimiter"
                 )
+            problem = key_problem(row[0].strip())
+            if problem is not None:
+                outside.append(f"{csv_path}:{line_no}: {row[0].strip()!r} is {problem}")
+                continue
             rel = Path(row[0].strip())
-            path = rel if rel.is_absolute() else audio_dir / rel
+            path = audio_dir / rel
             if path in labels:
                 raise ValueError(f"{csv_path}:{line_no}: {rel} is listed twice")
             names = LABEL_SEPARATORS.split(row[1]) if len(row) == 2 else []
             labels[path] = sorted({n.strip() for n in names if n.strip()})
+    if outside:
+        raise ValueError(
+            f"{len(outside)} row(s) of {csv_path} name files outside the audio folder {audio_dir}; paths must be "
+            "relative to it, without '..':\n  " + "\n  ".join(outside)
+        )
     if not labels:
         raise ValueError(f"labels file {csv_path} has no rows")
     return labels
@@ -303,7 +321,7 @@ def prepare_folder(
     keys = mel_keys(audio_dir, sorted(file_labels), mel_format)
     result = extract_mel_files([(f, out_dir / key) for f, key in keys.items()], n_jobs=jobs, desc=audio_dir.name)
     failed.update(result.failed)
-    write_failed_list(out_dir, failed, relative_to=audio_dir)
+    write_failed_list(out_dir, failed, relative_to=audio_dir, succeeded=[f for f in keys if f not in failed])
 
     index = {name: i for i, name in enumerate(label_names)}
     gt = {}
@@ -326,7 +344,7 @@ def prepare_folder(
             path.unlink(missing_ok=True)
             log.warning("the %s split is empty (fraction %s of %d files): no %s written", name,
                         dict(zip(SPLIT_NAMES, fractions)).get(name), len(gt), path.name)
-    (out_dir / "labels.txt").write_text("\n".join(label_names) + "\n")
+    write_text_atomic(out_dir / "labels.txt", "\n".join(label_names) + "\n")
     log.info(
         "prepared %s: %d mel file(s) written, %d already complete, %d failed; %s",
         out_dir, len(result.written), len(result.skipped), len(failed),
@@ -367,6 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, path in result.groundtruth.items():
         log.info("datamodule.groundtruth_%s=%s", {"validation": "val", "all": "predict"}.get(name, name), path)
     log.info("datamodule.base_dir=%s, maest.n_classes=%d", result.out_dir, len(result.labels))
+    if result.failed:  # SPEC §8: the good files are prepared; the bad ones are listed and the command fails
+        failed = {p.relative_to(args.audio_dir).as_posix() if p.is_relative_to(args.audio_dir) else str(p): r for p, r in result.failed.items()}
+        print(format_failures(failed, result.out_dir / "failed.txt", "audio file"), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,11 +39,14 @@ def _describe(error: Exception) -> str:
     return str(error).strip() or type(error).__name__  # audioread's NoBackendError has no message
 
 
-def _read(path: Path) -> tuple[np.ndarray, int]:
-    """``(samples, channels)`` float32 and the file's sample rate."""
+def _read(path: Path) -> tuple[np.ndarray, int, int | None]:
+    """``(samples, channels)`` float32, the file's sample rate, and the frames its header declares (None: unknown)."""
     try:
-        audio, sr = sf.read(path, dtype="float32", always_2d=True)
-        return audio, int(sr)
+        with sf.SoundFile(path) as f:
+            # MPEG lengths are estimates (no length field in the stream); other formats state theirs.
+            declared = None if f.format == "MPEG" else f.frames
+            audio = f.read(dtype="float32", always_2d=True)
+            sr = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_error:
         log.debug("soundfile cannot read %s (%s); trying librosa/audioread", path, sf_error)
         try:
@@ -55,21 +59,63 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
                 f"librosa/audioread says {_describe(fallback_error)}. The file is corrupt or not audio: "
                 "re-encode it (e.g. to flac) or remove it"
             ) from fallback_error
-        audio = np.atleast_2d(audio).T  # librosa gives (channels, samples)
-        return audio, int(sr)
+        audio, declared = np.atleast_2d(audio).T, None  # librosa gives (channels, samples)
+    # libsndfile clamps a WAV's data size to the bytes present: read the header's own promise.
+    header = _wav_header_frames(path)
+    return audio, int(sr), max(declared or 0, header or 0) or None
+
+
+# WAVE format tags whose data size is a whole number of frames: PCM, IEEE float, A-law, mu-law, extensible.
+_FRAME_ALIGNED_WAVE_FORMATS = (0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE)
+
+
+def _wav_header_frames(path: Path) -> int | None:
+    """Frames the ``data`` chunk of a RIFF/WAVE header declares; None for other files and unset sizes.
+
+    Streaming writers leave the size at 0 or 0xFFFFFFFF (unknown): those are not promises.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return None
+        order = "<" if head[:4] == b"RIFF" else ">"
+        block_align = None
+        while len(chunk := f.read(8)) == 8:
+            chunk_id, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+            if chunk_id == b"fmt ":
+                fmt = f.read(size)
+                if len(fmt) < 14:
+                    return None
+                tag, _channels, _rate, _byte_rate, block_align = struct.unpack(order + "HHIIH", fmt[:14])
+                if tag not in _FRAME_ALIGNED_WAVE_FORMATS:
+                    return None
+                f.seek(size & 1, os.SEEK_CUR)
+            elif chunk_id == b"data":
+                if not block_align or size in (0, 0xFFFFFFFF):
+                    return None
+                return size // block_align
+            else:
+                f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    return None
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as float32 mono at ``sample_rate`` (any input rate and channel count).
 
-    Raises ``AudioLoadError`` for a missing, undecodable, empty or non-finite file.
+    Raises ``AudioLoadError`` for a missing, undecodable, empty, truncated (fewer frames than its
+    header declares) or non-finite file.
     """
     path = Path(path)
     if not path.is_file():
         raise AudioLoadError(f"audio file {path} does not exist")
-    audio, file_sr = _read(path)
+    audio, file_sr, declared = _read(path)
     if audio.size == 0 or audio.shape[0] == 0:
         raise AudioLoadError(f"audio file {path} is empty (0 samples)")
+    if declared is not None and audio.shape[0] < declared:
+        raise AudioLoadError(
+            f"audio file {path} is truncated: its header says {declared / file_sr:.2f} s, the file holds "
+            f"{audio.shape[0] / file_sr:.2f} s; re-encode or re-download it"
+        )
     mono = audio.mean(axis=1, dtype=np.float32)  # (samples,)
     if not np.isfinite(mono).all():
         raise AudioLoadError(f"audio file {path} contains NaN or inf samples")

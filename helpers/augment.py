@@ -12,25 +12,22 @@ import numbers
 import torch
 
 
-def _band_mask(
-    batch: int, size: int, n_masks: int, max_width: int, p: float, device, generator
-) -> torch.Tensor:
-    """``(batch, size)`` bool: the union of ``n_masks`` bands per sample, each kept with probability p.
+def _band_mask(batch: int, size: int, n_masks: int, mask_param: int, device, generator) -> torch.Tensor:
+    """``(batch, size)`` bool: the union of ``n_masks`` bands per sample, torchaudio's draw.
 
-    Widths are uniform in ``[0, max_width]`` (capped at ``size``), starts uniform so the band
-    fits: the same distribution as torchaudio's masking, drawn for all samples at once.
+    As ``torchaudio.functional.mask_along_axis``: ``value = U * mask_param``, the band is
+    ``floor(value)`` wide (0 to ``mask_param - 1``) and starts at ``floor(U * (size - value))``;
+    drawn for all samples and masks at once.
     """
-    if n_masks == 0 or max_width == 0 or p == 0:
+    if n_masks == 0 or mask_param < 1:
         return torch.zeros(batch, size, dtype=torch.bool, device=device)
-    max_width = min(max_width, size)
     shape = (batch, n_masks)
-    width = (torch.rand(shape, device=device, generator=generator) * (max_width + 1)).long().clamp_(max=max_width)
-    start = (torch.rand(shape, device=device, generator=generator) * (size - width + 1)).long()
-    start = torch.minimum(start, size - width)
-    active = torch.rand(shape, device=device, generator=generator) < p
+    value = torch.rand(shape, device=device, generator=generator) * mask_param
+    start = (torch.rand(shape, device=device, generator=generator) * (size - value)).long()
+    end = start + value.long()
     pos = torch.arange(size, device=device)  # (size,)
-    inside = (pos >= start[..., None]) & (pos < (start + width)[..., None])  # (batch, n_masks, size)
-    return (inside & active[..., None]).any(dim=1)
+    inside = (pos >= start[..., None]) & (pos < end[..., None])  # (batch, n_masks, size)
+    return inside.any(dim=1)
 
 
 def spec_mask(
@@ -42,20 +39,25 @@ def spec_mask(
     p: float = 0.2,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Mask random time and frequency bands of ``x (B, 1, F, T)`` with 0 (the normalised mean).
+    """SpecAugment masking of ``x (B, 1, F, T)`` with 0 (the normalised mean), as upstream configured it.
 
-    Each of the ``n_time_masks`` time bands (width up to ``max_time_width`` frames) and
-    ``n_freq_masks`` frequency bands (up to ``max_freq_width`` bins) is applied to a sample with
-    probability ``p``, independently per sample. Returns a new tensor; ``x`` is not modified.
-    Defaults: upstream MAEST's masking settings.
+    Upstream MAEST's ``SpecMasking`` applies ``n_time_masks`` times torchaudio's
+    ``TimeMasking(time_mask_param=max_time_width, p=p, iid_masks=True)`` and ``n_freq_masks`` times
+    ``FrequencyMasking(freq_mask_param=max_freq_width, iid_masks=True)`` to every sample: each
+    time band is 0 to ``max_time_width - 1`` frames wide, and at most ``int(p * T)`` frames when
+    ``p < 1`` (torchaudio's ``p`` is a proportion of the frames, not a probability: at 0.2 it
+    binds only below 40 frames); each frequency band is 0 to ``max_freq_width - 1`` bins wide.
+    Bands are drawn independently per sample. Returns a new tensor; ``x`` is not modified.
+    (Upstream discarded the result, so its released models trained without masking.)
     """
     if x.dim() != 4:
         raise ValueError(f"spec_mask expects a batch (B, 1, n_mels, n_frames), got shape {tuple(x.shape)}")
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"spec_mask probability p must be in [0, 1], got {p}")
+        raise ValueError(f"spec_mask p (the largest fraction of the frames a time mask covers) must be in [0, 1], got {p}")
     batch, _, n_freq, n_time = x.shape
-    time = _band_mask(batch, n_time, n_time_masks, max_time_width, p, x.device, generator)  # (B, T)
-    freq = _band_mask(batch, n_freq, n_freq_masks, max_freq_width, p, x.device, generator)  # (B, F)
+    time_param = max_time_width if p == 1.0 else min(max_time_width, int(n_time * p))  # torchaudio's _get_mask_param
+    time = _band_mask(batch, n_time, n_time_masks, time_param, x.device, generator)  # (B, T)
+    freq = _band_mask(batch, n_freq, n_freq_masks, max_freq_width, x.device, generator)  # (B, F)
     mask = time[:, None, None, :] | freq[:, None, :, None]  # (B, 1, F, T)
     return x.masked_fill(mask, 0.0)
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from helpers.melfiles import MelFileError, MelReader
+from helpers.melfiles import MelFileError, MelReader, check_keys
+from helpers.sampler import Draw
 from models.mel import normalize as normalize_mel
 
 from models.inference import clip_starts, pad_centre  # noqa: F401  (re-exported for the data pipeline)
@@ -77,6 +78,7 @@ def _labels_array(groundtruth: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nd
     shapes = {np.shape(v) for v in groundtruth.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"every ground-truth label vector must be 1-D of one length, found shapes {sorted(shapes)}")
+    check_keys(groundtruth, source="the ground truth")  # keys stay inside base_dir (SPEC §8)
     keys = np.array([k.encode("utf-8") for k in groundtruth], dtype=np.bytes_)
     labels = np.stack([np.asarray(v) for v in groundtruth.values()])
     if labels.dtype != np.bool_:
@@ -116,9 +118,10 @@ class _MelDataset(Dataset):
 class TrainDataset(_MelDataset):
     """One random crop of ``n_frames`` per track and item; only the crop is read from disk.
 
-    The crop offset comes from torch's global RNG, which DataLoader seeds per worker from its
-    base seed (give the DataLoader a seeded ``generator`` or call ``torch.manual_seed``), so
-    crops are reproducible under a seed and differ between workers.
+    An item is a track index. A ``Draw`` of the training samplers (``helpers.sampler``) gets
+    the crop seeded by ``(seed, draw.epoch, draw.position)``: the same crops whatever the number
+    of DataLoader workers or devices, and after a resume. A plain ``int`` gets its crop offset
+    from torch's global RNG (DataLoader seeds it per worker).
     """
 
     def __init__(
@@ -129,8 +132,10 @@ class TrainDataset(_MelDataset):
         normalize: bool = True,
         teacher_dir: str | os.PathLike | None = None,
         teacher_threshold: float = 0.45,
+        seed: int = 0,
     ):
         super().__init__(reader, groundtruth, n_frames, normalize)
+        self.seed = seed
         if teacher_dir is not None and not Path(teacher_dir).is_dir():
             raise FileNotFoundError(
                 f"teacher logits directory {teacher_dir} does not exist: produce it with "
@@ -153,10 +158,17 @@ class TrainDataset(_MelDataset):
             self._teacher_cache[track] = packed
         return torch.from_numpy(np.unpackbits(packed, count=self.n_classes).astype(np.float32))
 
-    def __getitem__(self, track: int):
+    def crop_start(self, track: int | Draw, total: int) -> int:
+        """First frame of the crop of ``track`` in a file of ``total`` frames."""
+        n_starts = max(total - self.n_frames, 0) + 1
+        if isinstance(track, Draw):
+            return int(np.random.default_rng([self.seed, track.epoch, track.position]).integers(n_starts))
+        return int(torch.randint(0, n_starts, ()).item())
+
+    def __getitem__(self, track: int | Draw):
         key = self.key(track)
         total = self.reader.n_frames(key)
-        start = int(torch.randint(0, max(total - self.n_frames, 0) + 1, ()).item())
+        start = self.crop_start(track, total)
         x = self._to_input(self.reader.read(key, start, start + self.n_frames))
         if self.teacher_dir is None:
             return x, key, self.target(track)
@@ -168,9 +180,10 @@ class ClipDataset(_MelDataset):
 
     ``hop_frames`` is ``n_frames`` for consecutive clips (the default) or ``n_frames // 2`` for
     half-overlapping ones; the tail of each file is kept (see ``clip_starts``). Clips of a file
-    are consecutive items, in time order. The clip index is built on first use from the frame
-    counts (file sizes for ``.mmap``): a file that cannot be opened is logged, listed in
-    ``skipped`` and left out, so one bad file does not stop the others.
+    are consecutive items, in time order. The clip index is built on first use: each file is
+    opened and the frames its clips will read are read once and checked (shape, dtype, NaN/inf),
+    so a file that cannot be read is logged, listed in ``failures`` (key -> reason) and left out
+    before any batch is made: one bad file neither stops the others nor fails mid-run.
     """
 
     def __init__(
@@ -188,41 +201,56 @@ class ClipDataset(_MelDataset):
             raise ValueError(f"hop_frames must be positive, got {hop_frames}")
         self.center_clip = center_clip
         self._index: tuple[np.ndarray, np.ndarray] | None = None  # (track, start) per item
-        self._skipped: list[str] = []
+        self._failures: dict[str, str] = {}
+
+    def _file_starts(self, key: str) -> np.ndarray:
+        """Clip starts of ``key``; reads the frames they cover once, so a bad file fails here, not mid-run."""
+        total = self.reader.n_frames(key)
+        if self.center_clip:
+            file_starts = np.array([max(total - self.n_frames, 0) // 2], dtype=np.int64)
+        else:
+            file_starts = clip_starts(total, self.n_frames, self.hop_frames)
+        self.reader.read(key, int(file_starts[0]), int(file_starts[-1]) + self.n_frames)  # NaN/inf check
+        return file_starts
 
     def _build_index(self) -> tuple[np.ndarray, np.ndarray]:
         if self._index is None:
-            tracks, starts, skipped = [], [], []
+            tracks, starts, failures = [], [], {}
             for track in range(len(self._keys)):
                 key = self.key(track)
                 try:
-                    total = self.reader.n_frames(key)
-                except MelFileError as e:
+                    file_starts = self._file_starts(key)
+                except (OSError, ValueError) as e:  # MelFileError is a ValueError
                     logger.warning("skipping %s: %s", key, e)
-                    skipped.append(key)
+                    failures[key] = str(e)
                     continue
-                if self.center_clip:
-                    file_starts = np.array([max(total - self.n_frames, 0) // 2], dtype=np.int64)
-                else:
-                    file_starts = clip_starts(total, self.n_frames, self.hop_frames)
                 tracks.append(np.full(len(file_starts), track, dtype=np.int64))
                 starts.append(file_starts)
-            if skipped:
-                logger.warning("%d of %d mel files could not be opened and are left out", len(skipped), len(self._keys))
+            self._failures = failures
+            if failures:
+                logger.warning("%d of %d mel files could not be read and are left out", len(failures), len(self._keys))
             if not tracks:
                 raise MelFileError(
                     f"none of the {len(self._keys)} mel files under {self.reader.base_dir} could be opened "
                     "(see the warnings above): check datamodule.base_dir and the ground truth"
                 )
-            self._skipped = skipped
             self._index = (np.concatenate(tracks), np.concatenate(starts))
         return self._index
 
     @property
+    def failures(self) -> dict[str, str]:
+        """Keys left out, with the reason: their mel file is missing, truncated, malformed or not finite."""
+        try:
+            self._build_index()
+        except MelFileError:  # no file could be read: the failures say why
+            if not self._failures:
+                raise
+        return dict(self._failures)
+
+    @property
     def skipped(self) -> list[str]:
-        """Keys left out because their mel file is missing, truncated or malformed."""
-        self._build_index()
-        return list(self._skipped)
+        """Keys left out (see ``failures``)."""
+        return list(self.failures)
 
     def __len__(self) -> int:
         return len(self._build_index()[0])

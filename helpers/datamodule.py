@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -35,6 +36,33 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
+class TrainLoader(DataLoader):
+    """The training DataLoader; resumable mid-epoch through Lightning's stateful-loader protocol.
+
+    Lightning stores ``state_dict()`` in every checkpoint and, when it restarts inside an epoch,
+    calls ``load_state_dict`` before it iterates: the sampler then skips the batches that were
+    trained on before the kill. ``batches_done`` reports how many batches of the current epoch
+    the training loop has processed (the loader itself cannot tell: batches are prefetched).
+    """
+
+    batches_done: Callable[[], int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.batches_done() if self.batches_done is not None else 0
+        return {"epoch": self.sampler.epoch, "batches_done": done, "batch_size": self.batch_size, "world_size": self.sampler.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        layout = (state["batch_size"], state["world_size"])
+        if layout != (self.batch_size, self.sampler.world_size):
+            logger.warning(
+                "resuming with batch_size_train=%d on %d ranks from a checkpoint of batch_size_train=%d on %d ranks: "
+                "the rest of the interrupted epoch is not exactly what the first run would have trained on",
+                self.batch_size, self.sampler.world_size, *layout,
+            )
+        start = min(state["batches_done"] * self.batch_size, len(self.sampler))
+        self.sampler.resume(state["epoch"], start)
+
+
 class MAESTDataModule(pl.LightningDataModule):
     """Stored mel spectrograms and ground truths (SPEC §3) -> MAEST batches.
 
@@ -47,8 +75,9 @@ class MAESTDataModule(pl.LightningDataModule):
       on ``groundtruth_predict``. Clips of a file are consecutive items in time order.
 
     Batches are ``(x (B, 1, 96, n_frames), keys, y (B, n_classes)[, y_teacher])``, ``x``
-    normalised unless ``normalize=False``. Files the evaluation sets cannot open are logged and
-    skipped (``ClipDataset.skipped``).
+    normalised unless ``normalize=False``. Files the evaluation sets cannot read (checked before
+    the first batch) are logged and left out (``ClipDataset.failures``); the ``test`` command
+    lists them and fails after testing the others.
 
     Distributed training: build the Trainer with ``use_distributed_sampler=False``. The training
     sampler shards one shared draw by the global rank and world size it reads from
@@ -90,7 +119,7 @@ class MAESTDataModule(pl.LightningDataModule):
             epoch_length: training draws per epoch over all ranks; None: the number of training tracks.
             sampler: "balanced" (class-balanced, upstream MAEST) or "random" (uniform).
             sampler_replacement: draw with replacement (upstream MAEST drew without).
-            seed: seeds the sampler (with the epoch) and the crop offsets (with the rank).
+            seed: seeds the sampler (with the epoch) and each draw's crop offset (with the epoch and the draw's position).
             normalize: apply the model-input normalisation to the mels.
             teacher_dir: folder of teacher logits for teacher-student training, or None.
             teacher_threshold: sigmoid threshold of the hard teacher targets.
@@ -164,6 +193,7 @@ class MAESTDataModule(pl.LightningDataModule):
                     normalize=self.normalize,
                     teacher_dir=self.teacher_dir,
                     teacher_threshold=self.teacher_threshold,
+                    seed=self.seed,
                 )
             else:
                 ds = ClipDataset(
@@ -205,8 +235,11 @@ class MAESTDataModule(pl.LightningDataModule):
             )
         return rank, world_size
 
-    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset, batch_size: int, loader_class: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        # Without a generator, every new iterator draws its worker seed from torch's global RNG,
+        # which training draws on (masking, mixup, dropout): a resumed run creates them anew.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(self.seed))
+        return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
@@ -235,9 +268,22 @@ class MAESTDataModule(pl.LightningDataModule):
             self.sampler, epoch_length, rank, world_size, len(sampler),
             math.ceil(len(sampler) / self.batch_size_train), self.batch_size_train,
         )
-        # The workers' crop offsets follow this generator: reproducible, and different per rank.
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0]))
-        return self._loader(dataset, self.batch_size_train, sampler=sampler, generator=generator)
+        # Lightning creates the first iterator (and workers take their first indices) before it
+        # calls set_epoch: start at the epoch the fit loop is in, also when it resumes.
+        sampler.set_epoch(self._fit_epoch())
+        # Crops are seeded by the sampler's draws (TrainDataset): worker seeds decide nothing.
+        loader = self._loader(dataset, self.batch_size_train, TrainLoader, sampler=sampler)
+        loader.batches_done = self._train_batches_done
+        return loader
+
+    def _fit_epoch(self) -> int:
+        """The epoch the attached Trainer's fit loop trains next (0 without one)."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return int(fit_loop.epoch_progress.current.processed) if fit_loop is not None else 0
+
+    def _train_batches_done(self) -> int:
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return int(fit_loop.epoch_loop.batch_progress.current.processed) if fit_loop is not None else 0
 
     def _eval_loader(self, split: str) -> DataLoader:
         """Evaluation clips; under DDP each rank takes a disjoint share (no padding duplicates),

@@ -4,7 +4,9 @@ Extraction reads every file of a ground truth as consecutive (optionally half-ov
 clips, tail included, and writes ``<out_dir>/<key>.embeddings.npy`` (n_clips, 3, D) or
 ``<out_dir>/<key>.logits.npy`` (n_clips, n_classes). Each file is written whole (temporary name,
 then rename) and skipped when present, so a killed run resumes; an unreadable file is reported
-and the others are still extracted.
+and the others are still extracted. An output folder belongs to one setting: ``config.json`` is
+checked and written under a lock on the folder, so of two runs with different settings started
+at once, one is refused.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from models import MAEST
-from models.inference import split_into_clips, track_probabilities
+from models.inference import check_count, split_into_clips, track_probabilities
 from models.mel import normalize
 
-from .files import atomic_path, write_text_atomic
-from .melfiles import MelFileError, MelReader, load_groundtruth
+from .failures import update_failure_list
+from .files import atomic_path, folder_lock, write_text_atomic
+from .melfiles import MelFileError, MelReader, check_keys, load_groundtruth
 
 _logger = logging.getLogger(__name__)
 
@@ -114,20 +117,26 @@ def check_clip_frames(model: MAEST, n_frames: int, hop_frames: int) -> None:
         raise ValueError(f"hop_frames must be between 1 and the clip's {n_frames} frames (no frame dropped), got {hop_frames}")
 
 
-def _check_run_info(out_dir: Path, info: dict) -> None:
-    """Refuse to mix outputs of different models or settings in one folder."""
+def claim_out_dir(out_dir: str | os.PathLike, info: dict) -> None:
+    """Claim ``out_dir`` for the setting ``info``, or refuse when it holds outputs of another setting.
+
+    Checking ``<out_dir>/config.json`` and writing it happen under the folder's lock
+    (``folder_lock``), so two runs started at once cannot both pass the check with different
+    settings. Keys the folder does not record yet (e.g. ``block`` in a folder of logits) are added.
+    """
+    out_dir = Path(out_dir)
     path = out_dir / "config.json"
     info = json.loads(json.dumps(info, default=str))  # compare as stored: paths as text, tuples as lists
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    if old:
+    with folder_lock(out_dir):
+        old = json.loads(path.read_text()) if path.is_file() else {}
         different = {k: (old.get(k), v) for k, v in info.items() if k in old and old.get(k) != v}
         if different:
             raise ValueError(
                 f"{out_dir} holds outputs of another setting ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in different.items())}); "
                 "choose another predict.out_dir or delete the folder"
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({**old, **info}, indent=2, default=str))
+        if not old or info.keys() - old.keys():
+            write_text_atomic(path, json.dumps({**old, **info}, indent=2, default=str))
 
 
 @torch.no_grad()
@@ -152,7 +161,9 @@ def extract(
     Clips of ``n_frames`` start every ``hop_frames`` (default: ``n_frames``, consecutive), the
     tail included. ``run_info`` (model, checkpoint, ...) is recorded in ``<out_dir>/config.json``
     with the clip settings; a folder holding outputs of another setting is refused. Files whose
-    output exists are skipped; failures are listed in the report and ``failed-<kind>.txt``.
+    output exists are skipped; failures are listed in the report and merged into
+    ``failed-<kind>.txt`` (``helpers.failures``: entries of keys this run did not try are kept).
+    Keys are checked (``check_keys``) before anything is read or written.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
@@ -161,12 +172,16 @@ def extract(
     model.eval()
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
-    gt = groundtruth if isinstance(groundtruth, dict) else load_groundtruth(groundtruth)
+    if isinstance(groundtruth, dict):
+        check_keys(groundtruth, source="the ground truth")
+        gt = groundtruth
+    else:
+        gt = load_groundtruth(groundtruth)  # checks the keys
     info = {**(run_info or {}), "n_frames": n_frames, "hop_frames": hop_frames, "embed_dim": model.embed_dim, "n_classes": model.n_classes}
     if kind == "embeddings":  # logits do not depend on the block: any value (e.g. the default 6 of a shallower model) is fine
         block = model.block_index(block)
         info["block"] = block
-    _check_run_info(out_dir, info)
+    claim_out_dir(out_dir, info)
 
     report = ExtractionReport(out_dir=str(out_dir), kind=kind)
     todo = []
@@ -198,11 +213,8 @@ def extract(
         except (ValueError, RuntimeError, OSError) as e:  # one bad file never loses the others
             _logger.warning("failed on %s: %s", key, e)
             report.failed[key] = str(e)
-    failed_list = out_dir / f"failed-{kind}.txt"
-    if report.failed:
-        write_text_atomic(failed_list, "".join(f"{k}\t{v}\n" for k, v in report.failed.items()))
-    else:
-        failed_list.unlink(missing_ok=True)  # an earlier run's failures have all been extracted now
+    with folder_lock(out_dir):  # runs sharing the folder (e.g. shards of one ground truth) merge in turn
+        update_failure_list(out_dir / f"failed-{kind}.txt", report.failed, succeeded=report.written + report.skipped)
     return report
 
 
@@ -224,6 +236,8 @@ def predict_files(
 
     if len(labels) != model.n_classes:
         raise ValueError(f"{len(labels)} label names for a model with {model.n_classes} outputs: pass one name per output")
+    top_k = check_count("top_k (predict.top_k, labels per file)", top_k)
+    batch_size = check_count("batch_size (predict.batch_size, clips per forward pass)", batch_size)
     hop_frames = hop_frames or n_frames
     check_clip_frames(model, n_frames, hop_frames)
     if isinstance(paths, (str, os.PathLike)):

@@ -18,7 +18,7 @@ from models import MAEST
 
 from .augment import mixup, roll, spec_mask
 from .metrics import macro_metrics
-from .schedules import exp_warmup_linear_down
+from .schedules import exp_warmup_linear_down, with_swa_phase
 
 _logger = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ class MAESTModule(pl.LightningModule):
         ramp_down_start: int = 50,
         ramp_down_len: int = 50,
         last_lr_value: float = 0.01,
+        no_weight_decay_tokens: bool = False,
+        no_weight_decay_biases_norms: bool = False,
         mixup_alpha: float = 0.3,
+        masking: bool = False,
         mask_p: float = 0.2,
         n_time_masks: int = 20,
         max_time_width: int = 8,
@@ -49,10 +52,35 @@ class MAESTModule(pl.LightningModule):
         roll_max_shift: int = 0,
         swa: bool = True,
         swa_epoch_start: int = 50,
-        swa_freq: int = 5,
+        swa_freq: int = 1,
+        swa_lr_schedule: bool = True,
+        swa_lr: float | None = None,
+        swa_anneal_epochs: int = 10,
+        swa_anneal_strategy: str = "cos",
         teacher_student: bool = False,
     ):
+        """Defaults are the recipe that produced the released models (README, "Training recipe").
+
+        Args:
+            no_weight_decay_tokens: no weight decay on the tokens and position embeddings
+                (``MAEST.no_weight_decay()``); upstream decays every parameter.
+            no_weight_decay_biases_norms: no weight decay on biases and LayerNorm weights (every
+                parameter with at most one dimension, as timm); upstream decays them.
+            masking: SpecAugment masking (``helpers.augment.spec_mask`` with ``mask_p``,
+                ``n_time_masks``, ``max_time_width``, ``n_freq_masks``, ``max_freq_width``).
+                Upstream configured it, but its code discarded the masked batch.
+            swa_epoch_start: the SWA phase starts with this epoch, counted from 1 as Lightning's
+                ``StochasticWeightAveraging`` (upstream's 50 is 0-based epoch 49).
+            swa_freq: average the weights at the start of every ``swa_freq``-th epoch of the SWA
+                phase (Lightning's callback, upstream's: every epoch; PaSST's callback: 5).
+            swa_lr_schedule: from the SWA phase on, anneal the learning rate to ``swa_lr`` over
+                ``swa_anneal_epochs`` (Lightning's SWALR, as upstream) instead of following the
+                warm-up/ramp-down schedule to the end.
+            swa_lr: the SWA-phase learning rate; None: ``lr`` (upstream: swa_lrs = lr = 2e-5).
+        """
         super().__init__()
+        if swa_epoch_start < 0 or swa_freq < 1:
+            raise ValueError(f"module.swa_epoch_start must be >= 0 and module.swa_freq >= 1, got {swa_epoch_start} and {swa_freq}")
         if teacher_student and net.config.distilled_type != "separated":
             raise ValueError("teacher-student training needs maest.distilled_type='separated' (a CLS head and a DIST head)")
         self.net = net.train()  # get_maest returns eval mode; Lightning switches modes for evaluation
@@ -62,31 +90,50 @@ class MAESTModule(pl.LightningModule):
         net.head_dist.requires_grad_(teacher_student)
         self.lr = lr
         self.weight_decay = weight_decay
+        self.no_weight_decay_tokens = no_weight_decay_tokens
+        self.no_weight_decay_biases_norms = no_weight_decay_biases_norms
+        self.swa = swa
+        self.swa_start = max(swa_epoch_start - 1, 0)  # 0-based, as Lightning's StochasticWeightAveraging.swa_start
+        self.swa_freq = swa_freq
         self.schedule = exp_warmup_linear_down(warm_up_len, ramp_down_len, ramp_down_start, last_lr_value)
+        if swa and swa_lr_schedule:
+            swa_factor = ((lr if swa_lr is None else swa_lr) / lr) if lr > 0 else 0.0
+            self.schedule = with_swa_phase(self.schedule, self.swa_start, swa_factor, swa_anneal_epochs, swa_anneal_strategy)
         self.mixup_alpha = mixup_alpha
+        self.masking = masking
         self.mask = dict(p=mask_p, n_time_masks=n_time_masks, max_time_width=max_time_width, n_freq_masks=n_freq_masks, max_freq_width=max_freq_width)
         self.roll_max_shift = roll_max_shift
-        self.swa = swa
-        self.swa_epoch_start = swa_epoch_start
-        self.swa_freq = swa_freq
         self.teacher_student = teacher_student
-        # The SWA copy is always there, so every checkpoint loads as SPEC §5.1 says; until SWA
-        # starts it follows the live weights.
+        # The SWA copy is always there, so every checkpoint loads as SPEC §5.1 says; until the
+        # first average it follows the live weights (Lightning's callback kept the initial ones).
         self.net_swa = copy.deepcopy(net).requires_grad_(False)  # only ever run inside evaluation loops
         self.register_buffer("swa_n_averaged", torch.zeros((), dtype=torch.long))
         self._swa_updated_epoch: int | None = None  # the epoch whose SWA update is done
         self._outputs: dict[str, list] = {}
 
     # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self) -> list[dict]:
+        """The trainable parameters of ``net`` for AdamW: one group, or a decayed group and a
+        ``weight_decay=0`` group when ``no_weight_decay_tokens`` / ``no_weight_decay_biases_norms``."""
+        tokens = self.net.no_weight_decay() if self.no_weight_decay_tokens else set()
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = name in tokens or (self.no_weight_decay_biases_norms and p.ndim <= 1)
+            (no_decay if skip else decay).append(p)
+        if not no_decay:
+            return [{"params": decay, "weight_decay": self.weight_decay}]
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def configure_optimizers(self):
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def training_step(self, batch, batch_idx):
         x, _, y, *teacher = batch
-        if self.mask["p"] > 0:
+        if self.masking:
             x = spec_mask(x, **self.mask)
         if self.roll_max_shift:
             x = roll(x, self.roll_max_shift)
@@ -103,6 +150,9 @@ class MAESTModule(pl.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        self._average_swa(self.current_epoch)
+
     def on_validation_epoch_start(self) -> None:
         # Lightning runs the end-of-epoch validation *before* on_train_epoch_end: update the SWA
         # network first, so that val_*_swa scores this epoch's SWA weights, not the last epoch's.
@@ -118,6 +168,14 @@ class MAESTModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._swa_epoch_end()  # when no validation ran this epoch
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint taken between this epoch's SWA update and its end is resumed through the
+        # epoch's end hooks again: they must not average the same epoch twice.
+        checkpoint["swa_updated_epoch"] = self._swa_updated_epoch
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._swa_updated_epoch = checkpoint.get("swa_updated_epoch")
+
     def _swa_epoch_end(self) -> None:
         if self._swa_updated_epoch != self.current_epoch:
             self._update_swa(self.current_epoch)
@@ -125,19 +183,33 @@ class MAESTModule(pl.LightningModule):
 
     @torch.no_grad()
     def _update_swa(self, epoch: int) -> None:
-        """Average the live weights into ``net_swa`` every ``swa_freq`` epochs from ``swa_epoch_start``."""
+        """End of ``epoch``: until the first average (or without SWA), ``net_swa`` copies the live weights."""
+        if self.swa and self.swa_n_averaged.item() > 0:
+            return
         live, swa = self.net.state_dict(), self.net_swa.state_dict()
-        if not self.swa or epoch < self.swa_epoch_start:
-            for k in swa:
-                swa[k].copy_(live[k])
+        for k in swa:
+            swa[k].copy_(live[k])
+
+    @torch.no_grad()
+    def _average_swa(self, epoch: int) -> None:
+        """Start of ``epoch``: average the live weights into ``net_swa`` (a running mean).
+
+        As Lightning's ``StochasticWeightAveraging`` (upstream MAEST's) and PaSST's callback: at the
+        start of every ``swa_freq``-th epoch from ``swa_start`` to the last, so the averaged
+        snapshots are the weights after epochs ``swa_start - 1``, ``swa_start - 1 + swa_freq``, ...,
+        and the last epoch's own updates are not in the average.
+        """
+        if not self.swa or epoch < self.swa_start or (epoch - self.swa_start) % self.swa_freq:
             return
-        if (epoch - self.swa_epoch_start) % self.swa_freq:
-            return
+        n = (epoch - self.swa_start) // self.swa_freq + 1  # this epoch's snapshot is the n-th
+        if self.swa_n_averaged.item() >= n:
+            return  # already in: a run resumed in the middle of this epoch
         self.swa_n_averaged += 1
-        n = self.swa_n_averaged.item()
+        count = self.swa_n_averaged.item()
+        live, swa = self.net.state_dict(), self.net_swa.state_dict()
         for k in swa:
             if swa[k].is_floating_point():
-                swa[k].add_((live[k] - swa[k]) / n)
+                swa[k].add_((live[k] - swa[k]) / count)
 
     # ------------------------------------------------------------------ evaluation
     def _nets(self):

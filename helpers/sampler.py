@@ -6,6 +6,11 @@ keeps its share ``draw[rank::world_size]``, so the ranks see disjoint parts of o
 run is reproducible whatever the number of GPUs. The draw is padded (wrapping around) so
 every rank gets ``ceil(epoch_length / world_size)`` indices and the ranks stay in step.
 
+Each yielded index is a ``Draw``: an ``int`` (the track) that also says which epoch and which
+position of the epoch's draw picked it, so the training set can seed that draw's random crop
+with it (crops then depend neither on DataLoader workers nor on where a run was resumed).
+``resume(epoch, start)`` makes the next iteration start part-way through an epoch: exact resume.
+
 Use these with ``Trainer(use_distributed_sampler=False)``: Lightning would otherwise wrap them
 in its own distributed sampler and shard each rank's share a second time.
 """
@@ -43,6 +48,25 @@ def balanced_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(weights)
 
 
+class Draw(int):
+    """A track index drawn by an epoch sampler; ``epoch`` and ``position`` (in the epoch's whole
+    draw, all ranks) say which draw it is. It is an ``int`` everywhere else."""
+
+    epoch: int
+    position: int
+
+    def __new__(cls, track: int, epoch: int, position: int):
+        draw = super().__new__(cls, track)
+        draw.epoch, draw.position = epoch, position
+        return draw
+
+    def __reduce__(self):  # DataLoader workers receive indices pickled
+        return (Draw, (int(self), self.epoch, self.position))
+
+    def __repr__(self) -> str:
+        return f"Draw(track={int(self)}, epoch={self.epoch}, position={self.position})"
+
+
 class _EpochSampler(Sampler[int]):
     """Draws ``epoch_length`` indices per epoch and yields this rank's share of them."""
 
@@ -60,10 +84,19 @@ class _EpochSampler(Sampler[int]):
         self.world_size = world_size
         self.replacement = replacement
         self.epoch = 0
+        self._start = 0  # this rank's index where the next iteration starts (see resume)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch: a new epoch gets a new draw."""
         self.epoch = epoch
+
+    def resume(self, epoch: int, start: int) -> None:
+        """Make the next iteration yield epoch ``epoch`` from this rank's ``start``-th index on
+        (the ones before it were trained on before a kill); later iterations start at 0."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"cannot resume at index {start} of an epoch of {len(self)} indices per rank")
+        self.epoch = epoch
+        self._start = start
 
     def __len__(self) -> int:
         return math.ceil(self.epoch_length / self.world_size)
@@ -81,8 +114,11 @@ class _EpochSampler(Sampler[int]):
             indices = torch.cat([indices, indices[: total - len(indices)]])
         return indices
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.rank :: self.world_size].tolist())
+    def __iter__(self) -> Iterator[Draw]:
+        start, self._start = self._start, 0
+        epoch, tracks = self.epoch, self.epoch_indices()[self.rank :: self.world_size].tolist()
+        positions = range(self.rank, len(tracks) * self.world_size, self.world_size)
+        return (Draw(t, epoch, p) for t, p in zip(tracks[start:], positions[start:]))
 
 
 class BalancedSampler(_EpochSampler):

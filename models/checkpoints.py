@@ -1,6 +1,7 @@
 """Reading every checkpoint format of SPEC §5 into a MAEST network, strictly.
 
-- Lightning checkpoints ``{"state_dict": {"net.<k>", "net_swa.<k>"}}`` (ours and upstream's);
+- Lightning checkpoints ``{"state_dict": {"net.<k>", "net_swa.<k>"}}`` (ours and upstream's, whose
+  torchaudio mel front-end buffers are checked against SPEC §2 and dropped);
 - bare MAEST state dicts (the layout of the released models);
 - PaSST AudioSet weights: frequency/time embeddings resized (bicubic), a foreign head dropped;
 - DeiT-B distilled 384 (timm layout, optionally under ``"model"``): the 2-D position grid is
@@ -9,6 +10,8 @@
 
 ``checkpoint_filter_fn`` converts foreign weights and never touches the model; ``load_state_dict_strict``
 reports every missing, unexpected or mis-shaped key by name.
+Files are read without running code from them (``read_checkpoint``, ``models.safe_unpickle``);
+full unpickling only with ``trust_checkpoint=True``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .mel import N_FFT, N_MELS, slaney_filterbank
+from .safe_unpickle import Inert, InertGlobal, SafeLoadError, safe_load
 
 _logger = logging.getLogger(__name__)
 
@@ -32,8 +39,20 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- reading
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file on CPU, with ``weights_only=True`` where the file allows it."""
+TRUST_HINT = "trust_checkpoint=True (config: maest.trust_checkpoint=True)"
+# Plain types that Lightning puts in checkpoints, allowed for torch's weights-only reader (a
+# WindowsPath cannot be built on POSIX: the restricted reader makes it a PureWindowsPath).
+_SAFE_GLOBALS = [PurePosixPath, PureWindowsPath, PosixPath]
+
+
+def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
+    """Load a checkpoint file on CPU without running code from it.
+
+    torch's weights-only reader comes first; a file it refuses (hyper-parameter objects, Sacred
+    containers) is read by ``models.safe_unpickle.safe_load``: tensors and plain containers are
+    rebuilt, any other object stays inert data and is logged. ``trust_checkpoint=True`` unpickles
+    the file fully, which runs whatever code it holds: only for files you trust.
+    """
     path = Path(path)
     if path.is_dir():
         from .hf import read_hf_state_dict  # optional dependency: transformers-free reader
@@ -45,28 +64,71 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Lightning checkpoints may pickle hyper-parameter objects that weights_only refuses.
-        _logger.warning("%s holds Python objects besides tensors (%s); loading it fully: load only checkpoints you trust", path, str(e).splitlines()[0])
+    if trust_checkpoint:
+        _logger.warning("%s: trust_checkpoint=True, unpickling it fully (this runs any code the file holds)", path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001 - report any unpickling failure with the file name
-            raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from e2
+            return torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user: trust_checkpoint=True
+        except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        refused = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line), "objects besides tensors")
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e} (truncated or not a torch checkpoint?)") from e
+    # Hyper-parameter objects and the like: read as data, never unpickled.
+    try:
+        obj, inert = safe_load(path)
+    except SafeLoadError as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} safely: torch's weights-only reader refused it ({refused}) and the "
+            f"restricted reader failed: {e}. If you trust this file, load it with {TRUST_HINT}"
+        ) from e
+    if inert:
+        _logger.warning(
+            "%s: %d kind(s) of pickled object were not unpickled, kept as inert data: %s. Only the weights are "
+            "loaded; %s would unpickle them (only for files you trust)",
+            path, len(inert), ", ".join(inert[:20]) + (" ..." if len(inert) > 20 else ""), TRUST_HINT,
+        )
+    return obj
 
 
-def select_state_dict(obj: dict, use_swa: bool = True, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The network's state dict inside a Lightning, DeiT (``"model"``) or bare checkpoint."""
+def select_state_dict(obj, use_swa: bool = True, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The network's state dict inside a Lightning, DeiT (``"model"``) or bare checkpoint.
+
+    Every value must be a tensor; upstream's torchaudio mel front-end is checked and dropped.
+    """
+    if isinstance(obj, torch.nn.Module):  # a whole pickled network (readable only with trust_checkpoint=True)
+        obj = obj.state_dict()
+    if isinstance(obj, (Inert, InertGlobal)):
+        raise CheckpointError(
+            f"{source} holds a pickled {obj.module}.{obj.name} object, not a state dict; it was not unpickled. "
+            f"If you trust this file, load it with {TRUST_HINT}"
+        )
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
+    sd = _network_state_dict(obj, use_swa, source)
+    odd_keys = [k for k in sd if not isinstance(k, str)]
+    if odd_keys:
+        raise CheckpointError(f"{source}: state dict keys must be strings, found {', '.join(repr(k) for k in odd_keys[:5])}")
+    objects = {k: v for k, v in sd.items() if not isinstance(v, torch.Tensor)}
+    if objects:
+        listed = ", ".join(f"{k} ({v!r})" if isinstance(v, (Inert, InertGlobal)) else f"{k} ({type(v).__name__})" for k, v in list(objects.items())[:5])
+        msg = f"{source}: {len(objects)} weight(s) are not tensors: {listed}"
+        if any(isinstance(v, (Inert, InertGlobal)) for v in objects.values()):
+            msg += f". They are pickled objects that were not unpickled: if you trust this file, load it with {TRUST_HINT}"
+        raise CheckpointError(msg)
+    return drop_mel_frontend(sd, source)
+
+
+def _network_state_dict(obj: dict, use_swa: bool, source: str) -> dict:
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         sd = obj["state_dict"]
         prefixes = ("net_swa.", "net.") if use_swa else ("net.",)
         for prefix in prefixes:
-            sub = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
             if sub:
                 if use_swa and prefix == "net.":
                     raise CheckpointError(
@@ -78,6 +140,44 @@ def select_state_dict(obj: dict, use_swa: bool = True, source: str = "checkpoint
     if "model" in obj and isinstance(obj["model"], dict):
         return obj["model"]
     return obj
+
+
+# Upstream's network (since 2025) owns a torchaudio front-end: Spectrogram(n_fft=512) stores its
+# Hann window and MelScale its (n_freqs, n_mels) filterbank. They must be SPEC §2's, which
+# models.mel computes outside the network; then they carry nothing and are dropped.
+MEL_FRONTEND_KEYS = ("melspectrogram.spec.window", "melspectrogram.mel_scale.fb")
+MEL_FRONTEND_RTOL = 1e-4  # of the largest value: torchaudio's float32 filterbank is within 4e-6 of librosa's
+
+
+def _mel_frontend_reference() -> dict[str, tuple[torch.Tensor, str]]:
+    return {
+        "melspectrogram.spec.window": (torch.hann_window(N_FFT, periodic=True, dtype=torch.float64), f"a periodic {N_FFT}-point Hann window"),
+        "melspectrogram.mel_scale.fb": (
+            torch.from_numpy(slaney_filterbank(dtype=np.float64)).T,
+            f"the {N_FFT // 2 + 1}x{N_MELS} Slaney mel filterbank of SPEC §2 (16 kHz, 0-8000 Hz, unit-area bands)",
+        ),
+    }
+
+
+def drop_mel_frontend(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Check upstream's mel front-end buffers against SPEC §2 and drop them (an error if they differ)."""
+    present = [k for k in MEL_FRONTEND_KEYS if k in state_dict]
+    if not present:
+        return state_dict
+    reference = _mel_frontend_reference()
+    for key in present:
+        want, description = reference[key]
+        got = state_dict[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: {key} has shape {tuple(got.shape)}; expected {tuple(want.shape)}, {description}")
+        error = (got.double() - want).abs().max().item() / want.abs().max().item()
+        if not error <= MEL_FRONTEND_RTOL:  # also catches NaN
+            raise CheckpointError(
+                f"{source}: {key} is not {description} (largest difference {error:.2g} of its peak, tolerance "
+                f"{MEL_FRONTEND_RTOL:g}): this network was trained on other mels than MAEST's front-end computes"
+            )
+    _logger.info("%s: dropped upstream's mel front-end buffers %s (they equal SPEC §2's, computed by models.mel)", source, ", ".join(present))
+    return {k: v for k, v in state_dict.items() if k not in MEL_FRONTEND_KEYS}
 
 
 # ---------------------------------------------------------------------------------------- conversion
@@ -178,19 +278,22 @@ def _hint(model, state_dict, shapes) -> str:
     return ""
 
 
-def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True):
-    """Load a MAEST checkpoint (Lightning, bare or Hugging Face directory) strictly into ``model``."""
+def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True, trust_checkpoint: bool = False):
+    """Load a MAEST checkpoint (Lightning, bare or Hugging Face directory) strictly into ``model``.
+
+    ``trust_checkpoint=True`` unpickles the file fully (runs any code it holds): only for files you trust.
+    """
     if Path(path).is_dir():
         from .hf import check_hf_config  # a Hugging Face config names the mismatching option directly
 
         check_hf_config(path, model.config)
-    sd = select_state_dict(read_checkpoint(path), use_swa=use_swa, source=f"checkpoint {path}")
+    sd = select_state_dict(read_checkpoint(path, trust_checkpoint), use_swa=use_swa, source=f"checkpoint {path}")
     return load_state_dict_strict(model, sd, source=f"checkpoint {path}")
 
 
-def load_pretrained(model, path: str | os.PathLike, kind: str = "maest", use_swa: bool = True):
+def load_pretrained(model, path: str | os.PathLike, kind: str = "maest", use_swa: bool = True, trust_checkpoint: bool = False):
     """Initialise ``model`` from weights of ``kind`` ('maest', 'passt' or 'deit'), converting as needed."""
-    sd = select_state_dict(read_checkpoint(path), use_swa=use_swa, source=f"weights {path}")
+    sd = select_state_dict(read_checkpoint(path, trust_checkpoint), use_swa=use_swa, source=f"weights {path}")
     sd = checkpoint_filter_fn(sd, model, kind=kind)
     # Foreign classifiers are dropped above; the model keeps its freshly initialised head.
     allow = HEAD_PREFIXES if kind != "maest" else ()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, load_state_dict_strict
+from .checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
 from .maest import MAEST, MAESTConfig
 
 _logger = logging.getLogger(__name__)
@@ -392,7 +392,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except ImportError as e:
             raise ImportError(f"reading {path} needs safetensors: pip install safetensors (see requirements-extras.txt)") from e
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path)  # weights-only: never runs code from the file
 
 
 def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -8,10 +8,19 @@ as in training. Outputs are averaged over the clips of one track, never across t
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
 from .mel import MelSpectrogram, normalize
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum``; anything else (a float, a bool, text) is a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def clip_starts(total_frames: int, clip_frames: int, hop_frames: int) -> np.ndarray:
@@ -83,6 +92,7 @@ def track_probabilities(
     and their probabilities are averaged per track. ``mel`` must give compressed, un-normalised
     mels (the default); the model-input normalisation is applied here.
     """
+    batch_size = check_count("batch_size", batch_size)
     if not audios:
         return []
     if mel is None:
@@ -98,6 +108,11 @@ def track_probabilities(
     for i, audio in enumerate(audios):
         if audio.dim() != 1:
             raise ValueError(f"track_probabilities expects mono 16 kHz audio (samples,) per track; track {i} has shape {tuple(audio.shape)}")
+        if audio.is_complex() or not audio.is_floating_point():
+            raise TypeError(
+                f"track_probabilities expects real floating-point audio in [-1, 1]; track {i} is {audio.dtype}"
+                + ("" if audio.is_complex() else ": divide integer PCM by its full scale (e.g. int16 / 32768) first")
+            )
         m = split_into_clips(mel(audio.to(device).float()), n_frames, hop_frames)
         clips.append(normalize(m))
         owners += [i] * m.shape[0]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .layers import Block, PatchEmbed
+from .mel import HOP_LENGTH, SAMPLE_RATE
 
 DISTILLED_TYPES = ("mean", "separated")
 
@@ -68,6 +69,32 @@ class MAESTConfig:
 
     def patches(self, n_frames: int) -> tuple[int, int]:
         return ((self.input_f - self.patch_size) // self.stride_f + 1, (n_frames - self.patch_size) // self.stride_t + 1)
+
+    def check_patchout(self, n_frames: int) -> None:
+        """Training patchout must leave patches of an ``n_frames`` input (shape arithmetic only, no device sync).
+
+        The construction check is made against ``input_t``; a shorter training crop has fewer time
+        columns, and dropping all of them would train on the CLS and DIST tokens alone.
+        """
+        n_f, n_t = self.patches(n_frames)
+        clip = f"this {n_frames}-frame input ({n_frames * HOP_LENGTH / SAMPLE_RATE:.1f} s clip)"
+        if self.s_patchout_t >= n_t:  # n_t >= 1: patchout is on
+            raise ValueError(
+                f"structured time patchout s_patchout_t={self.s_patchout_t} removes all {n_t} time columns of {clip}: "
+                f"use a longer datamodule.clip_length or a smaller maest.s_patchout_t (at most {n_t - 1})"
+            )
+        if self.s_patchout_f >= n_f:
+            raise ValueError(
+                f"structured frequency patchout s_patchout_f={self.s_patchout_f} removes all {n_f} frequency rows "
+                f"of {clip}: use a smaller maest.s_patchout_f (at most {n_f - 1})"
+            )
+        remaining = (n_f - self.s_patchout_f) * (n_t - self.s_patchout_t)
+        if self.u_patchout >= remaining:
+            raise ValueError(
+                f"unstructured patchout u_patchout={self.u_patchout} removes all {remaining} patches left of {clip} "
+                f"after structured patchout: use a longer datamodule.clip_length or a smaller maest.u_patchout "
+                f"(at most {remaining - 1})"
+            )
 
     def replace(self, **changes) -> "MAESTConfig":
         return dataclasses.replace(self, **changes)
@@ -137,6 +164,8 @@ class MAEST(nn.Module):
         return self.config.n_classes
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the tokens and position embeddings, which ``module.no_weight_decay_tokens=True``
+        trains without weight decay (timm's hook; upstream decays them, as every parameter)."""
         return {"new_pos_embed", "freq_new_pos_embed", "time_new_pos_embed", "cls_token", "dist_token"}
 
     def set_fused_attention(self, fused: bool) -> None:
@@ -189,11 +218,30 @@ class MAEST(nn.Module):
                 f"(at most {cfg.max_frames} frames, {cfg.grid_t} time patches); cut it into clips of at most "
                 f"{cfg.max_frames} frames, e.g. with models.inference.split_into_clips"
             )
-        if not torch.is_floating_point(x):
-            x = x.float()
+        x = self._cast_input(x)
         if cfg.check_finite and not torch.isfinite(x).all():
             raise ValueError("MAEST input contains NaN or inf values; check the mel spectrogram (a corrupt file?)")
         return x
+
+    def _cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Real floating input in the parameters' dtype; complex, integer and bool input is refused.
+
+        Casting float64/float16/bf16 to the weights' dtype is exact enough for mels; under autocast the
+        ops still run in the autocast dtype. A normalised mel is real and fractional, so an integer or
+        complex tensor is a mistake upstream (raw PCM, a complex STFT), not something to convert.
+        """
+        if x.is_complex():
+            raise TypeError(
+                f"MAEST got a complex input ({x.dtype}): a mel spectrogram is real; pass the magnitude "
+                "(x.abs()) through the mel front-end (models.mel.MelSpectrogram), not a complex STFT"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"MAEST got an input of dtype {x.dtype}: it expects a floating-point, normalised mel "
+                "spectrogram; convert integer data to float and normalise it (models.mel.normalize)"
+            )
+        dtype = self.patch_embed.proj.weight.dtype
+        return x if x.dtype == dtype else x.to(dtype)
 
     # ------------------------------------------------------------------ tokens
     def _keep(self, n: int, drop: int, device) -> torch.Tensor:
@@ -203,6 +251,8 @@ class MAEST(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Checked input -> token sequence ``(B, 2 + patches, D)`` before the first block."""
         cfg = self.config
+        if self.training:
+            cfg.check_patchout(x.shape[-1])  # against this input's own patches, not input_t's
         x = self.patch_embed(x)  # (B, D, F', T')
         B, _, F_dim, T_dim = x.shape
         time_pos = self.time_new_pos_embed

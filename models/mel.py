@@ -32,6 +32,13 @@ def n_frames_for(clip_length: float, hop_length: int = HOP_LENGTH, sample_rate: 
     return int(clip_length * sample_rate) // hop_length
 
 
+def slaney_filterbank(dtype=np.float32) -> np.ndarray:
+    """SPEC §2's mel filterbank, ``(n_mels, n_fft // 2 + 1) = (96, 257)``: Slaney scale, 0-8000 Hz, unit area."""
+    return librosa.filters.mel(
+        sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=F_MIN, fmax=F_MAX, htk=False, norm="slaney", dtype=dtype
+    )
+
+
 def normalize(mel: torch.Tensor | np.ndarray, mean: float = DISCOGS_MEAN, std: float = DISCOGS_STD):
     """Model input normalisation of compressed mels (works on tensors and arrays)."""
     return (mel - mean) / (2 * std)

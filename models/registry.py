@@ -41,6 +41,7 @@ class ModelSpec:
     url: str | None = None
     init: str = "maest"
     labels_file: str | None = None
+    legacy_weights_file: str | None = None  # an older local name of weights_file, still found
 
     def labels(self) -> list[str] | None:
         if self.labels_file is None:
@@ -49,13 +50,15 @@ class ModelSpec:
 
 
 def _released(name: str, seconds: int, description: str, **config) -> ModelSpec:
+    # Upstream's release assets are the SWA checkpoints, named <name>-swa.ckpt (SPEC §5.1).
     n_classes = config.pop("n_classes", 400)
     return ModelSpec(
         name=name,
         config=dict(VIT_B, input_t=seconds * 16000 // 256, n_classes=n_classes, **config),
         description=description,
-        weights_file=f"{name}.ckpt",
-        url=_MAEST_RELEASE + f"{name}.ckpt",
+        weights_file=f"{name}-swa.ckpt",
+        url=_MAEST_RELEASE + f"{name}-swa.ckpt",
+        legacy_weights_file=f"{name}.ckpt",
         labels_file=f"labels-{n_classes}.txt",
     )
 
@@ -119,6 +122,10 @@ def pretrained_path(arch: str, weights_directory: str | os.PathLike | None = Non
     if spec.weights_file is None:
         raise ValueError(f"{arch!r} has no pre-trained weights; build it with pretrained=False")
     path = weights_dir(weights_directory) / spec.weights_file
+    legacy = weights_dir(weights_directory) / spec.legacy_weights_file if spec.legacy_weights_file else None
+    if not path.is_file() and legacy is not None and legacy.is_file():
+        _logger.info("using %s (the weights' old local name; the release asset is named %s)", legacy, spec.weights_file)
+        return legacy
     if not path.is_file():
         raise FileNotFoundError(
             f"pre-trained weights for {arch!r} not found at {path}. Download {spec.url} and save it as {path} "
@@ -135,6 +142,9 @@ def download_weights(arch: str, weights_directory: str | os.PathLike | None = No
     target = weights_dir(weights_directory) / spec.weights_file
     if target.is_file():
         return target
+    legacy = target.with_name(spec.legacy_weights_file) if spec.legacy_weights_file else None
+    if legacy is not None and legacy.is_file():
+        return legacy
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
     _logger.info("downloading %s to %s", url or spec.url, target)
@@ -160,6 +170,7 @@ def get_maest(
     pretrained: bool = False,
     checkpoint_swa_weights: bool = True,
     weights_directory: str | os.PathLike | None = None,
+    trust_checkpoint: bool = False,
     **overrides,
 ) -> MAEST:
     """Build ``arch`` (a registry name) in eval mode.
@@ -167,12 +178,15 @@ def get_maest(
     ``checkpoint``: a MAEST checkpoint (Lightning, bare state dict or Hugging Face directory),
     loaded strictly; from a Lightning checkpoint the SWA weights unless ``checkpoint_swa_weights``
     is False. ``pretrained``: the registry's weights from the local weights directory (PaSST and
-    DeiT weights are converted). ``overrides``: any ``MAESTConfig`` field (n_classes, input_t, ...).
+    DeiT weights are converted). Files are read without running code from them; a file whose
+    weights need full unpickling loads only with ``trust_checkpoint=True`` (runs any code the file
+    holds: only for files you trust). ``overrides``: any ``MAESTConfig`` field (n_classes, input_t, ...).
     """
     spec = get_spec(arch)
     model = MAEST(build_config(arch, **overrides))
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, use_swa=checkpoint_swa_weights)
+        load_checkpoint(model, checkpoint, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint)
     elif pretrained:
-        load_pretrained(model, pretrained_path(arch, weights_directory), kind=spec.init, use_swa=checkpoint_swa_weights)
+        path = pretrained_path(arch, weights_directory)
+        load_pretrained(model, path, kind=spec.init, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint)
     return model.eval()

@@ -16,12 +16,15 @@ def _runs(mask: torch.Tensor) -> list[int]:
     return runs
 
 
-def test_spec_mask_p0_is_identity_and_input_is_untouched():
-    x = torch.randn(4, 1, 12, 30)
+def test_spec_mask_input_is_untouched_and_p0_leaves_only_frequency_masks():
+    x = torch.randn(4, 1, 12, 30) + 10  # no natural zeros
     before = x.clone()
-    assert torch.equal(spec_mask(x, p=0.0), x)
     out = spec_mask(x, p=1.0)
     assert torch.equal(x, before) and not torch.equal(out, x)
+    # torchaudio's p caps the time masks at int(p * frames) frames; upstream gave frequency masks no p.
+    zero = spec_mask(x, p=0.0, generator=torch.Generator().manual_seed(0))[:, 0] == 0
+    assert zero.any() and torch.equal(zero, zero.all(dim=2, keepdim=True).expand_as(zero))  # whole frequency rows only
+    assert torch.equal(spec_mask(x, p=0.0, n_freq_masks=0), x)
 
 
 def test_spec_mask_masks_whole_bands_with_zero():
@@ -35,17 +38,25 @@ def test_spec_mask_masks_whole_bands_with_zero():
     assert torch.equal(zero, cols[:, None, :] | rows[:, :, None])  # only whole bands
     for b in range(64):
         time_runs, freq_runs = _runs(cols[b]), _runs(rows[b])
-        assert len(time_runs) <= 2 and all(r <= 8 for r in time_runs)  # two bands of <= 4 may touch
-        assert len(freq_runs) <= 1 and all(r <= 3 for r in freq_runs)
+        assert len(time_runs) <= 2 and all(r <= 6 for r in time_runs)  # two bands of <= 3 may touch
+        assert len(freq_runs) <= 1 and all(r <= 2 for r in freq_runs)
     assert cols.any(dim=1).float().mean() > 0.5 and rows.any(dim=1).float().mean() > 0.5
 
 
-def test_spec_mask_probability_is_per_sample():
+def test_spec_mask_widths_follow_torchaudio():
+    # torchaudio: width floor(U * mask_param), uniform in 0..mask_param-1, every mask applied.
     x = torch.ones(4000, 1, 4, 50)
-    out = spec_mask(x, n_time_masks=1, max_time_width=4, n_freq_masks=0, p=0.2,
+    out = spec_mask(x, n_time_masks=1, max_time_width=4, n_freq_masks=0, p=1.0,
                     generator=torch.Generator().manual_seed(1))
-    masked = (out == 0).flatten(1).any(dim=1).float().mean().item()
-    assert abs(masked - 0.2 * 4 / 5) < 0.03  # applied with p, width uniform in 0..4
+    widths = (out[:, 0, 0] == 0).sum(dim=1)  # (B,)
+    counts = torch.bincount(widths, minlength=5).float() / len(widths)
+    assert counts[4] == 0 and torch.allclose(counts[:4], torch.full((4,), 0.25), atol=0.03)
+    # p = 0.1 of 50 frames caps the width parameter at 5: widths 0..4 instead of 0..7.
+    capped = spec_mask(torch.ones(2000, 1, 4, 50), n_time_masks=1, max_time_width=8, n_freq_masks=0, p=0.1,
+                       generator=torch.Generator().manual_seed(2))
+    assert (capped[:, 0, 0] == 0).sum(dim=1).max().item() == 4
+    with pytest.raises(ValueError, match=r"spec_mask p .* must be in \[0, 1\]"):
+        spec_mask(x, p=1.5)
 
 
 def test_spec_mask_is_reproducible_with_a_generator():

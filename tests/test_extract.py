@@ -52,7 +52,8 @@ def as_input(clip: np.ndarray) -> torch.Tensor:
 
 
 def files_under(folder):
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    """Every file under ``folder`` but its lock file (``.lock`` of ``helpers.files.folder_lock``, kept on purpose)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != ".lock")
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -163,12 +164,14 @@ def test_bad_files_are_reported_and_the_others_extracted(model, data, tmp_path):
     assert report.as_dict()["failed"] == report.failed and report.as_dict()["written"] == 3
     assert "FAILED nan.mmap" in report.summary()
 
-    # Once the files are repaired, a rerun extracts only them and drops the stale failure list.
+    # Once a file is repaired, a rerun extracts only it and drops its entry from the failure list;
+    # the entries of keys this run did not try (not in its ground truth) stay (SPEC §8).
     write_mel(truncated, data[2]["a/two.mmap"])
     save_groundtruth(gt, {k: np.zeros(N_CLASSES, dtype=bool) for k in LENGTHS})
     again = run_extract(model, data, out, kind="embeddings", block=1)
     assert again.written == ["a/two.mmap"] and len(again.skipped) == 3 and not again.failed
-    assert not (out / "failed-embeddings.txt").exists()
+    listed = dict(line.split("\t", 1) for line in (out / "failed-embeddings.txt").read_text().splitlines())
+    assert sorted(listed) == ["missing.mmap", "nan.mmap"]
 
 
 def test_atomic_writes_leave_no_temporary_files(model, data, tmp_path):

@@ -18,7 +18,7 @@ from models import get_maest
 
 N_CLASSES = 4
 N_FRAMES = 116  # 11 time patches = the 11 time embeddings: no random embedding offset in training
-NO_AUGMENTATION = dict(mixup_alpha=0.0, mask_p=0.0, roll_max_shift=0)
+NO_AUGMENTATION = dict(mixup_alpha=0.0, masking=False, roll_max_shift=0)
 
 
 def tiny_net(**overrides):
@@ -76,7 +76,7 @@ def test_training_loss_is_bce_of_the_net_without_augmentation():
 @pytest.mark.parametrize(
     "augmentation, net_overrides",
     [
-        (dict(mask_p=1.0), {}),
+        (dict(masking=True), {}),
         (dict(mixup_alpha=0.3), {}),
         (dict(roll_max_shift=20), {}),
         ({}, dict(s_patchout_t=5)),
@@ -101,7 +101,7 @@ def test_each_augmentation_changes_the_training_loss(augmentation, net_overrides
 def test_evaluation_is_deterministic_and_without_augmentation():
     torch.manual_seed(0)
     net = tiny_net(s_patchout_t=5, s_patchout_f=2, u_patchout=10)
-    module = MAESTModule(net, mixup_alpha=0.3, mask_p=1.0, roll_max_shift=20).eval()
+    module = MAESTModule(net, mixup_alpha=0.3, masking=True, roll_max_shift=20).eval()
     x, keys, y = make_batch()
     module.validation_step((x, keys, y), 0)
     module.validation_step((x, keys, y), 1)
@@ -185,30 +185,36 @@ def _set_weights(net, value):
 
 
 def test_swa_is_the_running_mean_of_the_averaged_epochs():
-    module = MAESTModule(tiny_net(), swa_epoch_start=2, swa_freq=2)
+    module = MAESTModule(tiny_net(), swa_epoch_start=3, swa_freq=2)  # the SWA phase starts at 0-based epoch 2
     swa_values = {}
     for epoch in range(7):
-        _set_weights(module.net, float(epoch + 1))  # the snapshot of epoch e has every weight e + 1
+        module._average_swa(epoch)  # start of the epoch: the weights after epoch - 1 (every weight = epoch)
+        _set_weights(module.net, float(epoch + 1))  # training: the weights after epoch e are all e + 1
         module._update_swa(epoch)
         swa_values[epoch] = module.net_swa.blocks[0].attn.qkv.weight[0, 0].item()
         weights = [p for p in module.net_swa.parameters()]
         assert all(torch.equal(p, torch.full_like(p, swa_values[epoch])) for p in weights)
-    # Before swa_epoch_start the SWA copy follows the live network; then epochs 2, 4, 6 are averaged.
-    assert swa_values == {0: 1.0, 1: 2.0, 2: 3.0, 3: 3.0, 4: 4.0, 5: 4.0, 6: 5.0}
+    # Until the first average the SWA copy follows the live network; then the starts of epochs
+    # 2, 4, 6 (the weights after epochs 1, 3, 5: 2, 4, 6) are averaged.
+    assert swa_values == {0: 1.0, 1: 2.0, 2: 2.0, 3: 2.0, 4: 3.0, 5: 3.0, 6: 4.0}
     state = module.state_dict()
     assert state["swa_n_averaged"].item() == 3
     assert any(k.startswith("net.") for k in state) and any(k.startswith("net_swa.") for k in state)
     assert {k[len("net."):] for k in state if k.startswith("net.")} == {k[len("net_swa."):] for k in state if k.startswith("net_swa.")}
 
-    restored = MAESTModule(tiny_net(), swa_epoch_start=2, swa_freq=2)
+    restored = MAESTModule(tiny_net(), swa_epoch_start=3, swa_freq=2)
     restored.load_state_dict(state)
     assert restored.swa_n_averaged.item() == 3  # a resumed run continues the running mean
+    restored._average_swa(6)  # resumed in the middle of epoch 6: its start is already averaged
+    assert restored.swa_n_averaged.item() == 3
+    assert torch.equal(restored.net_swa.head[1].weight, module.net_swa.head[1].weight)
 
 
 def test_swa_disabled_keeps_following_the_live_network():
     module = MAESTModule(tiny_net(), swa=False, swa_epoch_start=0, swa_freq=1)
     for epoch in range(3):
         _set_weights(module.net, float(epoch + 1))
+        module._average_swa(epoch)
         module._update_swa(epoch)
         assert torch.equal(module.net_swa.head[1].weight, module.net.head[1].weight)
     assert module.swa_n_averaged.item() == 0
@@ -226,14 +232,15 @@ class _Snapshots(pl.Callback):
 
 def test_swa_in_training_is_updated_before_the_epochs_validation():
     torch.manual_seed(0)
-    module = MAESTModule(tiny_net(), lr=1e-3, swa_epoch_start=1, swa_freq=1, **NO_AUGMENTATION)
+    module = MAESTModule(tiny_net(), lr=1e-3, swa_epoch_start=3, swa_freq=1, **NO_AUGMENTATION)
     snapshots = _Snapshots()
     val_data = items(6, seed=1)
-    fit = trainer(max_epochs=3, callbacks=[snapshots])
+    fit = trainer(max_epochs=4, callbacks=[snapshots])
     fit.fit(module, train_dataloaders=DataLoader(items(8), batch_size=4), val_dataloaders=DataLoader(val_data, batch_size=6))
 
     key = "blocks.0.attn.qkv.weight"
-    expected = (snapshots.weights[1][key] + snapshots.weights[2][key]) / 2  # epochs 1 and 2 averaged
+    # The starts of epochs 2 and 3 are averaged: the weights after epochs 1 and 2 (not the last epoch's).
+    expected = (snapshots.weights[1][key] + snapshots.weights[2][key]) / 2
     torch.testing.assert_close(module.net_swa.state_dict()[key], expected)
     assert module.swa_n_averaged.item() == 2
     assert not torch.equal(module.net_swa.state_dict()[key], module.net.state_dict()[key])

@@ -84,7 +84,7 @@ def test_extract_cli(mtt, tmp_path):
     gt_dir, audio_dir = mtt
     args = ["extract", "--out-dir", str(tmp_path / "cli"), "--jobs", "2", "--groundtruth-dir", str(gt_dir)]
 
-    assert main([*args, "--audio-dir", str(audio_dir)]) == 0
+    assert main([*args, "--audio-dir", str(audio_dir)]) == 1  # c/not_downloaded-0-29 has no audio (SPEC §8)
 
     assert (tmp_path / "cli" / "5/other-record-03-tune-0-29.mmap").is_file()
     assert load_groundtruth(tmp_path / "cli" / "groundtruth-validation.pk").keys() == {"5/other-record-03-tune-0-29.mmap"}

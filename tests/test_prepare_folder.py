@@ -128,9 +128,11 @@ def test_labels_csv_with_the_delimiter_inside_labels_is_an_error(audio_dir, tmp_
         prepare_folder(audio_dir, tmp_path / "out", labels_csv=table)
 
 
-def test_cli_npy_format(audio_dir, tmp_path):
+def test_cli_npy_format(audio_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main([str(audio_dir), str(out), "--format", "npy", "--jobs", "1", "--split", "0.5", "0.25", "0.25"]) == 0
+    # treble/broken.wav cannot be read: the others are prepared, and the command fails (SPEC §8)
+    assert main([str(audio_dir), str(out), "--format", "npy", "--jobs", "1", "--split", "0.5", "0.25", "0.25"]) == 1
+    assert "FAILED treble/broken.wav: cannot decode audio file" in capsys.readouterr().err
     gt = load_groundtruth(out / "groundtruth-all.pk")
     assert all(k.endswith(".npy") for k in gt) and len(gt) == 12
     assert np.load(out / "mels" / "bass" / "bass_0.npy").shape == (expected_frames(), 96)

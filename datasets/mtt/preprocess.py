@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.prepare_folder import extract_mel_files, write_failed_list
+from helpers.failures import format_failures, read_failure_list
 from helpers.melfiles import load_groundtruth, save_groundtruth
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def extract(
         raise MTTError(f"audio folder {audio_dir} does not exist: run the unpack command first (or pass --audio-dir)")
     tasks = [(audio_dir / Path(key).with_suffix(audio_suffix), out_dir / key) for key in keys]
     result = extract_mel_files(tasks, n_jobs=jobs, desc="MTT mels")
-    write_failed_list(out_dir, result.failed, relative_to=audio_dir)
+    write_failed_list(out_dir, result.failed, relative_to=audio_dir, succeeded=[a for a, _ in tasks if a not in result.failed])
 
     have_mel = set(result.written) | set(result.skipped)
     present = {key for key in keys if out_dir / key in have_mel}
@@ -298,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.audio_dir, args.out_dir, jobs=args.jobs, groundtruth_dir=args.groundtruth_dir, audio_suffix=args.audio_suffix
             )
             log.info("datamodule.base_dir=%s datamodule.groundtruth_test=%s", args.out_dir, paths["test"])
+            failed = read_failure_list(args.out_dir / "failed.txt")
+            if failed:  # SPEC §8: the other clips are prepared; the missing ones are listed and the command fails
+                print(format_failures(failed, args.out_dir / "failed.txt", "audio file"), file=sys.stderr)
+                return 1
     except (MTTError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1

@@ -1,0 +1,68 @@
+"""The failure policy of every command (SPEC §8): finish the good inputs, list the bad ones, fail.
+
+A command that reads many inputs (mel files, audio files) never stops at a bad one: it collects
+``{input: reason}`` for each input it skipped, logs them, prints them on stderr, merges them into
+its failure list and exits with status 1. A failure list is a text file next to the command's
+outputs, one ``<input>\\t<reason>`` line per failed input, sorted. Merging keeps it true across runs:
+
+- the entry of an input this run handled is replaced by this run's outcome: dropped when the
+  input now succeeded, rewritten with the new reason when it failed again;
+- entries of inputs this run did not handle (an earlier run on other files) are kept;
+- the file is rewritten atomically, and removed only when no entry is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .files import write_text_atomic
+
+_logger = logging.getLogger(__name__)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def read_failure_list(path: str | os.PathLike) -> dict[str, str]:
+    """``{input: reason}`` of a failure list; empty when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    entries = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            name, _, reason = line.partition("\t")
+            entries[name] = reason
+    return entries
+
+
+def update_failure_list(
+    path: str | os.PathLike, failed: Mapping[str, str], succeeded: Iterable[str] = ()
+) -> dict[str, str]:
+    """Merge this run's outcome into the failure list at ``path``; return the entries it now holds.
+
+    ``failed``: inputs that failed in this run, with the reason; ``succeeded``: inputs this run
+    found good (their earlier entries are dropped). Other entries are kept.
+    """
+    path = Path(path)
+    entries = read_failure_list(path)
+    for name in succeeded:
+        entries.pop(str(name), None)
+    entries.update({str(name): _one_line(reason) for name, reason in failed.items()})
+    if entries:
+        write_text_atomic(path, "".join(f"{name}\t{entries[name]}\n" for name in sorted(entries)))
+    elif path.is_file():
+        path.unlink()  # every input listed before has now succeeded
+    return entries
+
+
+def format_failures(failed: Mapping[str, str], list_path: str | os.PathLike | None, what: str = "input") -> str:
+    """Every failure on its own ``FAILED <input>: <reason>`` line and where the list is (for stderr)."""
+    lines = [f"FAILED {name}: {_one_line(reason)}" for name, reason in failed.items()]
+    where = f"; listed in {list_path}" if list_path is not None else ""
+    lines.append(f"{len(failed)} {what}(s) skipped{where}")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Exact resume: the random state of every rank travels in the checkpoint.
+
+Lightning restores the weights, the optimiser, the schedulers and the loop counters; the data
+module's ``TrainLoader`` restores the sampler's epoch and position (Lightning's stateful-loader
+protocol), and crops are seeded by the sampler's draws (``helpers.data.TrainDataset``). What is
+left is the global random state that training draws on: masking, mixup, roll, patchout,
+dropout and stochastic depth use Python's, NumPy's and torch's (CPU and CUDA) global generators.
+``RandomStateCheckpoint`` saves them for every rank and restores each rank's own right before
+the first training batch after a resume, so that a killed and resumed run trains on exactly
+the same batches, augmentations and dropout masks as the run that was never killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+_logger = logging.getLogger(__name__)
+
+
+def get_random_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's (CPU and every CUDA device) global random state, as plain
+    types and tensors (a checkpoint stays loadable with ``torch.load(weights_only=True)``)."""
+    version, mt, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Restore a state of ``get_random_state``."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state({
+        "bit_generator": numpy["bit_generator"],
+        "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+        "has_gauss": numpy["has_gauss"],
+        "gauss": numpy["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        if not torch.cuda.is_available() or torch.cuda.device_count() != len(state["cuda"]):
+            _logger.warning(
+                "the checkpoint holds the random state of %d CUDA devices, this process sees %d: "
+                "CUDA random draws (dropout, augmentation on the GPU) are not restored",
+                len(state["cuda"]), torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            )
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves the global random state of every rank in each checkpoint and restores it on resume.
+
+    The state is taken when the checkpoint is written (all ranks take part, as they do in every
+    Lightning checkpoint) and restored at the first training batch after the checkpoint is
+    loaded, each rank its own: between those two points the uninterrupted run draws nothing.
+    Resuming on another number of ranks restores nothing and warns.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._to_restore: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        state = get_random_state()
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        return {"ranks": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._to_restore is None:
+            return
+        states, self._to_restore = self._to_restore["ranks"], None
+        if len(states) != trainer.world_size:
+            _logger.warning(
+                "resuming on %d ranks from a checkpoint of %d: the random state is not restored, "
+                "the resumed run is not exactly the uninterrupted one",
+                trainer.world_size, len(states),
+            )
+            return
+        set_random_state(states[trainer.global_rank])
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint(every_n_train_steps=n)`` that skips the last batch of an epoch.
+
+    The epoch-end checkpoint follows that batch anyway, and Lightning resumes a checkpoint taken
+    at an epoch's last batch as if the epoch had ended: its validation, its SWA update and its
+    epoch-end checkpoint would never run.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)

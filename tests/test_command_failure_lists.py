@@ -1,0 +1,157 @@
+"""SPEC §8 for `predict` and training: the good inputs are processed, every failure is listed on
+stderr and in a failure list that keeps an earlier run's entries, and the command exits 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from helpers.failures import read_failure_list
+from helpers.melfiles import load_groundtruth, save_groundtruth
+from helpers.synthetic import make_synthetic_dataset
+from models import get_maest
+
+LABELS = ["rock", "jazz", "techno"]
+
+
+# ----------------------------------------------------------------------------------- predict
+@pytest.fixture
+def predict_setup(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(get_maest("maest-tiny", n_classes=len(LABELS), input_t=125).state_dict(), checkpoint)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    music = tmp_path / "music"
+    music.mkdir()
+    sf.write(music / "good.wav", np.random.default_rng(0).normal(0, 0.1, 2 * 16000).astype(np.float32), 16000)
+    (music / "broken.flac").write_bytes(b"fLaC" + bytes(100))
+    return checkpoint, labels, music
+
+
+def _predict(checkpoint, labels, audio, output):
+    from ex_maest import ex
+
+    updates = {
+        "maest": {"arch": "maest-tiny", "checkpoint": str(checkpoint), "n_classes": len(LABELS), "input_t": 125},
+        "datamodule": {"clip_length": 2},
+        "predict": {"device": "cpu", "audio": [str(audio)], "labels_file": str(labels), "output": output},
+    }
+    return ex.run("predict", config_updates=updates, options={"--loglevel": "ERROR"})
+
+
+def test_predict_lists_its_failures_beside_the_output_and_keeps_earlier_entries(predict_setup, tmp_path, capsys):
+    checkpoint, labels, music = predict_setup
+    out = tmp_path / "out" / "p.json"
+    failed = tmp_path / "out" / "failed-predict.txt"
+    failed.parent.mkdir()
+    # An earlier run: a file of another folder failed, and good.wav failed (it has been fixed since).
+    failed.write_text(f"/elsewhere/old.mp3\tcannot decode\n{music / 'good.wav'}\tcannot decode\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(checkpoint, labels, music, str(out))
+
+    assert exit_info.value.code == 1
+    assert [r["file"] for r in json.loads(out.read_text())] == [str(music / "good.wav")]  # the good file is labelled
+    listed = read_failure_list(failed)
+    assert sorted(listed) == sorted(["/elsewhere/old.mp3", str(music / "broken.flac")])
+    assert listed["/elsewhere/old.mp3"] == "cannot decode"
+    err = capsys.readouterr().err
+    assert f"FAILED {music / 'broken.flac'}: {listed[str(music / 'broken.flac')]}" in err
+    assert f"1 audio file(s) skipped; listed in {failed}" in err
+
+    # Repaired, the file is labelled, its entry dropped, the other run's entry kept, exit 0.
+    sf.write(music / "broken.flac", np.zeros(16000, dtype=np.float32), 16000)
+    run = _predict(checkpoint, labels, music, str(out))
+    assert run.status == "COMPLETED" and len(run.result) == 2
+    assert read_failure_list(failed) == {"/elsewhere/old.mp3": "cannot decode"}
+
+
+def test_predict_printing_json_lists_its_failures_in_the_working_directory(predict_setup, tmp_path, monkeypatch, capsys):
+    checkpoint, labels, music = predict_setup
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit) as exit_info:
+        _predict(checkpoint, labels, music, None)
+
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert [r["file"] for r in json.loads(captured.out)] == [str(music / "good.wav")]
+    assert list(read_failure_list(work / "failed-predict.txt")) == [str(music / "broken.flac")]
+    assert "1 audio file(s) skipped; listed in failed-predict.txt" in captured.err
+
+
+# ----------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_tracks=30, clip_length=2.0)
+
+
+def _train_updates(data, root, groundtruth_val):
+    return {
+        "seed": 0,
+        "synthetic_data": {"out_dir": None},
+        "datamodule": {
+            "base_dir": data["base_dir"], "groundtruth_train": data["groundtruth_train"], "groundtruth_val": str(groundtruth_val),
+            "clip_length": 2, "epoch_length": 16, "sampler_replacement": True, "batch_size_train": 8, "batch_size_test": 16,
+            "num_workers": 0,
+        },
+        "maest": {"arch": "maest-tiny", "pretrained": False, "input_t": 125},
+        "trainer": {"max_epochs": 1, "default_root_dir": str(root), "accelerator": "cpu", "precision": "32-true",
+                    "enable_progress_bar": False, "enable_model_summary": False, "logger": False},
+    }
+
+
+def _val_in_base(data, tmp_path, keep_good=True):
+    """Bad validation files inside base_dir (keys may not leave it)."""
+    base = Path(data["base_dir"])
+    name = f"bad-{tmp_path.name}"
+    (base / name).mkdir(exist_ok=True)
+    (base / name / "truncated.mmap").write_bytes(b"\x00" * (96 * 2 * 20 + 3))
+    val = load_groundtruth(data["groundtruth_val"])
+    some = next(iter(val.values()))
+    bad = {f"{name}/truncated.mmap": "not a whole number", f"{name}/missing.mmap": "does not exist"}
+    gt = {**(val if keep_good else {}), **{k: some for k in bad}}
+    return save_groundtruth(tmp_path / "val.pk", gt), bad
+
+
+def test_training_with_unreadable_validation_files_trains_lists_them_and_fails(data, tmp_path, capsys):
+    from ex_maest import ex
+
+    gt_val, bad = _val_in_base(data, tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "failed-val.txt").write_text("earlier/run.mmap\tmissing\n")  # an earlier run's list
+    with pytest.raises(SystemExit) as exit_info:
+        ex.run("main", config_updates=_train_updates(data, root, gt_val), options={"--loglevel": "ERROR"})
+
+    assert exit_info.value.code == 1
+    last = list(root.rglob("last.ckpt"))
+    assert len(last) == 1 and len(list(root.rglob("*-best.ckpt"))) == 1  # checkpoints written before the exit
+    assert torch.load(last[0], map_location="cpu", weights_only=True)["epoch"] == 0
+    listed = read_failure_list(root / "failed-val.txt")
+    assert sorted(listed) == sorted([*bad, "earlier/run.mmap"])
+    captured = capsys.readouterr()
+    for key, words in bad.items():
+        assert words in listed[key] and f"FAILED {key}: " in captured.err
+    assert f"2 validation file(s) skipped; listed in {root / 'failed-val.txt'}" in captured.err
+    assert "Training finished." in captured.out and "val_roc" in captured.out  # validated on the good files
+
+
+def test_training_with_no_readable_validation_file_does_not_start(data, tmp_path, capsys):
+    from ex_maest import ex
+
+    gt_val, bad = _val_in_base(data, tmp_path, keep_good=False)
+    root = tmp_path / "root"
+    with pytest.raises(SystemExit) as exit_info:
+        ex.run("main", config_updates=_train_updates(data, root, gt_val), options={"--loglevel": "ERROR"})
+
+    assert exit_info.value.code == 1
+    assert sorted(read_failure_list(root / "failed-val.txt")) == sorted(bad)
+    assert not list(root.rglob("*.ckpt"))
+    assert "2 validation file(s) skipped" in capsys.readouterr().err

@@ -1,0 +1,247 @@
+"""Exact resume: a run killed (SIGKILL) at an epoch boundary or mid-epoch and resumed with
+``ckpt_path=last`` ends with the weights and metrics of the run that was never killed.
+
+The kills are real: the run goes in a subprocess that kills itself right after a chosen
+checkpoint file is written (a patch of Lightning's ModelCheckpoint in the test's own script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ex_maest import ex
+from helpers.data import TrainDataset
+from helpers.datamodule import MAESTDataModule
+from helpers.melfiles import MelReader, load_groundtruth
+from helpers.resume import get_random_state, set_random_state
+from helpers.sampler import BalancedSampler, Draw, RandomEpochSampler
+from helpers.synthetic import make_synthetic_dataset
+
+PROJECT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+EPOCH_LENGTH = 18  # draws without replacement from 20 training tracks
+BATCH_SIZE = 6  # 3 steps an epoch
+STEP_CHECKPOINTS = 2  # step checkpoints at steps 2 (epoch 0) and 4 (epoch 1, its first batch)
+
+KILLER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ex_maest import ex
+
+    updates, kill_file, kill_step = json.loads(Path(sys.argv[1]).read_text())
+    save = ModelCheckpoint._save_checkpoint
+
+    def save_then_die(self, trainer, filepath):
+        save(self, trainer, filepath)
+        if Path(filepath).name.startswith(kill_file) and trainer.global_step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no final checkpoint: a real kill
+
+    ModelCheckpoint._save_checkpoint = save_then_die
+    ex.run("main", named_configs=["demo"], config_updates=updates, options={"--loglevel": "ERROR"})
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_tracks=40, clip_length=2.0)
+
+
+def demo_updates(data, root) -> dict:
+    """The demo, shrunk: a tiny MAEST, 2 s clips, every random draw of training switched on."""
+    return {
+        "seed": 0,
+        "synthetic_data": {"out_dir": None},
+        "inference_checkpoint": None,
+        "datamodule": {
+            "base_dir": data["base_dir"],
+            "groundtruth_train": data["groundtruth_train"],
+            "groundtruth_val": data["groundtruth_val"],
+            "groundtruth_test": data["groundtruth_test"],
+            "clip_length": 2,
+            "epoch_length": EPOCH_LENGTH,
+            "sampler_replacement": False,
+            "batch_size_train": BATCH_SIZE,
+            "batch_size_test": 16,
+            "num_workers": 0,  # workers change nothing (test_crops_depend_on_the_draw_not_on_workers_or_global_rng)
+        },
+        "maest": {"arch": "maest-tiny", "pretrained": False, "input_t": 125, "s_patchout_t": 3, "s_patchout_f": 1, "drop_path_rate": 0.1},
+        "module": {"masking": True, "mixup_alpha": 0.3, "swa_epoch_start": 2, "swa_freq": 1, "warm_up_len": 1, "ramp_down_start": 1, "ramp_down_len": 2},
+        "checkpoint_every_n_train_steps": STEP_CHECKPOINTS,
+        "trainer": {
+            "max_epochs": EPOCHS, "default_root_dir": str(root), "accelerator": "cpu", "precision": "32-true",
+            "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+        },
+    }
+
+
+def _run(updates):
+    return ex.run("main", named_configs=["demo"], config_updates=updates, options={"--loglevel": "ERROR"})
+
+
+def _killed_then_resumed(data, root, kill_file, kill_step):
+    """Run in a subprocess killed right after ``kill_file*`` is written at ``kill_step``; resume with ckpt_path=last."""
+    updates = demo_updates(data, root)
+    args = root.parent / f"{root.name}.json"
+    args.write_text(json.dumps([updates, kill_file, kill_step]))
+    script = root.parent / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    killed = subprocess.run([sys.executable, str(script), str(args)], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL
+    newest = max((root / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    assert newest.name.startswith(kill_file) and torch.load(newest, map_location="cpu", weights_only=False)["global_step"] == kill_step
+    updates["ckpt_path"] = "last"  # resumes from that newest checkpoint
+    return _run(updates)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    return _run(demo_updates(data, tmp_path_factory.mktemp("uninterrupted") / "run"))
+
+
+def _final_state(result):
+    return torch.load(result.result["last_checkpoint"], map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "kill_file, kill_step",
+    [("last.ckpt", 3), ("step-", 2 * STEP_CHECKPOINTS)],
+    ids=["killed-at-epoch-boundary", "killed-mid-epoch"],
+)
+def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(data, tmp_path, uninterrupted, kill_file, kill_step):
+    resumed = _killed_then_resumed(data, tmp_path / "run", kill_file, kill_step)
+    expected, got = uninterrupted.result, resumed.result
+    assert got["global_step"] == expected["global_step"] == EPOCHS * EPOCH_LENGTH // BATCH_SIZE
+    for key in ("val_roc", "val_roc_swa", "val_loss", "val_loss_swa", "val_ap"):
+        assert got["metrics"][key] == pytest.approx(expected["metrics"][key], abs=1e-6), key
+    want, have = _final_state(uninterrupted), _final_state(resumed)
+    assert set(have["state_dict"]) == set(want["state_dict"])
+    for key, value in want["state_dict"].items():  # net.*, net_swa.* and the SWA count
+        torch.testing.assert_close(have["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert have["lr_schedulers"] == want["lr_schedulers"]
+
+
+def test_ckpt_path_last_takes_the_newest_checkpoint_of_the_run(data, tmp_path):
+    from ex_maest import _resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    trainer = type("T", (), {"default_root_dir": str(tmp_path)})()
+    with pytest.raises(FileNotFoundError, match="last.ckpt does not exist: nothing to resume"):
+        _resolve_ckpt_path("last", trainer)
+    (folder / "last.ckpt").write_bytes(b"epoch end")
+    assert _resolve_ckpt_path("last", trainer) == str(folder / "last.ckpt")
+    step = folder / "step-step=40.ckpt"
+    step.write_bytes(b"mid-epoch")
+    newer = (folder / "last.ckpt").stat().st_mtime_ns + 10**9
+    os.utime(step, ns=(newer, newer))
+    assert _resolve_ckpt_path("last", trainer) == str(step)
+
+
+# ------------------------------------------------------------------ the parts
+@pytest.mark.parametrize("cls", ["balanced", "random"])
+@pytest.mark.parametrize("replacement", [True, False])
+def test_sampler_resumes_mid_epoch_with_the_remaining_draws(cls, replacement):
+    labels = np.eye(4, dtype=bool)[np.arange(40) % 4]
+
+    def make(rank=0):
+        kwargs = dict(epoch_length=30, seed=3, rank=rank, world_size=2, replacement=replacement)
+        return BalancedSampler(labels=labels, **kwargs) if cls == "balanced" else RandomEpochSampler(n_items=40, **kwargs)
+
+    sampler = make(rank=1)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    assert [(d.epoch, d.position) for d in whole] == [(2, p) for p in range(1, 30, 2)]  # positions in the whole draw
+    resumed = make(rank=1)
+    resumed.resume(epoch=2, start=6)
+    rest = list(resumed)
+    assert rest == whole[6:] and [d.position for d in rest] == [d.position for d in whole[6:]]
+    assert list(resumed) == whole  # only the first iteration after resume starts late
+    resumed.resume(epoch=2, start=len(resumed))
+    assert list(resumed) == []
+    with pytest.raises(ValueError, match="cannot resume at index 16 of an epoch of 15"):
+        resumed.resume(epoch=2, start=16)
+
+
+def test_draw_is_an_int_that_survives_pickling():
+    import pickle
+
+    draw = Draw(7, epoch=3, position=11)
+    assert draw == 7 and isinstance(draw, int) and np.arange(10)[draw] == 7
+    again = pickle.loads(pickle.dumps(draw))
+    assert (int(again), again.epoch, again.position) == (7, 3, 11)
+
+
+def _datamodule(data, num_workers, **kwargs):
+    return MAESTDataModule(
+        base_dir=data["base_dir"], clip_length=1, groundtruth_train=data["groundtruth_train"], batch_size_train=4,
+        epoch_length=16, num_workers=num_workers, seed=5, **kwargs,
+    )
+
+
+def test_crops_depend_on_the_draw_not_on_workers_or_global_rng(data):
+    torch.manual_seed(0)
+    batches = [x for x, _, _ in _datamodule(data, num_workers=0).train_dataloader()]
+    torch.manual_seed(1)  # another global state: the same crops
+    assert all(torch.equal(a, b) for a, b in zip(batches, [x for x, _, _ in _datamodule(data, num_workers=0).train_dataloader()]))
+    with_workers = [x for x, _, _ in _datamodule(data, num_workers=2).train_dataloader()]
+    assert len(with_workers) == len(batches) == 4
+    assert all(torch.equal(a, b) for a, b in zip(batches, with_workers))
+    # Crops move: two draws of one track in other epochs or positions start elsewhere.
+    ds = TrainDataset(reader=MelReader(data["base_dir"]), groundtruth=load_groundtruth(data["groundtruth_train"]), n_frames=10, seed=5)
+    starts = {ds.crop_start(Draw(0, epoch=e, position=p), total=200) for e in range(3) for p in range(5)}
+    assert len(starts) > 8 and all(0 <= s <= 190 for s in starts)
+
+
+def test_data_loaders_leave_the_global_random_state_alone(data):
+    """A resumed run creates its iterators anew: they must not draw on the RNG that training uses."""
+    dm = MAESTDataModule(
+        base_dir=data["base_dir"], clip_length=1, groundtruth_train=data["groundtruth_train"],
+        groundtruth_val=data["groundtruth_val"], epoch_length=8, num_workers=0,
+    )
+    dm.setup("fit")
+    before = torch.get_rng_state()
+    next(iter(dm.train_dataloader()))
+    next(iter(dm.val_dataloader()))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_train_loader_state_round_trip_skips_the_batches_already_trained(data):
+    dm = _datamodule(data, num_workers=0)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    whole = [(x, keys) for x, keys, _ in loader]
+    loader.batches_done = lambda: 3  # the fit loop had processed 3 batches when the checkpoint was taken
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches_done": 3, "batch_size": 4, "world_size": 1}
+    fresh = _datamodule(data, num_workers=0).train_dataloader()
+    fresh.load_state_dict(state)
+    rest = [(x, keys) for x, keys, _ in fresh]
+    assert len(rest) == 1 and rest[0][1] == whole[3][1] and torch.equal(rest[0][0], whole[3][0])
+    assert len(fresh) == 4  # Lightning still sees the whole epoch and counts the rest itself
+
+
+def test_random_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    path = tmp_path / "state.pt"
+    torch.save(get_random_state(), path)
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_random_state(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
