@@ -13,23 +13,21 @@ explicit arguments, built here by a few captured factories.
 
 from __future__ import annotations
 
-import collections.abc
 import functools
 import json
 import logging
-import numbers
 import os
 import sys
 import time
-import types
 import typing
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from sacred import Experiment, Ingredient
 from sacred.observers import FileStorageObserver
 
+from configs.checks import check_config_values, default_config
 from configs.maest import register_named_configs
 from helpers.datamodule import MAESTDataModule
 from helpers.extract import extract, hop_frames_for, predict_files, write_predictions
@@ -340,79 +338,15 @@ _CONFIG_RULES = {
 _INFO_COMMANDS = ("print_config", "print_dependencies", "save_config", "print_named_configs", "help")
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-@functools.cache
-def _default_config() -> dict:
-    """Every ingredient's and the experiment's defaults, flattened: ``{"trainer.max_epochs": 130, ...}``."""
-    defaults = {}
-    for ingredient in ex.ingredients:
-        for scope in ingredient.configurations:
-            defaults.update(_flatten(scope(), ingredient.path + "."))
-    for scope in ex.configurations:
-        defaults.update(_flatten(scope()))
-    return defaults
-
-
 @functools.cache
 def _trainer_hints() -> dict:
+    """Lightning's annotations of the Trainer arguments: the rules of ``trainer.<key>``."""
     import lightning.pytorch as pl
 
     try:
-        return typing.get_type_hints(pl.Trainer.__init__)
+        return {f"trainer.{name}": hint for name, hint in typing.get_type_hints(pl.Trainer.__init__).items()}
     except Exception:  # an annotation this Lightning cannot resolve: fall back to the defaults' types
         return {}
-
-
-def _matches(value, hint) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is Literal:
-        return any(type(value) is type(a) and value == a for a in args)
-    if origin in (list, tuple, collections.abc.Sequence):
-        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
-    if origin is not None:
-        return isinstance(value, origin)  # dict[str, int], Iterable[Logger]: the container only
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint in (int, float):  # bool is an int to Python, not to a config; an int is a valid float
-        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _describe(hint) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(a) for a in args))
-    if origin is Literal:
-        return " or ".join(map(repr, args))
-    if origin in (list, tuple, collections.abc.Sequence):
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0] if args else None, "values")
-    names = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string"}
-    return names.get(hint) or getattr(origin or hint, "__name__", str(hint))
-
-
-def _rule(key: str, default):
-    if key in _CONFIG_RULES:
-        return _CONFIG_RULES[key]
-    section, _, name = key.partition(".")
-    if section == "trainer" and name in _trainer_hints():
-        return _trainer_hints()[name], None
-    for kind in (bool, int, float):  # bool first: it is an int too
-        if isinstance(default, kind):
-            return kind, None
-    return None, None
 
 
 def check_config(config: dict) -> None:
@@ -421,26 +355,8 @@ def check_config(config: dict) -> None:
     Sacred reads ``trainer.max_epochs=abc`` as the text "abc" and only warns; Lightning would then
     stop on a bare AssertionError, ``predict.top_k=-1`` would fail every file.
     """
-    defaults = _default_config()
-    problems = []
-    for key, value in _flatten(config).items():
-        rule = _rule(key, defaults.get(key))
-        if callable(rule):
-            try:
-                rule(value)
-            except ValueError as e:
-                problems.append(str(e))
-            continue
-        hint, condition = rule
-        if hint is None:
-            continue
-        if _matches(value, hint) and (condition is None or not isinstance(value, numbers.Real) or condition[0](value)):
-            continue
-        expected = _describe(hint) + (f", {condition[1]}" if condition else "")
-        example = f" (e.g. {key}={defaults[key]!r})" if defaults.get(key) is not None else ""
-        problems.append(f"{key} must be {expected}, got {value!r}{example}")
-    if problems:
-        raise ValueError("invalid configuration; fix these keys (command line or named config):\n  " + "\n  ".join(problems))
+    rules = {key: (hint, None) for key, hint in _trainer_hints().items()}
+    check_config_values(config, default_config(ex), {**rules, **_CONFIG_RULES})
 
 
 @ex.config_hook
@@ -485,7 +401,7 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     module = build_module(net)
     has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
     trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val)
-    val_failures, failed_list = _list_val_failures(datamodule, trainer) if has_val else ({}, None)
+    val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -504,21 +420,21 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     return result
 
 
-def _list_val_failures(datamodule, trainer) -> tuple[dict[str, str], Path]:
-    """Validation files that cannot be read, listed in <trainer.default_root_dir>/failed-val.txt before training.
+def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[dict[str, str], Path]:
+    """Files of an evaluation split that cannot be read, listed in <trainer.default_root_dir>/failed-<split>.txt.
 
-    ClipDataset reads every validation file once up front (the index that validation then uses)
-    and leaves the bad ones out, so training goes on and validates on the good ones; ``main``
-    exits with status 1 at the end. When no validation file can be read, training does not start.
+    ClipDataset reads every file once up front (the index that evaluation then uses) and leaves
+    the bad ones out, so the command goes on with the good ones and exits with status 1 at the end
+    (SPEC §8). When no file can be read, it stops here.
     """
-    dataset = datamodule.dataset("val")
+    dataset = datamodule.dataset(split)
     failures = dataset.failures
     keys = [dataset.key(track) for track in range(len(dataset.labels))]
-    failed_list = Path(trainer.default_root_dir) / "failed-val.txt"
-    if trainer.is_global_zero:  # under DDP every rank runs main; one writes the list
+    failed_list = Path(trainer.default_root_dir) / f"failed-{split}.txt"
+    if trainer.is_global_zero:  # under DDP every rank runs the command; one writes the list
         update_failure_list(failed_list, failures, succeeded=[k for k in keys if k not in failures])
     if len(failures) == len(keys):
-        _exit_on_failures(failures, failed_list, "validation file", report=trainer.is_global_zero)
+        _exit_on_failures(failures, failed_list, what, report=trainer.is_global_zero)
     return failures, failed_list
 
 
@@ -545,16 +461,8 @@ def test(_run, synthetic_data, inference_checkpoint):
     module = build_module(net)
     module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
     trainer = build_trainer()
-    # Every test file is read and checked before testing (ClipDataset): bad ones are left out and
-    # listed, the metrics are those of the good ones, and the command then fails (SPEC §8).
-    dataset = datamodule.dataset("test")
-    keys = [dataset.key(track) for track in range(len(dataset.labels))]
-    failures = dataset.failures
-    failed_list = Path(trainer.default_root_dir) / "failed-test.txt"
-    if trainer.is_global_zero:
-        update_failure_list(failed_list, failures, succeeded=[k for k in keys if k not in failures])
-    if len(failures) == len(keys):  # nothing to test
-        _exit_on_failures(failures, failed_list, "test file")
+    # The metrics are those of the good files; the bad ones are listed and the command then fails.
+    failures, failed_list = _list_dataset_failures(datamodule, "test", trainer, "test file")
     results = trainer.test(module, datamodule=datamodule)
     _exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # every rank exits 1, one reports
     return results[0] if results else {}

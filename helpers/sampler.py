@@ -141,8 +141,9 @@ class BalancedSampler(_EpochSampler):
         super().__init__(len(self.weights), epoch_length, seed, rank, world_size, replacement)
         if not replacement and epoch_length > self.n_items:
             raise ValueError(
-                f"cannot draw epoch_length={epoch_length} of {self.n_items} tracks without replacement: "
-                "use replacement=True or a shorter epoch"
+                f"cannot draw epoch_length={epoch_length} of {self.n_items} tracks without replacement "
+                f"(datamodule.sampler_replacement=False, upstream's setting): set datamodule.sampler_replacement=True "
+                f"or datamodule.epoch_length={self.n_items} or less"
             )
 
     def _draw(self, generator: torch.Generator) -> torch.Tensor:
