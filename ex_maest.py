@@ -2,7 +2,8 @@
 
     python ex_maest.py with demo                                   # train the demo model
     python ex_maest.py with maest_discogs_30sec_pretrain           # paper settings
-    python ex_maest.py test with ... maest.checkpoint=x.ckpt
+    python ex_maest.py with maest_discogs_30sec_inference finetune target_mtt   # fine-tune on new labels
+    python ex_maest.py test with ... maest.checkpoint=x.ckpt           # a checkpoint trained here needs no other maest key
     python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_mtt
     python ex_maest.py predict with maest_30s_from_passt_infer predict.audio='["song.mp3"]'
     python ex_maest.py print_config with maest_discogs_5sec_pretrain
@@ -13,6 +14,7 @@ explicit arguments, built here by a few captured factories.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -21,7 +23,6 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Literal
 
 import torch
 from sacred import Experiment, Ingredient
@@ -29,14 +30,18 @@ from sacred.observers import FileStorageObserver
 
 from configs.checks import check_config_values, default_config
 from configs.maest import register_named_configs
+from configs.runs import check_run_name, run_dir, run_name_for, uses_synthetic_data
+from helpers.data import hop_frames_for
 from helpers.datamodule import MAESTDataModule
-from helpers.extract import extract, hop_frames_for, predict_files, write_predictions
+from helpers.extract import extract, predict_files, write_predictions
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
 from helpers.module import MAESTModule
 from models import get_maest
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
-from models.registry import build_config, get_spec, pretrained_path
+from models.checkpoints import read_model_record
+from models.maest import MAESTConfig
+from models.registry import REGISTRY, config_from_record, pretrained_path
 
 _logger = logging.getLogger("ex_maest")
 
@@ -50,15 +55,16 @@ export_ing = Ingredient("export")
 
 @maest_ing.config
 def maest_config():
-    arch = "passt_s_swa_p16_128_ap476"  # registry name (models/registry.py): an init architecture or a released model
+    arch = None  # registry name (models/registry.py): an init architecture or a released model; None: the checkpoint's, else DEFAULT_ARCH
     pretrained = False  # initialise from the arch's weights in the weights directory (PaSST/DeiT/MAEST)
     weights_dir = None  # where pre-trained weights live; None: $MAEST_WEIGHTS_DIR or ./weights
     checkpoint = None  # a MAEST checkpoint to load (Lightning .ckpt, state dict, or Hugging Face directory)
     checkpoint_swa_weights = True  # from a Lightning checkpoint, load the SWA weights (False: the plain ones)
     trust_checkpoint = False  # True: unpickle checkpoint/weights files fully, running any code they hold (only files you trust)
-    n_classes = None  # output classes; None: the arch's for released models, else from the training ground truth
+    reinit_heads = False  # training only: fine-tune on other labels: load the backbone strictly, re-initialise the heads for n_classes
+    n_classes = None  # output classes; None: the checkpoint's, else the training ground truth's, else the arch's
     input_f = 96  # mel bands
-    input_t = 625  # frames of the longest clip (seconds * 16000 // 256): sizes the time embeddings
+    input_t = None  # frames of the longest clip (seconds * 16000 // 256), sizing the time embeddings; None: the checkpoint's, else the arch's (625 for init archs)
     s_patchout_t = 0  # training: time columns dropped per input (structured patchout)
     s_patchout_f = 0  # training: frequency rows dropped per input
     u_patchout = 0  # training: random patches dropped (unstructured patchout)
@@ -66,7 +72,7 @@ def maest_config():
     s_patchout_f_interleaved = 0  # inference patchout: keep every n-th frequency row (0 = off)
     s_patchout_t_indices = ()  # inference patchout: time columns always dropped
     s_patchout_t_interleaved = 0  # inference patchout: keep every n-th time column (0 = off)
-    distilled_type = "mean"  # "mean": head((CLS+DIST)/2); "separated": CLS and DIST heads (teacher-student)
+    distilled_type = None  # "mean": head((CLS+DIST)/2); "separated": CLS and DIST heads (teacher-student); None: the checkpoint's, else the arch's
     drop_path_rate = 0.0  # stochastic depth of the transformer blocks
     fused_attention = True  # F.scaled_dot_product_attention (False: explicit attention)
 
@@ -78,9 +84,9 @@ def datamodule_config():
     groundtruth_val = "data/discogs/groundtruth-validation.pk"
     groundtruth_test = "data/discogs/groundtruth-test.pk"
     groundtruth_predict = None  # ground truth listing the files to extract (its labels are not used)
-    clip_length = 10  # seconds per clip (10 s = 625 frames)
+    clip_length = None  # seconds per clip (10 s = 625 frames); None: the model's, maest.input_t * 256 / 16000 (10 s for input_t 625)
     batch_size_train = 12  # per device
-    batch_size_test = 20  # validation, test and extraction
+    batch_size_test = 20  # validation and test (extraction and predict batch by predict.batch_size)
     num_workers = 4  # DataLoader worker processes
     epoch_length = 200_000  # training draws per epoch (all ranks together)
     sampler = "balanced"  # "balanced" (class-balanced weights 1000 / (count + 100)) or "random"
@@ -88,8 +94,10 @@ def datamodule_config():
     seed = 0  # seeds the sampler draws and the crop offsets
     teacher_dir = None  # teacher logits (<dir>/<key>.logits.npy) for teacher-student training
     teacher_threshold = 0.45  # sigmoid threshold of the hard teacher targets
-    test_hop = "full"  # "full": consecutive test clips; "half": half-overlapping
+    test_hop = "full"  # test clips: "full" consecutive, "half" half-overlapping (as predict.hop for extraction)
     pin_memory = torch.cuda.is_available()  # page-locked batches for faster host-to-GPU copies
+    # Training stores the label names in its checkpoints, so that predict and export name the classes.
+    labels = None  # label names in ground-truth vector order (prepare_folder's dataset.json sets them); None: unnamed
 
 
 @module_ing.config
@@ -120,6 +128,8 @@ def module_config():
     swa_anneal_epochs = 10  # epochs from the learning rate in force to swa_lr (Lightning's annealing_epochs)
     swa_anneal_strategy = "cos"  # "cos" or "linear" (Lightning's annealing_strategy)
     teacher_student = False  # loss = mean(BCE(CLS head, labels), BCE(DIST head, teacher targets))
+    freeze_blocks = 0  # fine-tuning: train neither the first n blocks nor (n > 0) the patch embedding, tokens and position embeddings
+    layer_decay = 1.0  # layer-wise lr decay (BEiT/MAE fine-tuning): block i gets lr * layer_decay ** (depth - i), embeddings ** (depth + 1), heads lr
 
 
 @trainer_ing.config
@@ -130,7 +140,7 @@ def trainer_config():
     num_nodes = 1  # machines for DDP
     strategy = "auto"  # "ddp" for several GPUs or nodes
     precision = "16-mixed" if torch.cuda.is_available() else "bf16-mixed"  # "32-true" for exact fp32
-    default_root_dir = "outputs/maest"  # checkpoints and TensorBoard logs go under it
+    default_root_dir = None  # checkpoints and TensorBoard logs go under it; None: outputs/<run_name>/train
     log_every_n_steps = 50
     num_sanity_val_steps = 0
     enable_progress_bar = True
@@ -139,7 +149,7 @@ def trainer_config():
 @predict_ing.config
 def predict_config():
     transformer_block = 6  # block of the embeddings (0-based: 6 is the paper's best, "the 7th block")
-    out_dir = "outputs/embeddings"  # extraction output: <out_dir>/<key>.embeddings.npy / .logits.npy
+    out_dir = None  # extraction output: <out_dir>/<key>.embeddings.npy / .logits.npy; None: outputs/<run_name>/embeddings
     hop = "full"  # "full": consecutive clips; "half": half-overlapping clips
     batch_size = 16  # clips per forward pass
     num_workers = 2  # DataLoader workers reading mel files
@@ -153,11 +163,12 @@ def predict_config():
 
 @export_ing.config
 def export_config():
-    out_dir = "outputs/export"  # export_hf: the Hugging Face directory; export_onnx: where model.onnx goes
-    onnx_with_mel = False  # export_onnx: include the mel front-end (input raw 16 kHz audio)
-    onnx_block = None  # export_onnx: output the (B, 3, D) embeddings of this block instead of logits
+    out_dir = None  # export_hf: the Hugging Face directory; export_onnx: where model.onnx goes; None: outputs/<run_name>/export
+    onnx_with_mel = False  # export_onnx: input raw 16 kHz audio of any length; the graph cuts clips (datamodule.clip_length, predict.hop) as predict
+    onnx_block = None  # export_onnx: output the embeddings of this block ((B, 3, D); per clip with onnx_with_mel) instead of logits
     onnx_opset = 18  # export_onnx: ONNX opset version (18: torch's exporter's own; 17 only for plain logits graphs)
     hf_allow_separated = False  # export_hf: allow a teacher-student model (AST has one head: its logits will differ)
+    hf_max_length = None  # export_hf: AST frames; None: the model's clip (datamodule.clip_length, else input_t), exact logits; "hub": the published models' 316/626/1256/1876; or frames
 
 
 ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
@@ -166,11 +177,14 @@ ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, tra
 @ex.config
 def main_config():
     """MAEST pre-training, evaluation, extraction and export; see the ingredients for each part."""
-    synthetic_data = {"out_dir": None, "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # out_dir set: generate the demo dataset there first
-    inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint (the demo's trained model)
+    # Outputs default to outputs/<run_name>/ (train/, embeddings/, export/, norm_stats.json); the same
+    # command line gives the same folder, so ckpt_path=last finds it (configs/runs.py).
+    run_name = None  # the run's output folder; None: "demo" on the demo's data, else <dataset>_<arch>_<hash of the config>
+    synthetic_data = {"out_dir": None, "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # out_dir set: generate the demo dataset there first, if datamodule.base_dir is out_dir
+    inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint; "last": <trainer.default_root_dir>/checkpoints/last.ckpt
     ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's newest: last.ckpt or its step checkpoint)
     checkpoint_every_n_train_steps = None  # also checkpoint every n steps (long epochs: lose less on a kill)
-    norm_stats_out = "outputs/norm_stats.json"  # compute_norm_stats writes mean and std here
+    norm_stats_out = None  # compute_norm_stats writes mean and std here; None: outputs/<run_name>/norm_stats.json
     speed_test_batch_size = 8  # model_speed_test batch size
     speed_test_iterations = 5  # model_speed_test timed iterations
 
@@ -179,44 +193,104 @@ register_named_configs(ex)
 
 
 # ----------------------------------------------------------------------------------- factories
+# maest.arch=None without a checkpoint that records its model: train PaSST's architecture.
+DEFAULT_ARCH = "passt_s_swa_p16_128_ap476"
+# The maest keys that are MAESTConfig fields (the others say where the weights come from).
+_NET_KEYS = (
+    "n_classes", "input_f", "input_t", "distilled_type", "s_patchout_t", "s_patchout_f", "u_patchout",
+    "s_patchout_f_indices", "s_patchout_f_interleaved", "s_patchout_t_indices", "s_patchout_t_interleaved",
+    "drop_path_rate", "fused_attention",
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_record(path: str, version: tuple | None, trust_checkpoint: bool) -> dict | None:
+    return read_model_record(path, trust_checkpoint)
+
+
+def checkpoint_record(path, trust_checkpoint: bool = False) -> dict | None:
+    """The model record of a checkpoint (SPEC §5.6; None without one), read once per file and run."""
+    if path is None:
+        return None
+    file = Path(path)
+    stat = file.stat() if file.is_file() else None
+    return _cached_record(str(file), (stat.st_mtime_ns, stat.st_size) if stat else None, trust_checkpoint)
+
+
+class NetSetup(typing.NamedTuple):
+    """What a command builds: the arch name, its config, the checkpoint and its record."""
+
+    arch: str | None
+    config: MAESTConfig
+    checkpoint: str | None
+    record: dict | None
+    reinit_heads: bool
+
+
+@maest_ing.capture
+def resolve_net(_config, data_n_classes: int | None = None, inference_checkpoint: str | None = None, training: bool = False) -> NetSetup:
+    """The network of the ``maest`` config, before any weights are read.
+
+    The checkpoint's record (SPEC §5.6) fixes the architecture; ``maest.*`` keys left at None
+    (arch, n_classes, input_t, distilled_type) take its values, a given key that contradicts it is
+    an error. Without a record: the arch's config (``maest.arch``, else DEFAULT_ARCH without a
+    checkpoint). ``inference_checkpoint`` replaces ``maest.checkpoint``; ``maest.reinit_heads``
+    acts only in training.
+    """
+    checkpoint = inference_checkpoint or _config["checkpoint"]
+    reinit = bool(_config["reinit_heads"] and training)
+    record = checkpoint_record(checkpoint, _config["trust_checkpoint"])
+    arch = _config["arch"] or (DEFAULT_ARCH if checkpoint is None else None)
+    options = {key: _config[key] for key in _NET_KEYS}
+    options["s_patchout_f_indices"] = tuple(options["s_patchout_f_indices"])
+    options["s_patchout_t_indices"] = tuple(options["s_patchout_t_indices"])
+    source = f"checkpoint {checkpoint}"
+    if record is not None and data_n_classes and not reinit and data_n_classes != record["config"]["n_classes"]:
+        hint = ", or fine-tune it on these labels with maest.reinit_heads=True (the finetune named config)" if training else ""
+        raise ValueError(
+            f"the ground truth has {data_n_classes} classes but {source} predicts {record['config']['n_classes']}: "
+            f"use the ground truth of the checkpoint's labels{hint}"
+        )
+    if options["n_classes"] is None and (record is None or reinit):
+        options["n_classes"] = data_n_classes  # None: the checkpoint's or the arch's
+    arch, config = config_from_record(arch, record, options, source, reinit_heads=reinit)
+    spec = REGISTRY.get(arch)
+    if (
+        spec is not None and checkpoint is None and spec.weights_file and spec.init == "maest"
+        and "input_t" in spec.config and config.input_t != spec.config["input_t"]
+    ):
+        _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], config.input_t)
+    return NetSetup(arch, config, checkpoint, record, reinit)
+
+
 @maest_ing.capture
 def build_net(
-    arch, pretrained, weights_dir, checkpoint, checkpoint_swa_weights, trust_checkpoint, n_classes, input_f, input_t,
-    s_patchout_t, s_patchout_f, u_patchout, s_patchout_f_indices, s_patchout_f_interleaved,
-    s_patchout_t_indices, s_patchout_t_interleaved, distilled_type, drop_path_rate, fused_attention,
-    data_n_classes: int | None = None,
-    inference_checkpoint: str | None = None,
+    pretrained, weights_dir, checkpoint_swa_weights, trust_checkpoint, setup: NetSetup | None = None,
+    data_n_classes: int | None = None, inference_checkpoint: str | None = None, training: bool = False,
 ):
-    """The network of the ``maest`` config; ``inference_checkpoint`` replaces ``checkpoint`` when given."""
-    checkpoint = inference_checkpoint or checkpoint
-    spec = get_spec(arch)
-    options = dict(
-        input_f=input_f, input_t=input_t, s_patchout_t=s_patchout_t, s_patchout_f=s_patchout_f, u_patchout=u_patchout,
-        s_patchout_f_indices=tuple(s_patchout_f_indices), s_patchout_f_interleaved=s_patchout_f_interleaved,
-        s_patchout_t_indices=tuple(s_patchout_t_indices), s_patchout_t_interleaved=s_patchout_t_interleaved,
-        distilled_type=distilled_type, drop_path_rate=drop_path_rate, fused_attention=fused_attention,
+    """The network of the ``maest`` config (``setup``, else ``resolve_net`` of the other arguments), its weights loaded."""
+    setup = setup or resolve_net(data_n_classes=data_n_classes, inference_checkpoint=inference_checkpoint, training=training)
+    return get_maest(
+        setup.arch, checkpoint=setup.checkpoint, pretrained=pretrained, checkpoint_swa_weights=checkpoint_swa_weights,
+        weights_directory=weights_dir, trust_checkpoint=trust_checkpoint, reinit_heads=setup.reinit_heads,
+        **dataclasses.asdict(setup.config),
     )
-    classes = n_classes or data_n_classes or spec.config.get("n_classes")
-    if classes:
-        options["n_classes"] = classes
-    if spec.weights_file and spec.init == "maest" and "input_t" in spec.config and input_t != spec.config["input_t"] and checkpoint is None:
-        _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], input_t)
-    net = get_maest(
-        arch, checkpoint=checkpoint, pretrained=pretrained, checkpoint_swa_weights=checkpoint_swa_weights,
-        weights_directory=weights_dir, trust_checkpoint=trust_checkpoint, **options,
-    )
-    return net
+
+
+def model_clip_length(config: MAESTConfig) -> float:
+    """The model's clip in seconds: ``input_t`` frames (5 s 312, 10 s 625, 30 s 1875)."""
+    return config.input_t * HOP_LENGTH / SAMPLE_RATE
 
 
 @datamodule_ing.capture
 def build_datamodule(
-    base_dir, groundtruth_train, groundtruth_val, groundtruth_test, groundtruth_predict, clip_length, batch_size_train,
+    base_dir, groundtruth_train, groundtruth_val, groundtruth_test, clip_length, batch_size_train,
     batch_size_test, num_workers, epoch_length, sampler, sampler_replacement, seed, teacher_dir, teacher_threshold,
     test_hop, pin_memory,
 ):
     return MAESTDataModule(
         base_dir=base_dir, clip_length=clip_length, groundtruth_train=groundtruth_train, groundtruth_val=groundtruth_val,
-        groundtruth_test=groundtruth_test, groundtruth_predict=groundtruth_predict, batch_size_train=batch_size_train,
+        groundtruth_test=groundtruth_test, batch_size_train=batch_size_train,
         batch_size_test=batch_size_test, num_workers=num_workers, epoch_length=epoch_length, sampler=sampler,
         sampler_replacement=sampler_replacement, seed=seed, teacher_dir=teacher_dir, teacher_threshold=teacher_threshold,
         test_hop=test_hop, pin_memory=pin_memory,
@@ -224,8 +298,8 @@ def build_datamodule(
 
 
 @module_ing.capture
-def build_module(net, _config):
-    return MAESTModule(net, **_config)
+def build_module(net, _config, arch: str | None = None, labels: list[str] | None = None):
+    return MAESTModule(net, arch=arch, labels=labels, **_config)
 
 
 # Set by build_trainer itself; a `trainer.<key>` for one of them would be passed twice.
@@ -256,8 +330,11 @@ def _accept_trainer_arguments(f):
 
 @trainer_ing.capture
 @_accept_trainer_arguments
-def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True, **_lightning_arguments):
-    """The Lightning Trainer of the ``trainer`` config (any Trainer argument) with checkpointing."""
+def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True, log_scalar=None, **_lightning_arguments):
+    """The Lightning Trainer of the ``trainer`` config (any Trainer argument) with checkpointing.
+
+    ``log_scalar(name, value, step)`` (the Sacred run's): every epoch's metrics also go there.
+    """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -267,7 +344,7 @@ def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True
     clash = [k for k in _TRAINER_OWN_ARGUMENTS if k in options]
     if clash:
         raise ValueError(f"trainer.{clash[0]} cannot be configured: ex_maest.py sets it (see build_trainer)")
-    root = Path(options.pop("default_root_dir"))
+    root = Path(options.pop("default_root_dir") or run_output("train"))
     callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
     if not monitor_val:
         callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)]
@@ -277,18 +354,33 @@ def build_trainer(_config, checkpoint_every_n_train_steps=None, monitor_val=True
     if options.get("logger", True) is not False:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     # The data module shards the training draw by global rank itself (see helpers/datamodule.py).
-    return pl.Trainer(default_root_dir=root, callbacks=callbacks, use_distributed_sampler=False, **options)
+    trainer = pl.Trainer(default_root_dir=root, callbacks=callbacks, use_distributed_sampler=False, **options)
+    if log_scalar is not None:  # beside the configured loggers (TensorBoard by default)
+        from helpers.metric_logger import ScalarCallbackLogger
+
+        trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(log_scalar)]
+    return trainer
 
 
 @maest_ing.capture
 def check_pretrained_weights(arch, pretrained, weights_dir, checkpoint):
     """Fail before any data is read when ``pretrained`` weights are not in the weights directory."""
     if pretrained and checkpoint is None:
-        pretrained_path(arch, weights_dir)  # raises FileNotFoundError naming the file and its URL
+        pretrained_path(arch or DEFAULT_ARCH, weights_dir)  # raises FileNotFoundError naming the file and its URL
 
 
-def _prepare_synthetic(synthetic_data):
-    if synthetic_data.get("out_dir"):
+@ex.capture
+def run_output(name: str, run_name: str) -> Path:
+    """``outputs/<run_name>/<name>``: where an output goes when its key (e.g. ``predict.out_dir``) is None."""
+    return run_dir(run_name) / name
+
+
+@ex.capture
+def _prepare_synthetic(synthetic_data, _config):
+    """Generate the demo's synthetic dataset, only where the data module reads it (``datamodule.base_dir``)."""
+    if synthetic_data.get("out_dir") and not uses_synthetic_data(_config):
+        _logger.info("synthetic_data.out_dir=%s is not datamodule.base_dir: no synthetic data generated", synthetic_data["out_dir"])
+    elif synthetic_data.get("out_dir"):
         from helpers.synthetic import make_synthetic_dataset
 
         info = make_synthetic_dataset(**synthetic_data)
@@ -303,7 +395,11 @@ def _resolve_ckpt_path(ckpt_path, trainer):
         folder = Path(trainer.default_root_dir) / "checkpoints"
         candidates = [p for p in [folder / "last.ckpt", *folder.glob("step-*.ckpt")] if p.is_file()]
         if not candidates:
-            raise FileNotFoundError(f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume")
+            raise FileNotFoundError(
+                f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume. The folder follows from "
+                "run_name (by default from the config): resume with the command line of the run to resume, or set "
+                "run_name or trainer.default_root_dir to its folder"
+            )
         return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
     return ckpt_path
 
@@ -313,25 +409,35 @@ def _at_least(minimum: int, note: str = ""):
     return (lambda v: v >= minimum), f"at least {minimum}{note}"
 
 
+def _check_hf_max_length(value) -> None:
+    if not (value is None or value == "hub" or (type(value) is int and value >= 16)):
+        raise ValueError(f"export.hf_max_length must be None (the model's clip), 'hub' (the published models' lengths) or frames >= 16, got {value!r}")
+
+
 # Keys whose valid values their default's type does not tell (other kinds, ranges). Every other key
 # with a bool, int or float default must keep that type (an int is a valid float), and trainer.<key>
 # must match Lightning's own annotation of that Trainer argument.
 # key -> (type hint, (test, text) for a number of that type or None), or a function that raises ValueError
 _CONFIG_RULES = {
-    "datamodule.clip_length": (float, (lambda v: v > 0, "> 0 (seconds)")),
+    "datamodule.clip_length": (float | None, (lambda v: v > 0, "> 0 (seconds; None: the model's)")),
     "datamodule.batch_size_train": (int, _at_least(1)),
     "datamodule.batch_size_test": (int, _at_least(1)),
     "datamodule.num_workers": (int, _at_least(0)),
     "datamodule.epoch_length": (int, _at_least(1)),
-    "datamodule.test_hop": (Literal["full", "half"], None),
+    "datamodule.test_hop": lambda hop: hop_frames_for(hop, 2, key="datamodule.test_hop"),  # the one reading of a hop
     "maest.n_classes": (int | None, _at_least(1)),
+    "maest.input_t": (int | None, _at_least(16, " (one patch)")),
+    "module.freeze_blocks": (int, _at_least(0)),
+    "module.layer_decay": (float, (lambda v: 0 < v <= 1, "in (0, 1] (1.0: off)")),
     "predict.transformer_block": (int, None),  # one block; extract() checks its range against the model
     "predict.hop": lambda hop: hop_frames_for(hop, 2),  # a validator of its own: its message
     "predict.batch_size": (int, _at_least(1)),
     "predict.num_workers": (int, _at_least(0)),
     "predict.top_k": (int, _at_least(1)),
+    "export.hf_max_length": _check_hf_max_length,  # export_hf checks the frames against the model
     "trainer.max_epochs": (int | None, _at_least(-1, " (-1: no limit)")),
     "checkpoint_every_n_train_steps": (int | None, _at_least(1)),
+    "run_name": check_run_name,
     "speed_test_batch_size": (int, _at_least(1)),
     "speed_test_iterations": (int, _at_least(1)),
 }
@@ -366,15 +472,25 @@ def _check_config_hook(config, command_name, logger):
     return {}
 
 
-@ex.capture
-def check_training_clip(maest, datamodule):
-    """Before any data is read: training clips fit the time embeddings and keep patches after patchout."""
-    clip_length, input_t = datamodule["clip_length"], maest["input_t"]
+@ex.config_hook
+def _run_name_hook(config, command_name, logger):
+    """run_name=None becomes the run's own name (configs/runs.py); a name given in the config wins."""
+    if config.get("run_name") is None:
+        return {"run_name": run_name_for(config)}
+    return {}
+
+
+@datamodule_ing.capture
+def check_training_clip(clip_length) -> float:
+    """Before any data is read: training clips fit the time embeddings and keep patches after patchout.
+
+    Returns the clip length in seconds (``datamodule.clip_length``, else the model's: ``input_t`` frames).
+    """
+    cfg = resolve_net(training=True).config
+    input_t = cfg.input_t
+    if clip_length is None:
+        clip_length = model_clip_length(cfg)
     n_frames = n_frames_for(clip_length)
-    cfg = build_config(
-        maest["arch"], input_f=maest["input_f"], input_t=input_t,
-        s_patchout_t=maest["s_patchout_t"], s_patchout_f=maest["s_patchout_f"], u_patchout=maest["u_patchout"],
-    )
     if n_frames > cfg.max_frames:
         raise ValueError(
             f"datamodule.clip_length={clip_length} s gives {n_frames}-frame training clips, longer than the time embeddings "
@@ -387,20 +503,39 @@ def check_training_clip(maest, datamodule):
         cfg.check_patchout(n_frames)
     except ValueError as e:
         raise ValueError(f"datamodule.clip_length={clip_length} s with maest.input_t={input_t}: {e}") from None
+    return clip_length
+
+
+@datamodule_ing.capture
+def inference_clip_length(config: MAESTConfig, clip_length) -> float:
+    """Clip length of test, extraction and prediction: ``datamodule.clip_length``, else the model's (``input_t`` frames)."""
+    return model_clip_length(config) if clip_length is None else clip_length
+
+
+@datamodule_ing.capture
+def _training_labels(n_classes: int, labels) -> list[str] | None:
+    """``datamodule.labels`` checked against the classes of the ground truth (they go into the checkpoints)."""
+    if labels is None:
+        return None
+    labels = [str(name) for name in labels]
+    if len(labels) != n_classes:
+        raise ValueError(f"datamodule.labels lists {len(labels)} label names but the model has {n_classes} classes: give one name per ground-truth class")
+    return labels
 
 
 # ----------------------------------------------------------------------------------- commands
 @ex.main
 def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
-    check_training_clip()
+    clip_length = check_training_clip()
     check_pretrained_weights()
     _prepare_synthetic(synthetic_data)
-    datamodule = build_datamodule()
-    net = build_net(data_n_classes=datamodule.n_classes)
-    module = build_module(net)
+    datamodule = build_datamodule(clip_length=clip_length)
+    setup = resolve_net(data_n_classes=datamodule.n_classes, training=True)
+    net = build_net(setup=setup)
+    module = build_module(net, arch=setup.arch, labels=_training_labels(setup.config.n_classes))
     has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
-    trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val)
+    trainer = build_trainer(checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val, log_scalar=_run.log_scalar)
     val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer), weights_only=True)
@@ -456,11 +591,11 @@ def _report(_run, result):
 def test(_run, synthetic_data, inference_checkpoint):
     """Test maest.checkpoint (or the configured weights) on datamodule.groundtruth_test, every clip."""
     _prepare_synthetic(synthetic_data)
-    datamodule = build_datamodule()
+    datamodule = build_datamodule(clip_length=inference_clip_length(resolve_net(inference_checkpoint=inference_checkpoint).config))
     net = build_net(data_n_classes=datamodule.n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
     module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
-    trainer = build_trainer()
+    trainer = build_trainer(log_scalar=_run.log_scalar)
     # The metrics are those of the good files; the bad ones are listed and the command then fails.
     failures, failed_list = _list_dataset_failures(datamodule, "test", trainer, "test file")
     results = trainer.test(module, datamodule=datamodule)
@@ -482,7 +617,7 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
     from helpers.stats import mel_statistics
 
     _prepare_synthetic(synthetic_data)
-    out = Path(norm_stats_out)
+    out = Path(norm_stats_out or run_output("norm_stats.json"))
     failed_list = out.parent / "failed-norm-stats.txt"
     stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"], failed_list=failed_list)
     write_text_atomic(out, json.dumps(stats, indent=2))
@@ -493,11 +628,11 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
 
 @ex.command
 def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_checkpoint, maest, predict):
-    """Forward-pass speed of the configured model on random input of maest.input_t frames."""
+    """Forward-pass speed of the configured model on random input of its input_t frames."""
     net = build_net(inference_checkpoint=inference_checkpoint)
     device = _device(predict["device"])
     net = net.to(device)
-    x = torch.randn(speed_test_batch_size, 1, maest["input_f"], maest["input_t"] + 1, device=device)
+    x = torch.randn(speed_test_batch_size, 1, net.config.input_f, net.config.input_t + 1, device=device)
     x = x[..., : min(x.shape[-1], net.config.max_frames)]
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=predict["bf16"]):
         net(x)
@@ -522,13 +657,15 @@ def _device(name: str) -> torch.device:
 
 def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
     """Shared body of extract_embeddings / extract_logits; exits non-zero when any file failed."""
-    transformer_block, out_dir, hop = predict["transformer_block"], predict["out_dir"], predict["hop"]
+    transformer_block, out_dir, hop = predict["transformer_block"], predict["out_dir"] or run_output("embeddings"), predict["hop"]
     batch_size, num_workers, bf16, device = predict["batch_size"], predict["num_workers"], predict["bf16"], predict["device"]
     if datamodule_cfg["groundtruth_predict"] is None:
         raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
-    n_frames = n_frames_for(datamodule_cfg["clip_length"])
+    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    clip_length = inference_clip_length(setup.config)
+    n_frames = n_frames_for(clip_length)
     hop_frames = hop_frames_for(hop, n_frames)
-    net = build_net(inference_checkpoint=inference_checkpoint).to(_device(device))
+    net = build_net(setup=setup).to(_device(device))
     report = extract(
         net,
         base_dir=datamodule_cfg["base_dir"],
@@ -541,8 +678,8 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
         batch_size=batch_size,
         num_workers=num_workers,
         bf16=bf16,
-        run_info={"arch": maest["arch"], "checkpoint": inference_checkpoint or maest["checkpoint"], "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
-                  "pretrained": maest["pretrained"], "clip_length": datamodule_cfg["clip_length"], "hop": hop},
+        run_info={"arch": setup.arch, "checkpoint": setup.checkpoint, "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
+                  "pretrained": maest["pretrained"], "clip_length": clip_length, "hop": hop},
     )
     print(report.summary())
     _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file")
@@ -564,7 +701,7 @@ def extract_logits(synthetic_data, inference_checkpoint, maest, datamodule, pred
 
 
 @ex.command
-def predict(inference_checkpoint, maest, datamodule, predict):
+def predict(inference_checkpoint, predict):
     """Top-k labels of audio files: predict.audio=['a.mp3', 'folder/'] -> JSON (or predict.output=x.tsv).
 
     Files that cannot be labelled are listed in failed-predict.txt beside predict.output (in the
@@ -572,10 +709,11 @@ def predict(inference_checkpoint, maest, datamodule, predict):
     """
     if not predict["audio"]:
         raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
-    n_frames = n_frames_for(datamodule["clip_length"])
+    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    n_frames = n_frames_for(inference_clip_length(setup.config))
     hop_frames = hop_frames_for(predict["hop"], n_frames)
-    net = build_net(inference_checkpoint=inference_checkpoint).to(_device(predict["device"]))
-    labels = _labels(maest["arch"], predict["labels_file"], net.n_classes)
+    net = build_net(setup=setup).to(_device(predict["device"]))
+    labels = _labels(setup, predict["labels_file"])
     results, failures = predict_files(
         net, predict["audio"], labels, n_frames=n_frames, hop_frames=hop_frames,
         top_k=predict["top_k"], batch_size=predict["batch_size"], bf16=predict["bf16"],
@@ -591,40 +729,59 @@ def predict(inference_checkpoint, maest, datamodule, predict):
     return results
 
 
-def _labels(arch, labels_file, n_classes) -> list[str]:
-    """Label names: predict.labels_file (one per line; blank lines ignored), else the arch's, else class_<i>."""
+def _labels(setup: NetSetup, labels_file) -> list[str]:
+    """Label names: predict.labels_file (one per line; blank lines ignored), else the checkpoint's
+    (SPEC §5.6), else the arch's when it has as many, else class_<i>."""
+    n_classes = setup.config.n_classes
+    stored = setup.record["labels"] if setup.record else None
+    spec = REGISTRY.get(setup.arch)
     if labels_file:
         path = Path(labels_file)
         if not path.is_file():
             raise FileNotFoundError(f"predict.labels_file={labels_file!r} does not exist: give a text file with one label name per line")
         labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif stored is not None:
+        labels = stored
+    elif spec is not None and spec.labels() and (setup.record is None or len(spec.labels()) == n_classes):
+        labels = spec.labels()  # a released model's Discogs styles
     else:
-        labels = get_spec(arch).labels() or [f"class_{i}" for i in range(n_classes)]
+        labels = [f"class_{i}" for i in range(n_classes)]
     if len(labels) != n_classes:
         raise ValueError(f"{len(labels)} label names for a model with {n_classes} outputs: set predict.labels_file to the right list")
     return labels
 
 
 @ex.command
-def export_hf(inference_checkpoint, maest, export, predict):
+def export_hf(inference_checkpoint, export, predict):
     """Write the model as a Hugging Face ASTForAudioClassification directory (export.out_dir)."""
-    from models.hf import export_hf as _export_hf
+    from models.exchange.hf import export_hf as _export_hf
 
-    net = build_net(inference_checkpoint=inference_checkpoint)
-    labels = _labels(maest["arch"], predict["labels_file"], net.n_classes)
-    out = _export_hf(net, export["out_dir"], labels=labels, allow_separated=export["hf_allow_separated"])
+    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    net = build_net(setup=setup)
+    labels = _labels(setup, predict["labels_file"])
+    max_length = export["hf_max_length"]
+    if max_length is None:  # the clips predict and extraction feed the model
+        max_length = n_frames_for(inference_clip_length(setup.config))
+    out = _export_hf(
+        net, export["out_dir"] or run_output("export"), labels=labels, allow_separated=export["hf_allow_separated"], max_length=max_length
+    )
     print(f"Hugging Face model written to {out}")
     return str(out)
 
 
 @ex.command
-def export_onnx(inference_checkpoint, export):
+def export_onnx(inference_checkpoint, export, predict):
     """Write the model as ONNX (export.out_dir/model.onnx), optionally with the mel front-end or block embeddings."""
-    from helpers.export import export_onnx as _export_onnx
+    from models.exchange.onnx import export_onnx as _export_onnx
 
-    net = build_net(inference_checkpoint=inference_checkpoint)
-    path = Path(export["out_dir"]) / "model.onnx"
-    out = _export_onnx(net, path, with_mel=export["onnx_with_mel"], block=export["onnx_block"], opset=export["onnx_opset"])
+    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    net = build_net(setup=setup)
+    path = Path(export["out_dir"] or run_output("export")) / "model.onnx"
+    clips = {}
+    if export["onnx_with_mel"]:  # the graph cuts the clips predict cuts
+        n_frames = n_frames_for(inference_clip_length(setup.config))
+        clips = {"clip_frames": n_frames, "hop_frames": hop_frames_for(predict["hop"], n_frames)}
+    out = _export_onnx(net, path, with_mel=export["onnx_with_mel"], block=export["onnx_block"], opset=export["onnx_opset"], **clips)
     print(f"ONNX model written to {out}")
     return str(out)
 

@@ -7,7 +7,8 @@
 
 Reads ``<embeddings_dir>/<key>.embeddings.npy`` for every key of the three ground truths
 (SPEC §7), trains on train, keeps the checkpoint of best validation ROC-AUC, tests it, and
-writes the validation and test macro ROC-AUC / PR-AUC to ``<out_dir>/results.json``.
+writes the validation and test macro ROC-AUC / PR-AUC, with the number of classes they average
+over (``n_classes_scored``), to ``<out_dir>/results.json``.
 Observers are added on the command line only (``-F dir``).
 """
 
@@ -24,6 +25,7 @@ from sacred import Experiment
 
 from configs.tl import register
 from helpers.files import write_text_atomic
+from helpers.metric_logger import ScalarCallbackLogger
 from helpers.probe import EmbeddingDataModule, ProbeModule, ProbeNet
 
 logger = logging.getLogger(__name__)
@@ -117,8 +119,11 @@ def make_module(
 
 
 @ex.capture
-def make_trainer(out_dir, max_epochs, trainer) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """A Trainer that keeps the checkpoint of best validation ROC-AUC under ``out_dir/checkpoints``."""
+def make_trainer(out_dir, max_epochs, trainer, _run) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """A Trainer that keeps the checkpoint of best validation ROC-AUC under ``out_dir/checkpoints``.
+
+    Every epoch's metrics also go to the Sacred run record (``metrics.json`` of ``-F DIR``).
+    """
     for key in ("max_epochs", "callbacks"):
         if key in trainer:
             raise ValueError(f"trainer.{key} is set by ex_tl.py itself: use `{key}=...`, not `trainer.{key}=...`")
@@ -136,7 +141,9 @@ def make_trainer(out_dir, max_epochs, trainer) -> tuple[pl.Trainer, ModelCheckpo
     callbacks = [checkpoint]
     if kwargs["logger"]:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs), checkpoint
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
+    trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(_run.log_scalar)]
+    return trainer, checkpoint
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -163,8 +170,9 @@ def main(_config, out_dir, seed) -> dict:
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = {
-        "val": {"roc_auc": val["val_roc_auc"], "pr_auc": val["val_pr_auc"]},
-        "test": {"roc_auc": test["test_roc_auc"], "pr_auc": test["test_pr_auc"]},
+        # n_classes_scored: the classes in the macro averages (the others have no positive or no negative track)
+        "val": {"roc_auc": val["val_roc_auc"], "pr_auc": val["val_pr_auc"], "n_classes_scored": int(val["val_n_classes_scored"])},
+        "test": {"roc_auc": test["test_roc_auc"], "pr_auc": test["test_pr_auc"], "n_classes_scored": int(test["test_n_classes_scored"])},
         "n_tracks": dict(datamodule.n_tracks),
         "input_dim": datamodule.input_dim,
         "n_classes": datamodule.n_classes,

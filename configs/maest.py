@@ -10,7 +10,11 @@ recipe upstream's config describes. Clip lengths are in seconds and ``input_t = 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sacred.config.config_dict import ConfigDict
+
+from helpers.synthetic import LABELS as SYNTHETIC_LABELS
 
 PASST = "passt_s_swa_p16_128_ap476"
 DEIT = "passt_deit_bd_p16_384"
@@ -86,10 +90,52 @@ def mini_train():
     trainer = {"limit_train_batches": 5, "limit_val_batches": 5, "max_epochs": 2}  # noqa: F841
 
 
+MTT_TAGS = Path(__file__).resolve().parent.parent / "datasets" / "mtt" / "tags.txt"  # the 50 tags, in vector order
+
+
 def target_mtt():
-    """Extract embeddings of every MagnaTagATune clip (mels from datasets/mtt/preprocess.py) for `ex_tl.py with target_mtt_tl`."""
-    datamodule = {"base_dir": "data/mtt/mels", "groundtruth_predict": "datasets/mtt/groundtruth-all.pk"}  # noqa: F841
+    """MagnaTagATune (mels from datasets/mtt/preprocess.py): extract embeddings of every clip for
+    `ex_tl.py with target_mtt_tl`, or fine-tune on its 50 tags (`with maest_discogs_30sec_inference finetune target_mtt`)."""
+    datamodule = {  # noqa: F841
+        "base_dir": "data/mtt/mels",
+        "groundtruth_predict": "datasets/mtt/groundtruth-all.pk",
+        "groundtruth_train": "datasets/mtt/groundtruth-train.pk",
+        "groundtruth_val": "datasets/mtt/groundtruth-validation.pk",
+        "groundtruth_test": "datasets/mtt/groundtruth-test.pk",
+        "labels": MTT_TAGS.read_text().split(),
+    }
     predict = {"out_dir": "outputs/mtt/embeddings"}  # noqa: F841
+
+
+def finetune():
+    """Fine-tune a trained MAEST (a released model or your own checkpoint) on new labels.
+
+    `python ex_maest.py with maest_discogs_30sec_inference finetune target_mtt` (MagnaTagATune's 50
+    tags), or any data: `with maest_discogs_30sec_inference finetune OUT/dataset.json`; from your
+    own checkpoint: `with finetune maest.checkpoint=x.ckpt OUT/dataset.json`. The backbone loads
+    strictly and the heads start afresh for the data's classes (maest.reinit_heads). A fresh head
+    needs a higher rate than the backbone, which should move little: lr 1e-4 for the heads with
+    layer-wise decay 0.75 (block 11 7.5e-5, block 6 1.8e-5 ~ the pre-training rate, embeddings
+    2.4e-6), weight decay 0.05 without the tokens, biases and norms, stochastic depth 0.1 (BEiT/MAE
+    fine-tuning). Short schedule: 2 warm-up epochs, then a linear ramp-down to 1 % by epoch 30;
+    no SWA (the best validation checkpoint is kept). 2000 draws an epoch with replacement suit a few
+    hundred to tens of thousands of tracks (MTT: 30 epochs = 3 passes); `module.freeze_blocks=N`
+    freezes the embeddings and the first N blocks.
+    """
+    maest = {"reinit_heads": True, "drop_path_rate": 0.1}  # noqa: F841
+    datamodule = {"epoch_length": 2000, "sampler_replacement": True}  # noqa: F841
+    module = {  # noqa: F841
+        "lr": 1e-4,
+        "layer_decay": 0.75,
+        "weight_decay": 0.05,
+        "no_weight_decay_tokens": True,
+        "no_weight_decay_biases_norms": True,
+        "warm_up_len": 2,
+        "ramp_down_start": 2,
+        "ramp_down_len": 28,
+        "swa": False,
+    }
+    trainer = {"max_epochs": 30}  # noqa: F841
 
 
 def demo():
@@ -97,6 +143,9 @@ def demo():
 
     `python ex_maest.py with demo` trains a small MAEST (depth 4, width 192) from scratch;
     `python ex_maest.py extract_embeddings with demo` extracts its embeddings for `ex_tl.py with demo`.
+    Outputs go to outputs/demo/ (train/, embeddings/, export/: run_name is "demo" on the synthetic
+    data). With a prepared dataset instead (`with demo OUT/dataset.json`) no synthetic data is
+    generated and the run gets its own folder; pass its checkpoint as `inference_checkpoint=`.
     """
     seed = 0  # noqa: F841  (Sacred seeds python, numpy and torch with it: the demo is reproducible)
     synthetic_data = {"out_dir": "outputs/demo/data", "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # noqa: F841
@@ -113,6 +162,7 @@ def demo():
         "num_workers": 0,
         "epoch_length": 640,
         "sampler_replacement": True,  # 640 draws an epoch from ~210 tracks: without replacement needs epoch_length <= tracks
+        "labels": list(SYNTHETIC_LABELS),  # recorded in the checkpoints: predict names the classes
     }
     maest = {"arch": "maest-demo", "pretrained": False, "n_classes": 10, "input_t": 312, "s_patchout_t": 6, "s_patchout_f": 1}  # noqa: F841
     module = {  # noqa: F841
@@ -123,9 +173,8 @@ def demo():
         "ramp_down_len": 5,
         "swa_epoch_start": 6,  # the SWA phase is epochs 5-9 (0-based): the learning rate stays at 5e-4, no ramp-down
     }
-    trainer = {"max_epochs": 10, "default_root_dir": "outputs/demo/train", "log_every_n_steps": 10}  # noqa: F841
-    predict = {"out_dir": "outputs/demo/embeddings", "transformer_block": 2, "batch_size": 32, "num_workers": 0}  # noqa: F841
-    export = {"out_dir": "outputs/demo/export"}  # noqa: F841
+    trainer = {"max_epochs": 10, "log_every_n_steps": 10}  # noqa: F841  (checkpoints: outputs/demo/train)
+    predict = {"transformer_block": 2, "batch_size": 32, "num_workers": 0}  # noqa: F841  (outputs/demo/embeddings)
 
 
 def register_named_configs(ex) -> None:
@@ -145,6 +194,7 @@ def register_named_configs(ex) -> None:
         recipe_paper,
         mini_train,
         target_mtt,
+        finetune,
         demo,
     ):
         ex.named_config(config)

@@ -20,11 +20,18 @@ Output, with ``datamodule.base_dir=OUT_DIR``:
   suffix (``a.wav``, ``a.mp3``) both keep it (``a.wav.mmap``, ``a.mp3.mmap``);
 - ``groundtruth-{train,validation,test,all}.pk``: mel key -> bool multi-hot vector, split with
   ``--seed``, stratified by label set; ``labels.txt``: label names in vector order;
+- ``dataset.json``: a Sacred config file with every ``datamodule`` key of this data (absolute
+  paths, so it works from any directory; prepare again after moving OUT_DIR), the label names
+  (``datamodule.labels``) and ``maest.n_classes``: ``python ex_maest.py with <training config>
+  OUT_DIR/dataset.json`` trains on it;
 - ``failed.txt``: ``<audio path>\\t<reason>`` for each file that could not be read (the others
   are still prepared, and the command exits with status 1). A rerun updates the list: entries of
   files it prepared are dropped, the others kept (``helpers.failures``).
 
 The run is resumable: mel files are written atomically, and complete ones are not computed again.
+It shows a progress bar over the files (on a terminal), warns about files shorter than one
+16-frame patch (they are zero-padded when read), and logs how many files of each label every
+split holds, warning about labels absent from validation or test (they cannot be scored there).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
+import json
 import logging
 import multiprocessing
 import os
@@ -49,12 +57,17 @@ from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_a
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
 from helpers.melfiles import MelFileError, MelReader, key_problem, save_groundtruth, write_mel
+from models.maest import MAESTConfig
+from models.mel import HOP_LENGTH, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test")
 LABEL_SEPARATORS = re.compile(r"[;|]")
 MEL_FORMATS = ("mmap", "npy")
+# The model's input must hold one patch: shorter mels are zero-padded (a file of 0.05 s is mostly padding).
+MIN_FRAMES = MAESTConfig.patch_size
+MIN_SECONDS = (MIN_FRAMES - 1) * HOP_LENGTH / SAMPLE_RATE  # centred frames: 1 + n_samples // hop
 
 
 # ---------------------------------------------------------------- mel extraction (shared with datasets/mtt)
@@ -273,6 +286,68 @@ class PrepareResult:
     n_written: int
     n_skipped: int
     failed: dict[Path, str]
+    dataset_config: Path | None = None  # dataset.json: the Sacred config of this data
+    short: list[str] = field(default_factory=list)  # mel keys of files shorter than one patch
+    class_counts: dict[str, list[int]] = field(default_factory=dict)  # split -> files per label
+
+
+def dataset_config(out_dir: Path, groundtruth: dict[str, Path], labels: Sequence[str]) -> dict:
+    """The Sacred config of a prepared folder: every ``datamodule`` key of the data, labels, ``maest.n_classes``.
+
+    Paths are absolute so that ``ex_maest.py with OUT_DIR/dataset.json`` works from any directory.
+    A split that is empty is None (training then runs without validation; ``test`` says what is missing).
+    """
+    path = {name: str(p.resolve()) for name, p in groundtruth.items()}
+    return {
+        "datamodule": {
+            "base_dir": str(out_dir.resolve()),
+            "groundtruth_train": path.get("train"),
+            "groundtruth_val": path.get("validation"),
+            "groundtruth_test": path.get("test"),
+            "groundtruth_predict": path.get("all"),
+            "labels": list(labels),
+        },
+        "maest": {"n_classes": len(labels)},
+    }
+
+
+def short_files(out_dir: Path, keys: Sequence[str]) -> list[str]:
+    """Mel keys of files with fewer frames than one patch (``MIN_FRAMES``), warned about by name."""
+    reader = MelReader(out_dir)
+    short = [k for k in keys if reader.open(k).shape[0] < MIN_FRAMES]
+    if short:
+        log.warning(
+            "%d file(s) are shorter than one %d-frame patch (%.3f s): they are zero-padded when read, and mostly "
+            "padding; leave them out if they are not meant as examples:\n  %s",
+            len(short), MIN_FRAMES, MIN_SECONDS, "\n  ".join(short),
+        )
+    return short
+
+
+def class_counts(gt: dict[str, np.ndarray], splits: dict[str, list[str]], labels: Sequence[str]) -> dict[str, list[int]]:
+    """Files per label in every split, logged as a table; a warning names labels absent from validation or test.
+
+    A label with no positive (or no negative) file in a split has no ROC-AUC there: the metrics of
+    that split average over the other labels (``n_classes_scored``).
+    """
+    counts = {
+        name: (np.sum([gt[k] for k in keys], axis=0).astype(int).tolist() if keys else [0] * len(labels))
+        for name, keys in splits.items()
+    }
+    width = max(len("label"), *(len(n) for n in labels))
+    rows = [f"{'label':<{width}}  " + "  ".join(f"{name:>10}" for name in counts)]
+    rows += [f"{label:<{width}}  " + "  ".join(f"{c[i]:>10}" for c in counts.values()) for i, label in enumerate(labels)]
+    log.info("files per label and split:\n  %s", "\n  ".join(rows))
+    for name in ("validation", "test"):
+        if splits.get(name):
+            absent = [label for label, c in zip(labels, counts[name]) if c == 0]
+            if absent:
+                log.warning(
+                    "%d label(s) have no file in the %s split and cannot be scored there (%s); more files of "
+                    "them, or another --split / --seed, fix it: %s",
+                    len(absent), name, "metrics average over the other labels", ", ".join(absent),
+                )
+    return counts
 
 
 def _check_split(split: Sequence[float]) -> tuple[float, float, float]:
@@ -345,6 +420,10 @@ def prepare_folder(
             log.warning("the %s split is empty (fraction %s of %d files): no %s written", name,
                         dict(zip(SPLIT_NAMES, fractions)).get(name), len(gt), path.name)
     write_text_atomic(out_dir / "labels.txt", "\n".join(label_names) + "\n")
+    config_path = out_dir / "dataset.json"
+    write_text_atomic(config_path, json.dumps(dataset_config(out_dir, paths, label_names), indent=2) + "\n")
+    short = short_files(out_dir, sorted(gt))
+    counts = class_counts(gt, parts, label_names)
     log.info(
         "prepared %s: %d mel file(s) written, %d already complete, %d failed; %s",
         out_dir, len(result.written), len(result.skipped), len(failed),
@@ -357,6 +436,9 @@ def prepare_folder(
         n_written=len(result.written),
         n_skipped=len(result.skipped),
         failed=failed,
+        dataset_config=config_path,
+        short=short,
+        class_counts=counts,
     )
 
 
@@ -382,9 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 1
-    for name, path in result.groundtruth.items():
-        log.info("datamodule.groundtruth_%s=%s", {"validation": "val", "all": "predict"}.get(name, name), path)
-    log.info("datamodule.base_dir=%s, maest.n_classes=%d", result.out_dir, len(result.labels))
+    log.info(
+        "train on it: python ex_maest.py with <training config, e.g. demo> %s (every datamodule key, "
+        "%d labels)", result.dataset_config, len(result.labels),
+    )
     if result.failed:  # SPEC §8: the good files are prepared; the bad ones are listed and the command fails
         failed = {p.relative_to(args.audio_dir).as_posix() if p.is_relative_to(args.audio_dir) else str(p): r for p, r in result.failed.items()}
         print(format_failures(failed, result.out_dir / "failed.txt", "audio file"), file=sys.stderr)

@@ -1,9 +1,12 @@
 """Audio files -> 16 kHz mono float32 -> stored-file mels (SPEC §2, §3).
 
 ``load_audio`` reads wav, flac, ogg and mp3 with soundfile (libsndfile >= 1.1 decodes mp3) and
-falls back to ``librosa.load`` (audioread) only when soundfile cannot open a file. Channels are
-averaged, then the signal is resampled with soxr (``soxr_hq``). Every failure is an
-``AudioLoadError`` naming the file and the cause, so batch preparers can skip and list it.
+decodes what libsndfile cannot (AAC/ALAC in M4A, Opus in WebM or Matroska, WMA, WAV files holding
+Vorbis or MP3, ...) with FFmpeg through PyAV (``av``, which ships FFmpeg in its wheel). Channels
+are averaged, then the signal is resampled with soxr (``soxr_hq``). Every failure is an
+``AudioLoadError`` naming the file and the cause: "unsupported codec X" when FFmpeg finds an audio
+stream it has no decoder for, "corrupt or not audio" when neither reader makes sense of the file;
+batch preparers skip and list it.
 
 ``audio_to_mel`` gives the stored-file convention: ``(frames, 96)`` float32 compressed log mels,
 not normalised (normalisation happens when the model input is built).
@@ -14,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +29,11 @@ from models.mel import SAMPLE_RATE, MelSpectrogram
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# What folders are searched for (files named explicitly are read whatever their name).
+AUDIO_EXTENSIONS = (
+    ".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".m4a", ".mp4", ".aac", ".alac", ".webm", ".mka", ".wma",
+    ".aif", ".aiff", ".aifc", ".caf", ".ac3", ".mp2", ".wv", ".ape",
+)
 RESAMPLE_TYPE = "soxr_hq"
 
 
@@ -36,37 +42,107 @@ class AudioLoadError(ValueError):
 
 
 def _describe(error: Exception) -> str:
-    return str(error).strip() or type(error).__name__  # audioread's NoBackendError has no message
+    return str(error).strip() or type(error).__name__
 
 
 def _read(path: Path) -> tuple[np.ndarray, int, int | None]:
     """``(samples, channels)`` float32, the file's sample rate, and the frames its header declares (None: unknown)."""
     try:
         with sf.SoundFile(path) as f:
-            # MPEG lengths are estimates (no length field in the stream); other formats state theirs.
-            declared = None if f.format == "MPEG" else f.frames
+            # MPEG lengths are estimates (no length field in the stream, also inside a WAV); other formats state theirs.
+            declared = None if f.format == "MPEG" or f.subtype.startswith("MPEG") else f.frames
             audio = f.read(dtype="float32", always_2d=True)
             sr = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_error:
-        log.debug("soundfile cannot read %s (%s); trying librosa/audioread", path, sf_error)
-        try:
-            with warnings.catch_warnings():  # librosa warns that it falls back; we already know and log it
-                warnings.simplefilter("ignore")
-                audio, sr = librosa.load(path, sr=None, mono=False, dtype=np.float32)
-        except Exception as fallback_error:  # audioread raises many unrelated types; re-raised as one below
-            raise AudioLoadError(
-                f"cannot decode audio file {path}: soundfile says {_describe(sf_error)}; "
-                f"librosa/audioread says {_describe(fallback_error)}. The file is corrupt or not audio: "
-                "re-encode it (e.g. to flac) or remove it"
-            ) from fallback_error
-        audio, declared = np.atleast_2d(audio).T, None  # librosa gives (channels, samples)
+        log.debug("soundfile cannot read %s (%s); trying FFmpeg (PyAV)", path, sf_error)
+        audio, sr = _read_ffmpeg(path, sf_error)
+        declared = None  # container durations are estimates; a WAV's own header is read below
     # libsndfile clamps a WAV's data size to the bytes present: read the header's own promise.
     header = _wav_header_frames(path)
     return audio, int(sr), max(declared or 0, header or 0) or None
 
 
+def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with FFmpeg (PyAV): ``(samples, channels)`` float32 and its sample rate."""
+    try:
+        import av
+    except ImportError as e:
+        raise AudioLoadError(
+            f"cannot decode audio file {path}: soundfile says {_describe(sf_error)}, and PyAV (FFmpeg), which reads "
+            "m4a/aac/opus/webm/wma and other codecs, is not installed: pip install -r requirements.txt"
+        ) from e
+    try:
+        container = av.open(str(path), mode="r")
+    except av.FFmpegError as e:
+        raise AudioLoadError(
+            f"cannot decode audio file {path}: soundfile says {_describe(sf_error)}; FFmpeg says {_describe(e)}. "
+            "The file is corrupt or not audio: re-encode it (e.g. to flac) or remove it"
+        ) from e
+    with container:
+        if not container.streams.audio:
+            raise AudioLoadError(f"audio file {path} has no audio stream (FFmpeg reads it as {container.format.name})")
+        stream = container.streams.audio[0]
+        codec = stream.codec_context
+        if codec is None or codec.name in (None, "", "none"):
+            tag = _wave_format_tag(path)
+            name = f"WAVE format tag 0x{tag:04x}" if tag is not None else "unknown to FFmpeg"
+            raise AudioLoadError(
+                f"audio file {path}: unsupported codec {name} in a {container.format.name} container (neither "
+                "libsndfile nor FFmpeg decodes it): re-encode it (e.g. to flac) with the tool that made it"
+            )
+        # Any sample format and layout -> planar float32 at the stream's own rate; soxr resamples later.
+        resampler = av.AudioResampler(format="fltp", layout=codec.layout, rate=codec.sample_rate)
+        chunks, data_bytes = [], 0
+        try:
+            for packet in container.demux(stream):
+                data_bytes += packet.size
+                for frame in packet.decode():
+                    chunks += [f.to_ndarray() for f in resampler.resample(frame)]  # (channels, samples) each
+            chunks += [f.to_ndarray() for f in resampler.resample(None)]
+        except av.FFmpegError as e:
+            raise AudioLoadError(
+                f"cannot decode audio file {path} ({codec.name} in {container.format.name}): FFmpeg says {_describe(e)}. "
+                "The file is corrupt: re-encode or re-download it"
+            ) from e
+        rate = codec.sample_rate
+        channels = codec.channels
+        if not chunks and data_bytes:
+            # e.g. Vorbis in WAV: the WAV demuxer cuts the stream into blocks the Vorbis decoder cannot parse.
+            raise AudioLoadError(
+                f"audio file {path}: unsupported codec {codec.name} in a {container.format.name} container: FFmpeg "
+                f"reads {data_bytes} bytes of {codec.name} data but decodes no audio from them; re-encode the file "
+                f"(e.g. to flac, or {codec.name} in its usual container) with the tool that made it"
+            )
+    if not chunks:
+        return np.zeros((0, max(channels, 1)), dtype=np.float32), rate
+    audio = np.concatenate(chunks, axis=1).T  # (samples, channels)
+    # Encoders pad the last frame (AAC: up to 1024 samples); the container's duration says where the
+    # signal ends. Trim at most that one frame: a longer excess means the duration is an estimate.
+    if stream.duration and stream.time_base and codec.frame_size:
+        declared = round(float(stream.duration * stream.time_base) * rate)
+        if 0 < audio.shape[0] - declared <= codec.frame_size:
+            audio = audio[:declared]
+    return np.ascontiguousarray(audio, dtype=np.float32), rate
+
+
 # WAVE format tags whose data size is a whole number of frames: PCM, IEEE float, A-law, mu-law, extensible.
 _FRAME_ALIGNED_WAVE_FORMATS = (0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE)
+
+
+def _wave_format_tag(path: Path) -> int | None:
+    """The ``fmt `` chunk's format tag of a RIFF/WAVE file (0x0001 PCM, 0x0055 MP3, ...); None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return None
+        order = "<" if head[:4] == b"RIFF" else ">"
+        while len(chunk := f.read(8)) == 8:
+            chunk_id, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+            if chunk_id == b"fmt ":
+                fmt = f.read(2)
+                return struct.unpack(order + "H", fmt)[0] if len(fmt) == 2 else None
+            f.seek(size + (size & 1), os.SEEK_CUR)
+    return None
 
 
 def _wav_header_frames(path: Path) -> int | None:

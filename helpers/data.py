@@ -5,6 +5,13 @@ model expects, normalised unless ``normalize=False``), ``key`` the ground-truth 
 the float32 multi-hot target ``(n_classes,)``. A teacher-student training set adds the hard
 teacher target as a fourth element.
 
+One rule cuts files into clips everywhere: the clip starts of ``models.inference.clip_starts``
+(consecutive or half-overlapping, the tail kept) and the padding of a short file by
+``models.inference.split_into_clips``. Test clips (``ClipDataset``), the validation centre clip
+(``ClipDataset(center_clip=True)``), extraction (``FileClips``) and prediction from audio
+(``models.inference.track_probabilities``) all go through them; ``hop_frames_for`` turns the
+``"full"``/``"half"`` setting of ``datamodule.test_hop`` and ``predict.hop`` into frames.
+
 Keys and labels are kept in numpy arrays, not Python lists or dicts: DataLoader workers fork
 the dataset, and millions of Python objects would be copied page by page as their reference
 counts change (pytorch/pytorch#13246).
@@ -22,14 +29,31 @@ from torch.utils.data import Dataset
 
 from helpers.melfiles import MelFileError, MelReader, check_keys
 from helpers.sampler import Draw
+from models.inference import clip_starts, split_into_clips
 from models.mel import normalize as normalize_mel
-
-from models.inference import clip_starts, pad_centre  # noqa: F401  (re-exported for the data pipeline)
 
 logger = logging.getLogger(__name__)
 
 # Hard teacher targets kept per worker; bit-packed, so 50 bytes per track for 400 classes.
 TEACHER_CACHE_SIZE = 262_144
+
+
+def hop_frames_for(hop: str, n_frames: int, key: str = "predict.hop") -> int:
+    """Frames between clip starts: ``"full"``, consecutive clips; ``"half"``, half-overlapping ones.
+
+    The one reading of ``datamodule.test_hop`` (test) and ``predict.hop`` (extraction, prediction);
+    ``key`` names the setting in the error.
+    """
+    if hop == "full":
+        return n_frames
+    if hop == "half":
+        return max(n_frames // 2, 1)
+    raise ValueError(f"{key} must be 'full' (consecutive clips) or 'half' (half-overlapping clips), got {hop!r}")
+
+
+def centre_clip_start(total_frames: int, n_frames: int) -> int:
+    """First frame of the one clip of a file that validation scores: its centre (0 for a short file)."""
+    return max(total_frames - n_frames, 0) // 2
 
 
 def teacher_targets(
@@ -108,11 +132,15 @@ class _MelDataset(Dataset):
         return torch.from_numpy(self.labels[track].astype(np.float32))
 
     def _to_input(self, mel: np.ndarray) -> torch.Tensor:
-        """``(frames <= n_frames, n_mels)`` float32 -> ``(1, n_mels, n_frames)`` model input."""
-        mel = pad_centre(mel, self.n_frames)
+        """``(frames <= n_frames, n_mels)`` float32 -> ``(1, n_mels, n_frames)`` model input.
+
+        A short file is padded as ``split_into_clips`` pads it, so a clip here equals the clip
+        extraction and prediction cut from the same frames.
+        """
+        clip = split_into_clips(torch.tensor(mel.T, dtype=torch.float32), self.n_frames)  # (1, n_mels, n_frames)
         if self.normalize:
-            mel = normalize_mel(mel)
-        return torch.from_numpy(np.ascontiguousarray(mel.T, dtype=np.float32)).unsqueeze(0)
+            clip = normalize_mel(clip)
+        return clip.contiguous()
 
 
 class TrainDataset(_MelDataset):
@@ -207,7 +235,7 @@ class ClipDataset(_MelDataset):
         """Clip starts of ``key``; reads the frames they cover once, so a bad file fails here, not mid-run."""
         total = self.reader.n_frames(key)
         if self.center_clip:
-            file_starts = np.array([max(total - self.n_frames, 0) // 2], dtype=np.int64)
+            file_starts = np.array([centre_clip_start(total, self.n_frames)], dtype=np.int64)
         else:
             file_starts = clip_starts(total, self.n_frames, self.hop_frames)
         self.reader.read(key, int(file_starts[0]), int(file_starts[-1]) + self.n_frames)  # NaN/inf check
@@ -261,3 +289,27 @@ class ClipDataset(_MelDataset):
         key = self.key(track)
         x = self._to_input(self.reader.read(key, start, start + self.n_frames))
         return x, key, self.target(track)
+
+
+class FileClips(Dataset):
+    """One item per file for extraction: ``(key, clips, None)``, or ``(key, None, reason)`` when it cannot be read.
+
+    ``clips`` is ``(n_clips, 1, n_mels, n_frames)``, normalised: every clip of the file as
+    ``split_into_clips`` cuts it (the clips ``ClipDataset`` gives one by one). Errors are returned,
+    not raised, so one bad file never stops a DataLoader's workers; the caller reports them.
+    """
+
+    def __init__(self, reader: MelReader, keys: list[str], n_frames: int, hop_frames: int):
+        self.reader, self.keys, self.n_frames, self.hop_frames = reader, keys, n_frames, hop_frames
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        key = self.keys[i]
+        try:
+            mel = torch.tensor(self.reader.read(key).T)  # (n_mels, frames) float32, NaN-checked
+            clips = split_into_clips(mel, self.n_frames, self.hop_frames)  # (n_clips, n_mels, n_frames)
+            return key, normalize_mel(clips).unsqueeze(1).contiguous(), None
+        except (OSError, ValueError) as e:  # MelFileError is a ValueError
+            return key, None, str(e)

@@ -1,4 +1,8 @@
-"""The MAEST data module: every data decision of training, validation, test and prediction."""
+"""The MAEST data module: every data decision of training, validation and test.
+
+Extraction and prediction do not go through it: they cut files into the same clips themselves
+(``helpers.extract``, ``helpers.data.FileClips``), one file at a time.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from helpers.data import ClipDataset, TrainDataset
+from helpers.data import ClipDataset, TrainDataset, hop_frames_for
 from helpers.melfiles import MelReader, load_groundtruth
 from helpers.sampler import BalancedSampler, RandomEpochSampler
 from models.mel import n_frames_for
@@ -20,7 +24,6 @@ from models.mel import n_frames_for
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("balanced", "random")
-TEST_HOPS = ("full", "half")
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -71,8 +74,8 @@ class MAESTDataModule(pl.LightningDataModule):
       ``epoch_length`` draws per epoch; with ``teacher_dir``, batches also hold hard teacher
       targets from ``<teacher_dir>/<key>.logits.npy``;
     - val: the centre clip of every file; test: every clip of every file, consecutive
-      (``test_hop="full"``) or half-overlapping (``"half"``), tail included; predict: the same
-      on ``groundtruth_predict``. Clips of a file are consecutive items in time order.
+      (``test_hop="full"``) or half-overlapping (``"half"``), tail included: the clips
+      extraction cuts (``helpers.data``). Clips of a file are consecutive items in time order.
 
     Batches are ``(x (B, 1, 96, n_frames), keys, y (B, n_classes)[, y_teacher])``, ``x``
     normalised unless ``normalize=False``. Files the evaluation sets cannot read (checked before
@@ -93,7 +96,6 @@ class MAESTDataModule(pl.LightningDataModule):
         groundtruth_train: str | os.PathLike | None = None,
         groundtruth_val: str | os.PathLike | None = None,
         groundtruth_test: str | os.PathLike | None = None,
-        groundtruth_predict: str | os.PathLike | None = None,
         batch_size_train: int = 12,
         batch_size_test: int = 20,
         num_workers: int = 0,
@@ -111,10 +113,10 @@ class MAESTDataModule(pl.LightningDataModule):
         Args:
             base_dir: folder of the mel files, or an ``.h5`` store; ground-truth keys are relative to it.
             clip_length: seconds per clip; ``n_frames = clip_length * 16000 // 256``.
-            groundtruth_train/val/test/predict: ground-truth pickles (key -> multi-hot); each is
-                needed only by its stage.
+            groundtruth_train/val/test: ground-truth pickles (key -> multi-hot); each is needed
+                only by its stage.
             batch_size_train: training batch size per device.
-            batch_size_test: batch size of validation, test and prediction.
+            batch_size_test: batch size of validation and test.
             num_workers: DataLoader worker processes (persistent when > 0).
             epoch_length: training draws per epoch over all ranks; None: the number of training tracks.
             sampler: "balanced" (class-balanced, upstream MAEST) or "random" (uniform).
@@ -123,14 +125,12 @@ class MAESTDataModule(pl.LightningDataModule):
             normalize: apply the model-input normalisation to the mels.
             teacher_dir: folder of teacher logits for teacher-student training, or None.
             teacher_threshold: sigmoid threshold of the hard teacher targets.
-            test_hop: "full" (consecutive clips) or "half" (half-overlapping) for test and predict.
+            test_hop: "full" (consecutive clips) or "half" (half-overlapping) for test (``hop_frames_for``).
             pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
         """
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"datamodule.sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if test_hop not in TEST_HOPS:
-            raise ValueError(f"datamodule.test_hop must be one of {TEST_HOPS}, got {test_hop!r}")
         if batch_size_train < 1 or batch_size_test < 1:
             raise ValueError(
                 "batch sizes must be positive, got "
@@ -143,11 +143,11 @@ class MAESTDataModule(pl.LightningDataModule):
         self.n_frames = n_frames_for(clip_length)
         if self.n_frames < 1:
             raise ValueError(f"datamodule.clip_length={clip_length} s is shorter than one frame")
+        self.hop_frames = hop_frames_for(test_hop, self.n_frames, key="datamodule.test_hop")
         self.groundtruth = {
             "train": groundtruth_train,
             "val": groundtruth_val,
             "test": groundtruth_test,
-            "predict": groundtruth_predict,
         }
         self.batch_size_train = batch_size_train
         self.batch_size_test = batch_size_test
@@ -159,7 +159,6 @@ class MAESTDataModule(pl.LightningDataModule):
         self.normalize = normalize
         self.teacher_dir = teacher_dir
         self.teacher_threshold = teacher_threshold
-        self.hop_frames = self.n_frames if test_hop == "full" else self.n_frames // 2
         self.pin_memory = pin_memory
         self.reader = MelReader(base_dir)
         self._datasets: dict[str, TrainDataset | ClipDataset] = {}
@@ -173,16 +172,16 @@ class MAESTDataModule(pl.LightningDataModule):
 
     @property
     def n_classes(self) -> int:
-        """Classes of the ground truth (the first one set of train, val, test, predict)."""
+        """Classes of the ground truth (the first one set of train, val, test)."""
         if self._n_classes is None:
             split = next((s for s, path in self.groundtruth.items() if path is not None), None)
             if split is None:
-                raise ValueError("no ground truth is set: give datamodule.groundtruth_train (or val, test, predict)")
+                raise ValueError("no ground truth is set: give datamodule.groundtruth_train (or val, test)")
             self._n_classes = self.dataset(split).n_classes
         return self._n_classes
 
     def dataset(self, split: str) -> TrainDataset | ClipDataset:
-        """The dataset of ``split`` ("train", "val", "test", "predict"), built once."""
+        """The dataset of ``split`` ("train", "val", "test"), built once."""
         if split not in self._datasets:
             gt = self._load_groundtruth(split)
             if split == "train":
@@ -216,8 +215,8 @@ class MAESTDataModule(pl.LightningDataModule):
         return self._datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-        for split in splits.get(stage, ["train", "val", "test", "predict"]):
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}
+        for split in splits.get(stage, ["train", "val", "test"]):
             if self.groundtruth[split] is not None:
                 self.dataset(split)
 
@@ -300,6 +299,3 @@ class MAESTDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("predict"), self.batch_size_test)

@@ -1,12 +1,12 @@
 """Embedding and logit extraction (SPEC §7) and audio-file prediction.
 
 Extraction reads every file of a ground truth as consecutive (optionally half-overlapping)
-clips, tail included, and writes ``<out_dir>/<key>.embeddings.npy`` (n_clips, 3, D) or
-``<out_dir>/<key>.logits.npy`` (n_clips, n_classes). Each file is written whole (temporary name,
-then rename) and skipped when present, so a killed run resumes; an unreadable file is reported
-and the others are still extracted. An output folder belongs to one setting: ``config.json`` is
-checked and written under a lock on the folder, so of two runs with different settings started
-at once, one is refused.
+clips, tail included (``helpers.data.FileClips``: the clips ``test`` scores), and writes
+``<out_dir>/<key>.embeddings.npy`` (n_clips, 3, D) or ``<out_dir>/<key>.logits.npy``
+(n_clips, n_classes). Each file is written whole (temporary name, then rename) and skipped when
+present, so a killed run resumes; an unreadable file is reported and the others are still
+extracted. An output folder belongs to one setting: ``config.json`` is checked and written under
+a lock on the folder, so of two runs with different settings started at once, one is refused.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from models import MAEST
-from models.inference import check_count, split_into_clips, track_probabilities
-from models.mel import normalize
+from models.inference import check_count, track_probabilities
 
+from .data import FileClips
 from .failures import update_failure_list
 from .files import atomic_path, folder_lock, write_text_atomic
-from .melfiles import MelFileError, MelReader, check_keys, load_groundtruth
+from .melfiles import MelReader, check_keys, load_groundtruth
 
 _logger = logging.getLogger(__name__)
 
@@ -64,25 +64,6 @@ class ExtractionReport:
         return {"out_dir": self.out_dir, "kind": self.kind, "written": len(self.written), "skipped": len(self.skipped), "failed": dict(self.failed)}
 
 
-class _FileClips(Dataset):
-    """One item per file: all its clips ``(n_clips, 1, F, n_frames)``, normalised; errors are returned, not raised."""
-
-    def __init__(self, reader: MelReader, keys: list[str], n_frames: int, hop_frames: int):
-        self.reader, self.keys, self.n_frames, self.hop_frames = reader, keys, n_frames, hop_frames
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int):
-        key = self.keys[i]
-        try:
-            mel = torch.from_numpy(self.reader.read(key)).T  # (F, T) float32, NaN-checked
-            clips = split_into_clips(mel, self.n_frames, self.hop_frames)  # (n_clips, F, n_frames)
-            return key, normalize(clips).unsqueeze(1).contiguous(), None
-        except (MelFileError, OSError, ValueError) as e:
-            return key, None, str(e)
-
-
 def _write_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
@@ -93,15 +74,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
-
-
-def hop_frames_for(hop: str, n_frames: int) -> int:
-    """``"full"``: consecutive clips; ``"half"``: half-overlapping clips (the ``predict.hop`` setting)."""
-    if hop == "full":
-        return n_frames
-    if hop == "half":
-        return max(n_frames // 2, 1)
-    raise ValueError(f"predict.hop must be 'full' (consecutive clips) or 'half' (half-overlapping clips), got {hop!r}")
 
 
 def check_clip_frames(model: MAEST, n_frames: int, hop_frames: int) -> None:
@@ -190,7 +162,7 @@ def extract(
     if report.skipped:
         _logger.info("%d of %d files already extracted in %s: skipped", len(report.skipped), len(gt), out_dir)
     loader = DataLoader(
-        _FileClips(MelReader(base_dir), todo, n_frames, hop_frames),
+        FileClips(MelReader(base_dir), todo, n_frames, hop_frames),
         batch_size=None,  # one file per item; its clips are batched below
         num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
@@ -232,7 +204,7 @@ def predict_files(
     progress: bool = True,
 ) -> tuple[list[dict], dict[str, str]]:
     """Audio files or folders -> per-file top-k labels with probabilities; failures by path."""
-    from .audio import AudioLoadError, list_audio_files, load_audio
+    from .audio import AUDIO_EXTENSIONS, AudioLoadError, list_audio_files, load_audio
 
     if len(labels) != model.n_classes:
         raise ValueError(f"{len(labels)} label names for a model with {model.n_classes} outputs: pass one name per output")
@@ -244,7 +216,7 @@ def predict_files(
         paths = [paths]  # one file or folder, not its characters
     files = list_audio_files(list(paths))
     if not files:
-        raise FileNotFoundError(f"no audio files (wav, flac, ogg, mp3) found in {list(paths)}")
+        raise FileNotFoundError(f"no audio files ({', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}) found in {list(paths)}")
     model.eval()
     device = next(model.parameters()).device
     results, failures = [], {}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MAEST
+from models.checkpoints import MODEL_RECORD_KEY, model_record
 
 from .augment import mixup, roll, spec_mask
 from .metrics import macro_metrics
@@ -58,6 +59,10 @@ class MAESTModule(pl.LightningModule):
         swa_anneal_epochs: int = 10,
         swa_anneal_strategy: str = "cos",
         teacher_student: bool = False,
+        freeze_blocks: int = 0,
+        layer_decay: float = 1.0,
+        arch: str | None = None,
+        labels: list[str] | None = None,
     ):
         """Defaults are the recipe that produced the released models (README, "Training recipe").
 
@@ -77,6 +82,14 @@ class MAESTModule(pl.LightningModule):
                 ``swa_anneal_epochs`` (Lightning's SWALR, as upstream) instead of following the
                 warm-up/ramp-down schedule to the end.
             swa_lr: the SWA-phase learning rate; None: ``lr`` (upstream: swa_lrs = lr = 2e-5).
+            freeze_blocks: fine-tuning: train neither the first ``freeze_blocks`` transformer blocks
+                nor, when it is above 0, the patch embedding, the CLS/DIST tokens and the position
+                embeddings.
+            layer_decay: layer-wise learning-rate decay (BEiT, MAE fine-tuning): block ``i``
+                (0-based) trains with ``lr * layer_decay ** (depth - i)``, the embeddings with
+                ``lr * layer_decay ** (depth + 1)``, the final norm and the heads with ``lr``; 1.0: off.
+            arch, labels: the registry name of ``net`` and its label names, recorded in every
+                checkpoint with ``net``'s architecture (SPEC §5.6) so that commands rebuild it from the file.
         """
         super().__init__()
         if swa_epoch_start < 0 or swa_freq < 1:
@@ -88,6 +101,18 @@ class MAESTModule(pl.LightningModule):
         # DIST tokens into `head`). Freeze it otherwise: DDP fails on a trainable parameter that
         # gets no gradient, and the optimiser has nothing to do for it.
         net.head_dist.requires_grad_(teacher_student)
+        depth = net.config.depth
+        if not 0 <= freeze_blocks <= depth:
+            raise ValueError(f"module.freeze_blocks={freeze_blocks} must be in [0, {depth}] (the network has {depth} blocks)")
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"module.layer_decay={layer_decay} must be in (0, 1] (1.0: every layer trains with module.lr)")
+        if freeze_blocks:
+            for name, p in net.named_parameters():
+                if _layer_id(name, depth) <= freeze_blocks:  # the embeddings (0) and blocks 0..freeze_blocks-1
+                    p.requires_grad_(False)
+            _logger.info("frozen: patch embedding, tokens, position embeddings and blocks 0-%d", freeze_blocks - 1)
+        self.layer_decay = layer_decay
+        self.record = model_record(arch, net.config, labels)  # checks len(labels) == n_classes
         self.lr = lr
         self.weight_decay = weight_decay
         self.no_weight_decay_tokens = no_weight_decay_tokens
@@ -114,17 +139,25 @@ class MAESTModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict]:
         """The trainable parameters of ``net`` for AdamW: one group, or a decayed group and a
-        ``weight_decay=0`` group when ``no_weight_decay_tokens`` / ``no_weight_decay_biases_norms``."""
+        ``weight_decay=0`` group when ``no_weight_decay_tokens`` / ``no_weight_decay_biases_norms``;
+        with ``layer_decay`` < 1 these groups are split by layer, each with its own ``lr``."""
         tokens = self.net.no_weight_decay() if self.no_weight_decay_tokens else set()
-        decay, no_decay = [], []
+        depth = self.net.config.depth
+        groups: dict[tuple[bool, int], list] = {}  # (weight decay, layer id) -> parameters, in first-seen order
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
             skip = name in tokens or (self.no_weight_decay_biases_norms and p.ndim <= 1)
-            (no_decay if skip else decay).append(p)
-        if not no_decay:
-            return [{"params": decay, "weight_decay": self.weight_decay}]
-        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            layer = _layer_id(name, depth) if self.layer_decay != 1.0 else depth + 1
+            groups.setdefault((not skip, layer), []).append(p)
+        order = sorted(groups, key=lambda k: (not k[0], k[1]))  # decayed groups first, as before layer decay
+        out = []
+        for decayed, layer in order:
+            group = {"params": groups[(decayed, layer)], "weight_decay": self.weight_decay if decayed else 0.0}
+            if self.layer_decay != 1.0:
+                group["lr"] = self.lr * self.layer_decay ** (depth + 1 - layer)
+            out.append(group)
+        return out
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
@@ -172,6 +205,7 @@ class MAESTModule(pl.LightningModule):
         # A checkpoint taken between this epoch's SWA update and its end is resumed through the
         # epoch's end hooks again: they must not average the same epoch twice.
         checkpoint["swa_updated_epoch"] = self._swa_updated_epoch
+        checkpoint[MODEL_RECORD_KEY] = self.record  # SPEC §5.6: commands rebuild the network from the file
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._swa_updated_epoch = checkpoint.get("swa_updated_epoch")
@@ -260,7 +294,12 @@ class MAESTModule(pl.LightningModule):
             })
         # Every rank holds the same gathered values: log them without another reduction.
         self.log_dict(results, prog_bar=stage == "val", sync_dist=False, rank_zero_only=False)
-        return results
+        # Classes with no positive or no negative clip have no ROC-AUC: the averages leave them out.
+        n_scored = m["n_classes_scored"]
+        self.log(f"{stage}_n_classes_scored", float(n_scored), sync_dist=False, rank_zero_only=False)
+        if n_scored < y.shape[1] and stage == "test":
+            _logger.warning("test metrics average over %d of %d classes: the others have no positive or no negative clip", n_scored, y.shape[1])
+        return {**results, f"{stage}_n_classes_scored": n_scored}
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -268,8 +307,12 @@ class MAESTModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    # ------------------------------------------------------------------ prediction
-    def predict_step(self, batch, batch_idx):
-        x, keys, *_ = batch
-        return {"keys": list(keys), "logits": self.net(x).float().cpu()}
 
+def _layer_id(name: str, depth: int) -> int:
+    """Layer of a parameter of ``MAEST`` for freezing and layer-wise decay (as BEiT): 0 the patch
+    embedding, tokens and position embeddings, ``i + 1`` block ``i``, ``depth + 1`` the final norm and the heads."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith(("norm.", "head.", "head_dist.")):
+        return depth + 1
+    return 0

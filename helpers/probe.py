@@ -277,8 +277,8 @@ class EmbeddingDataModule(pl.LightningDataModule):
 class ProbeModule(pl.LightningModule):
     """Trains a given probe network with BCE-with-logits and AdamW; logs macro ROC-AUC and PR-AUC.
 
-    Logged per epoch: ``train_loss``, ``val_loss``, ``val_roc_auc``, ``val_pr_auc`` (and the
-    ``test_*`` twins when testing). The learning rate follows :func:`warmup_linear_down`, per epoch.
+    Logged per epoch: ``train_loss``, ``val_loss``, ``val_roc_auc``, ``val_pr_auc``,
+    ``val_n_classes_scored`` (the classes in the averages) and the ``test_*`` twins when testing. The learning rate follows :func:`warmup_linear_down`, per epoch.
     Metrics are computed over the whole split at the end of the epoch (single device).
     """
 
@@ -324,6 +324,7 @@ class ProbeModule(pl.LightningModule):
         scored = macro_metrics(targets, scores)
         self.log(f"{stage}_roc_auc", scored["roc_auc"], prog_bar=True)
         self.log(f"{stage}_pr_auc", scored["pr_auc"])
+        self.log(f"{stage}_n_classes_scored", float(scored["n_classes_scored"]))  # classes with positives and negatives
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -6,7 +6,8 @@
 - PaSST AudioSet weights: frequency/time embeddings resized (bicubic), a foreign head dropped;
 - DeiT-B distilled 384 (timm layout, optionally under ``"model"``): the 2-D position grid is
   resized to the new grid and averaged into frequency and time embeddings;
-- Hugging Face ``ASTForAudioClassification`` directories (``models.hf``).
+- Hugging Face ``ASTForAudioClassification`` directories: ``models.exchange.hf`` converts them
+  (it builds on this module, never the other way; ``get_maest`` sends a directory there).
 
 ``checkpoint_filter_fn`` converts foreign weights and never touches the model; ``load_state_dict_strict``
 reports every missing, unexpected or mis-shaped key by name.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .maest import ARCHITECTURE_FIELDS
 from .mel import N_FFT, N_MELS, slaney_filterbank
 from .safe_unpickle import Inert, InertGlobal, SafeLoadError, safe_load
 
@@ -32,6 +34,7 @@ _logger = logging.getLogger(__name__)
 
 TOKEN_KEYS = ("cls_token", "dist_token", "new_pos_embed", "freq_new_pos_embed", "time_new_pos_embed")
 HEAD_PREFIXES = ("head.", "head_dist.")
+MODEL_RECORD_KEY = "maest_model"  # this project's checkpoints: {"arch", "config", "labels"} (SPEC §5.6)
 
 
 class CheckpointError(ValueError):
@@ -55,9 +58,10 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
     """
     path = Path(path)
     if path.is_dir():
-        from .hf import read_hf_state_dict  # optional dependency: transformers-free reader
-
-        return read_hf_state_dict(path)
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a file: a Hugging Face model directory is read by "
+            "models.exchange.hf (get_maest(arch, checkpoint=DIR) reads it)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -93,6 +97,64 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             path, len(inert), ", ".join(inert[:20]) + (" ..." if len(inert) > 20 else ""), TRUST_HINT,
         )
     return obj
+
+
+# ---------------------------------------------------------------------------------------- model record
+def model_record(arch: str | None, config, labels=None) -> dict:
+    """What a checkpoint of this project holds besides the weights (SPEC §5.6), as plain data.
+
+    ``{"arch": registry name or None, "config": config.architecture(), "labels": [names] or None}``:
+    only str, int, float, bool, None, lists and dicts, so the file still loads with
+    ``torch.load(weights_only=True)``.
+    """
+    if labels is not None:
+        labels = [str(name) for name in labels]
+        if len(labels) != config.n_classes:
+            raise ValueError(f"{len(labels)} label names for a model with n_classes={config.n_classes}")
+    return {"arch": None if arch is None else str(arch), "config": config.architecture(), "labels": labels}
+
+
+def record_of(obj, source: str = "checkpoint") -> dict | None:
+    """The checked model record inside a read checkpoint, or None (upstream, bare or foreign files)."""
+    if not isinstance(obj, dict) or MODEL_RECORD_KEY not in obj:
+        return None
+    record = obj[MODEL_RECORD_KEY]
+    problem = None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        problem = "it is not a dict with a 'config' dict"
+    elif record.get("arch") is not None and not isinstance(record["arch"], str):
+        problem = f"'arch' is {record['arch']!r}, not a name"
+    else:
+        config = record["config"]
+        odd = [k for k, v in config.items() if k not in ARCHITECTURE_FIELDS or not isinstance(v, (bool, int, float, str))]
+        labels = record.get("labels")
+        if odd:
+            problem = f"unknown or non-plain config entries {odd}"
+        elif "n_classes" not in config:
+            problem = "the config lacks n_classes"
+        elif labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(labels) != config["n_classes"]):
+            problem = f"'labels' must be a list of {config['n_classes']} names"
+    if problem:
+        raise CheckpointError(f"{source}: its {MODEL_RECORD_KEY!r} record is malformed ({problem}); name the architecture (maest.arch) and load it as a plain checkpoint")
+    return {"arch": record.get("arch"), "config": dict(record["config"]), "labels": record.get("labels")}
+
+
+def read_model_record(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict | None:
+    """The model record of a checkpoint file (None for Hugging Face directories and files without one).
+
+    Memory-maps the file where torch's weights-only reader takes it, so the weights are not read.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return None  # a Hugging Face config is checked by models.exchange.hf.check_hf_config
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - refused or not a zip file: read it the careful way
+        obj = read_checkpoint(path, trust_checkpoint)
+    return record_of(obj, source=f"checkpoint {path}")
 
 
 def select_state_dict(obj, use_swa: bool = True, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -272,29 +334,54 @@ def _hint(model, state_dict, shapes) -> str:
         return f"the checkpoint has {t} time positions: build the model with input_t in [{lo}, {hi}] (a {lo * 256 / 16000:.0f} s model; input_t = seconds * 16000 // 256)"
     if bad & {"head.1.weight", "head_dist.weight"}:
         n = state_dict.get("head.1.weight", state_dict.get("head_dist.weight")).shape[0]
-        return f"the checkpoint predicts {n} classes: build the model with n_classes={n}"
+        return (
+            f"the checkpoint predicts {n} classes: build the model with n_classes={n}, or re-initialise the heads to "
+            "fine-tune it on other labels (reinit_heads=True; config: maest.reinit_heads=True, or the finetune named config)"
+        )
     if "blocks.0.attn.qkv.weight" in state_dict and "blocks.0.attn.qkv.weight" in bad:
         return f"the checkpoint has width {state_dict['blocks.0.attn.qkv.weight'].shape[1]}: use another arch"
     return ""
 
 
-def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True, trust_checkpoint: bool = False):
-    """Load a MAEST checkpoint (Lightning, bare or Hugging Face directory) strictly into ``model``.
+def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True, trust_checkpoint: bool = False, reinit_heads: bool = False, obj=None):
+    """Load a MAEST checkpoint (Lightning or bare) strictly into ``model``.
 
     ``trust_checkpoint=True`` unpickles the file fully (runs any code it holds): only for files you trust.
+    ``reinit_heads=True`` (fine-tuning on other labels): the backbone loads strictly, the heads keep
+    ``model``'s fresh initialisation. ``obj``: the file's content when the caller has read it already
+    (a Hugging Face directory's state dict, ``models.exchange.hf.read_hf_state_dict``).
     """
-    if Path(path).is_dir():
-        from .hf import check_hf_config  # a Hugging Face config names the mismatching option directly
-
-        check_hf_config(path, model.config)
-    sd = select_state_dict(read_checkpoint(path, trust_checkpoint), use_swa=use_swa, source=f"checkpoint {path}")
+    if obj is None:
+        obj = read_checkpoint(path, trust_checkpoint)
+    sd = select_state_dict(obj, use_swa=use_swa, source=f"checkpoint {path}")
+    if reinit_heads:
+        return load_backbone(model, sd, source=f"checkpoint {path}")
     return load_state_dict_strict(model, sd, source=f"checkpoint {path}")
 
 
-def load_pretrained(model, path: str | os.PathLike, kind: str = "maest", use_swa: bool = True, trust_checkpoint: bool = False):
-    """Initialise ``model`` from weights of ``kind`` ('maest', 'passt' or 'deit'), converting as needed."""
+def load_pretrained(model, path: str | os.PathLike, kind: str = "maest", use_swa: bool = True, trust_checkpoint: bool = False, reinit_heads: bool = False):
+    """Initialise ``model`` from weights of ``kind`` ('maest', 'passt' or 'deit'), converting as needed.
+
+    ``reinit_heads=True``: every head is re-initialised (fine-tuning), not only a foreign one.
+    """
     sd = select_state_dict(read_checkpoint(path, trust_checkpoint), use_swa=use_swa, source=f"weights {path}")
+    if reinit_heads:
+        return load_backbone(model, checkpoint_filter_fn(sd, model, kind=kind), source=f"{kind} weights {path}")
     sd = checkpoint_filter_fn(sd, model, kind=kind)
     # Foreign classifiers are dropped above; the model keeps its freshly initialised head.
     allow = HEAD_PREFIXES if kind != "maest" else ()
     return load_state_dict_strict(model, sd, source=f"{kind} weights {path}", allow_missing=allow)
+
+
+def load_backbone(model, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"):
+    """Fine-tuning: every key but the heads (``head.*``, ``head_dist.*``) loads strictly; the heads
+    keep ``model``'s fresh initialisation for its ``n_classes``."""
+    heads = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(HEAD_PREFIXES)}
+    backbone = {k: v for k, v in state_dict.items() if k not in heads}
+    load_state_dict_strict(model, backbone, source=source, allow_missing=HEAD_PREFIXES)
+    old = heads.get("head.1.weight", heads.get("head_dist.weight", (None,)))[0]
+    _logger.info(
+        "%s: backbone loaded; heads (head.*, head_dist.*) re-initialised for n_classes=%d (the checkpoint's heads had %s classes)",
+        source, model.config.n_classes, old,
+    )
+    return model

@@ -2,15 +2,19 @@
 
 ``MAESTFeatureExtractor`` follows the transformers feature-extractor API (``__call__`` returning a
 ``BatchFeature`` with ``input_values``, ``save_pretrained``/``from_pretrained``) so that a MAEST model
-exported with ``models.hf.export_hf`` runs in ``transformers`` like the published ones. The numbers
+exported with ``models.exchange.hf.export_hf`` runs in ``transformers`` like the published ones. The numbers
 are this project's front-end: ``models.mel.MelSpectrogram`` followed by ``models.mel.normalize``.
 
 Layout: ``input_values`` is ``(batch, frames, mel bands)`` as ``ASTForAudioClassification`` wants;
 our ``MAEST`` takes ``input_values.transpose(1, 2)``.
 
-Padding follows the stored-mel convention of the data pipeline (SPEC §3): short clips get zero
-(silent) compressed-mel frames appended before normalisation. The configuration keys equal those of
-the published models' ``preprocessor_config.json``, so their files load into this class.
+Padding is the project's one rule (``models.inference.pad_centre``, SPEC §3), the one training
+used for files shorter than a clip: the clip's own mel frames sit in the centre, between zero
+(silent) compressed-mel frames, before normalisation; an odd frame goes to the end. So this
+extractor plus an exported model give the native pipeline's logits on short audio too (the Hub's
+own ``feature_extraction_maest.py`` appends the frames instead, AST's convention). The
+configuration keys equal those of the published models' ``preprocessor_config.json``, so their
+files load into this class.
 
 Without transformers installed the class still works, on a small local base class with the same
 methods; ``__call__`` then returns a plain ``dict``. When this file is saved next to an exported
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .inference import pad_centre
 from .mel import DISCOGS_MEAN, DISCOGS_STD, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, MelSpectrogram, normalize
 
 _logger = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ _logger = logging.getLogger(__name__)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PADDING_STRATEGIES = ("max_length", "longest", "do_not_pad")
 DEFAULT_MAX_LENGTH = 1876  # frames of a 30 s clip: the published 30 s models' max_length
+PADDING_SIDE = "center"  # the one padding rule (models.inference.pad_centre); saved so the file says so
 
 try:  # transformers is optional: the API is the same without it
     from transformers import BatchFeature, SequenceFeatureExtractor
@@ -92,9 +98,12 @@ _Base = SequenceFeatureExtractor if SequenceFeatureExtractor is not None else _L
 class MAESTFeatureExtractor(_Base):
     """Raw mono audio at 16 kHz -> normalised compressed mel ``input_values`` ``(B, max_length, 96)``.
 
-    ``max_length`` is the model's input length in frames (``MAESTConfig.max_frames``: 316, 626, 1256
-    or 1876 for the 5, 10, 20 and 30 s models). ``mean``/``std`` are the Discogs statistics of the
-    model-input normalisation ``(x - mean) / (2 * std)`` (SPEC §2).
+    ``max_length`` is the model's input length in frames: what ``models.exchange.hf.export_hf`` writes, by
+    default the model's own clip (312, 625, 1250 or 1875 for the 5, 10, 20 and 30 s models; the
+    published models use 316, 626, 1256 and 1876). ``mean``/``std`` are the Discogs statistics of the
+    model-input normalisation ``(x - mean) / (2 * std)`` (SPEC §2). Short clips are padded centred
+    (module docstring); ``padding_side`` other than ``"center"`` (the Hub files say ``"right"``) is
+    not followed, and a log line says so.
     """
 
     model_input_names = ["input_values"]
@@ -121,6 +130,12 @@ class MAESTFeatureExtractor(_Base):
             )
         if max_length < 1:
             raise ValueError(f"max_length must be a positive number of frames, got {max_length}")
+        padding_side = kwargs.pop("padding_side", PADDING_SIDE)
+        if padding_side != PADDING_SIDE:
+            _logger.info(
+                "MAESTFeatureExtractor pads short clips centred, as MAEST training did; padding_side=%r is not followed",
+                padding_side,
+            )
         super().__init__(
             feature_size=feature_size,
             sampling_rate=sampling_rate,
@@ -128,6 +143,7 @@ class MAESTFeatureExtractor(_Base):
             return_attention_mask=return_attention_mask,
             **kwargs,
         )
+        self.padding_side = PADDING_SIDE
         self.num_mel_bins = int(num_mel_bins)
         self.max_length = int(max_length)
         self.do_normalize = bool(do_normalize)
@@ -207,7 +223,8 @@ class MAESTFeatureExtractor(_Base):
         ``raw_speech``: one clip (1-D array, list of floats, tensor) or a batch (2-D array, list of
         1-D arrays). ``sampling_rate`` must equal the extractor's (16000): resample first otherwise.
         ``padding``: ``"max_length"`` (every clip to ``max_length`` frames, what AST needs),
-        ``"longest"``/``True`` (to the longest clip of the batch) or ``"do_not_pad"``/``False``.
+        ``"longest"``/``True`` (to the longest clip of the batch) or ``"do_not_pad"``/``False``;
+        a clip's frames are centred in the padded length (``models.inference.pad_centre``).
         ``truncation``: cut clips longer than ``max_length`` frames. ``return_tensors``: ``"pt"``,
         ``"np"`` or ``None`` (a list of arrays).
         """
@@ -240,16 +257,17 @@ class MAESTFeatureExtractor(_Base):
             target = max(max_length, *lengths)  # never below a clip's own length (truncation=False)
         else:
             target = max(lengths)
-        out = mel.new_zeros(len(clips), target, self.num_mel_bins)  # zero compressed mel = silence
-        for i, n in enumerate(lengths):
-            out[i, :n] = mel[i, :n]  # frames past a clip's own end are padding, not its padded audio
+        # Frames past a clip's own end are dropped (they would hold the batch's zero audio), then the clip
+        # is zero-padded centred: zero compressed mel = silence, the rule of training and of the native pipeline.
+        out = torch.stack([pad_centre(mel[i, :n], target) for i, n in enumerate(lengths)])
+        starts = [(target - n) // 2 for n in lengths]  # where each clip's frames begin
         if self.do_normalize:
             out = normalize(out, self.mean, self.std)
         values = out.numpy()
 
         data = {}
         if strategy == "do_not_pad":
-            data["input_values"] = [values[i, :n] for i, n in enumerate(lengths)]
+            data["input_values"] = [values[i, s : s + n] for i, (s, n) in enumerate(zip(starts, lengths))]
             if return_tensors is not None and len(set(lengths)) > 1:
                 raise ValueError(
                     f"clips of different lengths ({sorted(set(lengths))} frames) cannot form one tensor with "
@@ -259,9 +277,9 @@ class MAESTFeatureExtractor(_Base):
             data["input_values"] = values
         if return_attention_mask:
             mask = np.zeros((len(clips), target), dtype=np.int32)
-            for i, n in enumerate(lengths):
-                mask[i, :n] = 1
-            data["attention_mask"] = [mask[i, :n] for i, n in enumerate(lengths)] if strategy == "do_not_pad" else mask
+            for i, (s, n) in enumerate(zip(starts, lengths)):
+                mask[i, s : s + n] = 1
+            data["attention_mask"] = [mask[i, s : s + n] for i, (s, n) in enumerate(zip(starts, lengths))] if strategy == "do_not_pad" else mask
         return _batch_feature(data, return_tensors)
 
 

@@ -4,6 +4,13 @@ Clips start at ``0, hop, 2 * hop, ...``; when the last one stops short of the en
 clip is aligned to the end, so no frame is dropped and every clip has the model's length. A
 track shorter than a clip is zero-padded (silence, before normalisation) around its centre,
 as in training. Outputs are averaged over the clips of one track, never across tracks.
+
+``pad_centre`` is the project's one padding rule: training crops (``helpers.data``), test,
+extraction and ``predict`` (``split_into_clips``), ``MAESTFeatureExtractor`` and the ONNX audio
+graph (``models.exchange.onnx``, which traces the same arithmetic) all pad this way, so a short file
+gets the same logits on every path. It is the rule training used for files shorter than a clip
+(SPEC §3), applied to the mel of the whole file (``1 + samples // 256`` frames), not to the audio:
+padding the audio would shift the frame grid and add partly silent frames.
 """
 
 from __future__ import annotations

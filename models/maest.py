@@ -21,6 +21,13 @@ from .layers import Block, PatchEmbed
 from .mel import HOP_LENGTH, SAMPLE_RATE
 
 DISTILLED_TYPES = ("mean", "separated")
+# The fields that fix the parameters' shapes and what forward computes; a checkpoint of this project
+# records them (models.checkpoints.model_record) so that the network is rebuilt from the file alone.
+# The rest (patchout, dropout, attention kernel, input checks) are run-time options of each command.
+ARCHITECTURE_FIELDS = (
+    "n_classes", "input_f", "input_t", "patch_size", "stride_f", "stride_t", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "distilled_type",
+)
 
 
 @dataclass
@@ -98,6 +105,10 @@ class MAESTConfig:
 
     def replace(self, **changes) -> "MAESTConfig":
         return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> dict:
+        """The ``ARCHITECTURE_FIELDS`` as plain data (int, float, bool, str)."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
 
 
 class MAEST(nn.Module):

@@ -12,13 +12,18 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import load_checkpoint, load_pretrained
+from .checkpoints import load_checkpoint, load_pretrained, read_checkpoint, record_of
+from .exchange.hf import check_hf_config, read_hf_state_dict
 from .maest import MAEST, MAESTConfig
 
 _logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-LABELS_DIR = PROJECT_ROOT / "data" / "labels"
+# A checkout keeps the label lists in data/labels; an installed wheel ships them as models/labels (pyproject.toml).
+LABELS_DIR = next(
+    (d for d in (PROJECT_ROOT / "data" / "labels", Path(__file__).resolve().parent / "labels") if d.is_dir()),
+    PROJECT_ROOT / "data" / "labels",
+)
 WEIGHTS_ENV = "MAEST_WEIGHTS_DIR"
 
 _MAEST_RELEASE = "https://github.com/palonso/MAEST/releases/download/v0.0.0-beta/"
@@ -164,29 +169,85 @@ def build_config(arch: str, **overrides) -> MAESTConfig:
     return MAESTConfig(**{**spec.config, **overrides})
 
 
+def config_from_record(arch: str | None, record: dict | None, overrides: dict, source: str = "checkpoint", reinit_heads: bool = False) -> tuple[str | None, MAESTConfig]:
+    """The architecture name and config to build: the checkpoint's record, the arch's, and ``overrides``.
+
+    Without a record (upstream, bare or Hugging Face checkpoints) ``arch`` must be named. With one,
+    the record fixes the architecture: an ``overrides`` value or a named ``arch`` whose registry
+    config contradicts it is an error naming both (``n_classes`` may differ when ``reinit_heads``:
+    fine-tuning on other labels). Run-time options (patchout, dropout, ...) are taken as given.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the arch's / the checkpoint's
+    fields = set(MAESTConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown MAEST options {sorted(unknown)}; valid: {sorted(fields)}")
+    if record is None:
+        if arch is None:
+            raise ValueError(
+                f"{source} does not record its model (an upstream, bare or Hugging Face checkpoint): name its "
+                f"architecture, e.g. arch='discogs-maest-30s-pw-129e' (config: maest.arch=...); known: {', '.join(list_models())}"
+            )
+        return arch, build_config(arch, **overrides)
+    stored = record["config"]
+    clashes = []
+    if arch is not None and arch != record["arch"]:
+        named = get_spec(arch).config  # an unknown name is an error
+        clashes += [
+            f"maest.arch={arch} has {k}={v}" for k, v in named.items() if k != "n_classes" and k in stored and stored[k] != v
+        ]
+    clashes += [
+        f"{k}={v}" for k, v in overrides.items() if k in stored and stored[k] != v and not (k == "n_classes" and reinit_heads)
+    ]
+    if clashes:
+        held = ", ".join(f"{k}={stored[k]}" for k in stored)
+        raise ValueError(
+            f"{source} holds a {record['arch'] or 'MAEST'} model ({held}); {'; '.join(clashes)} contradicts it. "
+            "Drop the contradicting key (the checkpoint's config is used), or, to fine-tune on other labels, "
+            "set reinit_heads=True (config: maest.reinit_heads=True) with the new n_classes"
+        )
+    return arch or record["arch"], MAESTConfig(**{**stored, **overrides})
+
+
 def get_maest(
-    arch: str,
+    arch: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     pretrained: bool = False,
     checkpoint_swa_weights: bool = True,
     weights_directory: str | os.PathLike | None = None,
     trust_checkpoint: bool = False,
+    reinit_heads: bool = False,
     **overrides,
 ) -> MAEST:
     """Build ``arch`` (a registry name) in eval mode.
 
     ``checkpoint``: a MAEST checkpoint (Lightning, bare state dict or Hugging Face directory),
     loaded strictly; from a Lightning checkpoint the SWA weights unless ``checkpoint_swa_weights``
-    is False. ``pretrained``: the registry's weights from the local weights directory (PaSST and
-    DeiT weights are converted). Files are read without running code from them; a file whose
-    weights need full unpickling loads only with ``trust_checkpoint=True`` (runs any code the file
-    holds: only for files you trust). ``overrides``: any ``MAESTConfig`` field (n_classes, input_t, ...).
+    is False. A checkpoint of this project records its model (SPEC §5.6): ``arch`` may then be
+    None, and a key that contradicts the record is an error. ``pretrained``: the registry's weights
+    from the local weights directory (PaSST and DeiT weights are converted). Files are read without
+    running code from them; a file whose weights need full unpickling loads only with
+    ``trust_checkpoint=True`` (runs any code the file holds: only for files you trust).
+    ``reinit_heads``: fine-tuning on other labels: the backbone loads strictly, the heads
+    (``head.*``, ``head_dist.*``) are re-initialised for ``n_classes``. ``overrides``: any
+    ``MAESTConfig`` field (n_classes, input_t, ...); None means the arch's or the checkpoint's.
     """
-    spec = get_spec(arch)
-    model = MAEST(build_config(arch, **overrides))
+    obj = None
+    hf_directory = checkpoint is not None and Path(checkpoint).is_dir()  # models.exchange.hf reads it
+    if checkpoint is not None and not hf_directory:
+        obj = read_checkpoint(checkpoint, trust_checkpoint)  # read once: record and weights
+    elif checkpoint is None and arch is None:
+        raise ValueError("get_maest needs an arch (a registry name) or a checkpoint that records its model")
+    arch, config = config_from_record(arch, record_of(obj, f"checkpoint {checkpoint}"), overrides, f"checkpoint {checkpoint}", reinit_heads)
+    model = MAEST(config)
+    if hf_directory:
+        if not reinit_heads:
+            check_hf_config(checkpoint, model.config)  # names the option to set, before the weights are read
+        obj = read_hf_state_dict(checkpoint)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint)
+        load_checkpoint(model, checkpoint, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint, reinit_heads=reinit_heads, obj=obj)
     elif pretrained:
+        spec = get_spec(arch)
         path = pretrained_path(arch, weights_directory)
-        load_pretrained(model, path, kind=spec.init, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint)
+        load_pretrained(model, path, kind=spec.init, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint, reinit_heads=reinit_heads)
     return model.eval()

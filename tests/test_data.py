@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.data import ClipDataset, TrainDataset, clip_starts, pad_centre, teacher_targets
+from helpers.data import ClipDataset, TrainDataset, teacher_targets
 from helpers.melfiles import MelReader, write_mel
+from models.inference import clip_starts, pad_centre
 from models.mel import normalize
 
 N_MELS = 96

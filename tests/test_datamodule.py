@@ -43,7 +43,6 @@ def _datamodule(base_dir, gt_path, **kwargs) -> MAESTDataModule:
         groundtruth_train=gt_path,
         groundtruth_val=gt_path,
         groundtruth_test=gt_path,
-        groundtruth_predict=gt_path,
         batch_size_train=3,
         batch_size_test=4,
         num_workers=0,
@@ -70,8 +69,8 @@ def test_dataloaders_give_model_shaped_batches(tmp_path, kind):
     test = list(dm.test_dataloader())
     assert sum(len(b[1]) for b in test) == 1 + 1 + 3 + 2 + 4
     assert all(b[0].shape[1:] == (1, 96, N_FRAMES) for b in test)
-    predict_keys = [k for b in dm.predict_dataloader() for k in b[1]]
-    assert predict_keys == [k for k, n in zip(gt, [1, 1, 3, 2, 4]) for _ in range(n)]  # clips in file order
+    test_keys = [k for b in test for k in b[1]]
+    assert test_keys == [k for k, n in zip(gt, [1, 1, 3, 2, 4]) for _ in range(n)]  # clips in file order
 
 
 def test_half_overlap_and_worker_processes(tmp_path):

@@ -16,6 +16,7 @@ from models.mel import DISCOGS_MEAN, DISCOGS_STD, MelSpectrogram, normalize
 MAX_LENGTH = 106  # frames; the tiny test models' max_frames
 SAMPLES = (MAX_LENGTH - 1) * 256  # audio that gives exactly MAX_LENGTH frames
 PAD = (0.0 - DISCOGS_MEAN) / (2 * DISCOGS_STD)  # a zero (silent) compressed-mel frame, normalised
+BEFORE = (MAX_LENGTH - 20) // 2  # silent frames before a 20-frame clip: padded centred (models.inference.pad_centre)
 
 
 def audio(n_samples: int, seed: int = 0) -> np.ndarray:
@@ -51,8 +52,10 @@ def test_features_equal_the_mel_front_end(extractor):
 def test_short_clips_get_silent_frames_and_long_clips_are_cut(extractor):
     short = audio(5000)  # 1 + 5000 // 256 = 20 frames
     out = extractor(short)["input_values"][0]
-    torch.testing.assert_close(out[:20].T, front_end(short), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out[20:], torch.full((MAX_LENGTH - 20, 96), PAD), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[BEFORE : BEFORE + 20].T, front_end(short), atol=1e-6, rtol=0)
+    silent = torch.cat((out[:BEFORE], out[BEFORE + 20 :]))
+    torch.testing.assert_close(silent, torch.full((MAX_LENGTH - 20, 96), PAD), atol=1e-6, rtol=0)
+    assert BEFORE == 43 and len(out) - BEFORE - 20 == 43  # centred; an odd extra frame would go to the end
 
     long = audio(3 * SAMPLES, seed=1)
     cut = extractor(long)["input_values"][0]
@@ -68,8 +71,8 @@ def test_batches_pad_each_clip_alone(extractor):
     batch = extractor([a, b])["input_values"]
     assert batch.shape == (2, MAX_LENGTH, 96)
     torch.testing.assert_close(batch[0].T, front_end(a), atol=1e-6, rtol=0)
-    torch.testing.assert_close(batch[1, :20].T, front_end(b), atol=1e-6, rtol=0)  # not the mel of b padded with a's length
-    torch.testing.assert_close(batch[1, 20:], torch.full((MAX_LENGTH - 20, 96), PAD), atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch[1, BEFORE : BEFORE + 20].T, front_end(b), atol=1e-6, rtol=0)  # not the mel of b padded with a's length
+    torch.testing.assert_close(batch[1, :BEFORE], torch.full((BEFORE, 96), PAD), atol=1e-6, rtol=0)
 
     longest = extractor([b, audio(8000)], padding="longest", return_tensors="np")["input_values"]
     assert isinstance(longest, np.ndarray) and longest.shape == (2, 1 + 8000 // 256, 96)
@@ -80,7 +83,7 @@ def test_batches_pad_each_clip_alone(extractor):
     with pytest.raises(ValueError, match=r"different lengths.*padding='max_length'"):
         extractor([a, b], padding=False, return_tensors="pt")
     mask = extractor([a, b], return_attention_mask=True)["attention_mask"]
-    assert mask.sum(dim=1).tolist() == [MAX_LENGTH, 20]
+    assert mask.sum(dim=1).tolist() == [MAX_LENGTH, 20] and mask[1, BEFORE : BEFORE + 20].all()
 
 
 def test_features_feed_maest_like_its_own_front_end(extractor):

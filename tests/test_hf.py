@@ -1,4 +1,4 @@
-"""models/hf.py: MAEST <-> Hugging Face ASTForAudioClassification, with equal logits."""
+"""models/exchange/hf.py: MAEST <-> Hugging Face ASTForAudioClassification, with equal logits."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers import ASTConfig, ASTForAudioClassification, pipeline
 
 from models import get_maest
 from models.checkpoints import CheckpointError
-from models.hf import (
+from models.exchange.hf import (
     check_hf_config,
     export_hf,
     hf_to_maest_state_dict,
@@ -33,6 +33,7 @@ from models.mel import MelSpectrogram
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["Rock---Punk", "Jazz---Bop", "Electronic---Techno", "Pop---Ballad", "Folk---Celtic"]
 TINY = dict(n_classes=5, input_t=100)  # 10 time positions: max_frames = 106
+CLIP = 100  # the tiny model's own clip (input_t): export_hf's default max_length, 9 time patches
 
 
 def randomised(model, seed: int = 0):
@@ -76,7 +77,7 @@ def test_export_writes_an_ast_directory_with_our_config(exported):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["ASTForAudioClassification"]
     assert cfg["model_type"] == "audio-spectrogram-transformer"
-    expected = dict(num_mel_bins=96, max_length=106, frequency_stride=10, time_stride=10, patch_size=16, hidden_size=64)
+    expected = dict(num_mel_bins=96, max_length=CLIP, frequency_stride=10, time_stride=10, patch_size=16, hidden_size=64)
     assert {k: cfg[k] for k in expected} == expected
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["intermediate_size"]) == (2, 4, 256)
     assert cfg["layer_norm_eps"] == 1e-6 and cfg["qkv_bias"] is True
@@ -84,7 +85,9 @@ def test_export_writes_an_ast_directory_with_our_config(exported):
     assert cfg["id2label"] == {str(i): label for i, label in enumerate(LABELS)}
     assert cfg["label2id"]["Jazz---Bop"] == 1
     sd = load_file(str(out / "model.safetensors"))
-    assert sd["audio_spectrogram_transformer.embeddings.position_embeddings"].shape == (1, 2 + 9 * 10, 64)
+    assert sd["audio_spectrogram_transformer.embeddings.position_embeddings"].shape == (1, 2 + 9 * 9, 64)  # 9 time patches
+    assert cfg["maest_input_t"] == 100  # the 10th time position AST has no room for is kept beside it
+    assert load_file(str(out / "maest_extra.safetensors"))["time_new_pos_embed_tail"].shape == (1, 64, 1, 1)
     assert "audio_spectrogram_transformer.encoder.layer.1.attention.attention.query.weight" in sd
     assert not any("head_dist" in k for k in sd)
 
@@ -93,7 +96,7 @@ def test_transformers_loads_the_export_with_equal_logits(exported):
     model, out = exported
     hf, info = ASTForAudioClassification.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    mel = torch.randn(3, 96, model.config.max_frames)  # AST needs exactly max_length frames
+    mel = torch.randn(3, 96, CLIP)  # AST needs exactly max_length frames: the model's own clip
     ours = model(mel)
     theirs = hf_logits(hf.eval(), mel)
     assert ours.abs().max() > 0.5  # a real signal, not an all-zero output
@@ -104,7 +107,7 @@ def test_the_audio_classification_pipeline_gives_our_sigmoid_scores(exported, hf
     model, out = exported
     # The feature extractor's code is in the directory: raw audio in, labels out, all offline.
     classify = pipeline("audio-classification", model=str(out), trust_remote_code=True)
-    audio = torch.randn((model.config.max_frames - 1) * 256, generator=torch.Generator().manual_seed(1)) * 0.1
+    audio = torch.randn((CLIP - 1) * 256, generator=torch.Generator().manual_seed(1)) * 0.1
     scores = {r["label"]: r["score"] for r in classify(audio.numpy(), top_k=5)}
     expected = torch.sigmoid(model(MelSpectrogram(normalized=True)(audio[None])))[0]
     assert scores == pytest.approx({label: float(p) for label, p in zip(LABELS, expected)}, abs=1e-4)
@@ -245,11 +248,11 @@ def test_separated_models_export_only_on_request_with_mean_token_logits(tmp_path
     model = tiny(distilled_type="separated")
     with pytest.raises(ValueError, match=r"separated.*allow_separated=True"):
         export_hf(model, tmp_path / "ts", feature_extractor=False)
-    with caplog.at_level(logging.WARNING, logger="models.hf"):
+    with caplog.at_level(logging.WARNING, logger="models.exchange.hf"):
         out = export_hf(model, tmp_path / "ts", feature_extractor=False, allow_separated=True)
     assert "logits differ" in caplog.text
     assert not (tmp_path / "ts" / "preprocessor_config.json").exists()
-    mel = torch.randn(2, 96, model.config.max_frames)
+    mel = torch.randn(2, 96, CLIP)
     with torch.no_grad():
         tokens = model.forward_features(mel)
         expected = model.head((tokens[:, 0] + tokens[:, 1]) / 2)
@@ -275,7 +278,7 @@ import sys
 sys.modules["transformers"] = None  # as if it were not installed
 import torch
 from models import get_maest
-from models.hf import export_hf, maest_from_hf
+from models.exchange.hf import export_hf, maest_from_hf
 from models.feature_extraction import MAESTFeatureExtractor
 torch.manual_seed(0)
 model = get_maest("maest-tiny", n_classes=5, input_t=100)
@@ -283,14 +286,14 @@ export_hf(model, {str(tmp_path / 'plain')!r}, labels={LABELS!r})
 mel = torch.randn(2, 96, 106)
 assert torch.allclose(maest_from_hf({str(tmp_path / 'plain')!r})(mel), model(mel), atol=1e-5)
 features = MAESTFeatureExtractor.from_pretrained({str(tmp_path / 'plain')!r})(torch.zeros(4000).numpy())
-assert type(features) is dict and tuple(features["input_values"].shape) == (1, 106, 96)
+assert type(features) is dict and tuple(features["input_values"].shape) == (1, 100, 96)
 torch.save({{"state_dict": model.state_dict(), "mel": mel}}, {str(tmp_path / 'ref.pt')!r})
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "plain" / "config.json").read_text())["max_length"] == 106
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["max_length"] == CLIP
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)
     model = get_maest("maest-tiny", **TINY)
     model.load_state_dict(ref["state_dict"])
     hf = ASTForAudioClassification.from_pretrained(tmp_path / "plain").eval()
-    torch.testing.assert_close(hf_logits(hf, ref["mel"]), model(ref["mel"]).detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(hf_logits(hf, ref["mel"][..., :CLIP]), model(ref["mel"][..., :CLIP]).detach(), atol=1e-4, rtol=0)

@@ -131,8 +131,8 @@ def test_valid_values_of_other_types_than_the_defaults_are_accepted(sections):
         ({"trainer": {"log_every_n_steps": 2.5}}, r"trainer.log_every_n_steps must be an integer or None, got 2.5"),
         ({"trainer": {"precision": "fp8"}}, r"trainer.precision must be 64 or 32 .* or 'bf16-mixed' .*got 'fp8'"),
         ({"trainer": {"enable_progress_bar": "no"}}, r"trainer.enable_progress_bar must be True or False or None, got 'no'"),
-        ({"datamodule": {"clip_length": "ten"}}, r"datamodule.clip_length must be a number, > 0 \(seconds\), got 'ten' \(e.g. datamodule.clip_length=10\)"),
-        ({"datamodule": {"clip_length": 0}}, r"datamodule.clip_length must be a number, > 0 \(seconds\), got 0"),
+        ({"datamodule": {"clip_length": "ten"}}, r"datamodule.clip_length must be a number or None, > 0 \(seconds; None: the model's\), got 'ten'"),
+        ({"datamodule": {"clip_length": 0}}, r"datamodule.clip_length must be a number or None, > 0 \(seconds; None: the model's\), got 0"),
         ({"datamodule": {"batch_size_train": 0}}, r"datamodule.batch_size_train must be an integer, at least 1, got 0"),
         ({"datamodule": {"num_workers": -1}}, r"datamodule.num_workers must be an integer, at least 0, got -1"),
         ({"predict": {"top_k": -1}}, r"predict.top_k must be an integer, at least 1, got -1 \(e.g. predict.top_k=5\)"),
@@ -141,7 +141,7 @@ def test_valid_values_of_other_types_than_the_defaults_are_accepted(sections):
         ({"predict": {"transformer_block": "seven"}}, r"predict.transformer_block must be an integer, got 'seven'"),
         ({"predict": {"transformer_block": [3, 6]}}, r"predict.transformer_block must be an integer, got \[3, 6\]"),
         ({"maest": {"pretrained": "yes"}}, r"maest.pretrained must be True or False, got 'yes'"),
-        ({"maest": {"input_t": 62.5}}, r"maest.input_t must be an integer, got 62.5"),
+        ({"maest": {"input_t": 62.5}}, r"maest.input_t must be an integer or None, at least 16 \(one patch\), got 62.5"),
     ],
 )
 def test_wrong_config_values_name_the_key_and_what_is_expected(sections, message):

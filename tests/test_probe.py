@@ -265,5 +265,5 @@ def test_probe_module_learns_separable_data_and_logs_metrics(tmp_path):
     assert trainer.callback_metrics["val_roc_auc"] > 0.95
     (test,) = trainer.test(module, datamodule=dm, verbose=False)
 
-    assert set(test) == {"test_loss", "test_roc_auc", "test_pr_auc"}
+    assert set(test) == {"test_loss", "test_roc_auc", "test_pr_auc", "test_n_classes_scored"}
     assert test["test_roc_auc"] > 0.95 and test["test_pr_auc"] > 0.95

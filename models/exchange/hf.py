@@ -15,9 +15,17 @@ the same network with other names, two differences of form and one of substance:
   case the file predicts ``head((CLS + DIST) / 2)`` with the CLS head (what the published
   ``discogs-maest-30s-pw-73e-ts`` on the Hub does) and a warning says the logits differ.
 
-AST feeds exactly ``max_length`` frames; we export ``max_length = MAESTConfig.max_frames`` so its
-grid has as many time positions as our time embedding (316, 626, 1256, 1876 frames for 5 to 30 s,
-the values of the published models).
+AST feeds exactly ``max_length`` frames and has one time position per time patch of that length.
+``export_hf`` writes ``max_length`` = the model's own clip (``input_t``: 312, 625, 1250, 1875 frames
+for 5 to 30 s), so the exported model, with ``MAESTFeatureExtractor``, gives our logits on our
+clips. Such a clip has one time patch fewer than the time embedding (30 of 31 for 5 s): the time
+positions AST has no room for are written to ``maest_extra.safetensors`` beside the weights, and
+``maest_input_t`` to ``config.json``, so that an import restores the whole model exactly
+(transformers ignores both). ``max_length="hub"`` writes the published models' lengths instead
+(``MAESTConfig.max_frames``: 316, 626, 1256, 1876, every position in the AST grid), to publish next
+to them; their AST then sees 4, 1, 6 or 1 frames more than our clips and its logits differ from
+ours on them. An import without ``maest_input_t`` (a Hub model) takes ``input_t`` as the whole-second
+clip whose time embedding the grid fills (625 for ``max_length=626``), else ``time patches * 10``.
 
 Files use the Hub layout (``encoder.layer.{i}.attention.attention.query``, ...), which transformers
 4 and 5 both read and write. This module imports transformers only inside the functions that use
@@ -34,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
-from .maest import MAEST, MAESTConfig
+from ..checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
+from ..maest import MAEST, MAESTConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -44,6 +52,11 @@ SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
 INDEX_SUFFIX = ".index.json"
 WEIGHT_NAMES = (SAFETENSORS_NAME, TORCH_NAME, SAFETENSORS_NAME + INDEX_SUFFIX, TORCH_NAME + INDEX_SUFFIX)
+# MAEST parameters AST has no room for (the time positions past max_length); transformers never reads them.
+EXTRA_NAMES = ("maest_extra.safetensors", "maest_extra.bin")
+TIME_TAIL_KEY = "time_new_pos_embed_tail"  # (1, D, 1, k): the last k time positions, relative to the grid's split
+INPUT_T_KEY = "maest_input_t"  # config.json: the exported model's input_t (time embedding = input_t // time_stride)
+HUB_MAX_LENGTH = "hub"  # export_hf(max_length="hub"): the published models' max_length, MAESTConfig.max_frames
 
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
 AST_ARCHITECTURE = "ASTForAudioClassification"
@@ -131,8 +144,23 @@ def split_position_embeddings(
 
 
 # ---------------------------------------------------------------------------------------- configs
-def hf_config_dict(config: MAESTConfig, labels: list[str] | None = None) -> dict:
-    """The ``ASTConfig`` fields of a MAEST model (``id2label``/``label2id`` from ``labels``)."""
+def export_max_length(config: MAESTConfig, max_length: int | str | None = None) -> int:
+    """AST ``max_length`` for an export: None -> the model's clip (``input_t``), ``"hub"`` -> ``max_frames``, or checked frames."""
+    if max_length is None:
+        max_length = config.input_t
+    elif max_length == HUB_MAX_LENGTH:
+        max_length = config.max_frames
+    longest = config.max_frames + config.stride_t - 1  # still one time position per patch
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not config.patch_size <= max_length <= longest:
+        raise ValueError(
+            f"max_length must be None (the model's clip, {config.input_t} frames), {HUB_MAX_LENGTH!r} (the published "
+            f"models' length, {config.max_frames}) or frames in [{config.patch_size}, {longest}] for this model, got {max_length!r}"
+        )
+    return max_length
+
+
+def hf_config_dict(config: MAESTConfig, labels: list[str] | None = None, max_length: int | str | None = None) -> dict:
+    """The ``ASTConfig`` fields of a MAEST model (``id2label``/``label2id`` from ``labels``; ``max_length`` as ``export_hf``)."""
     if config.input_f != MAEST_FIXED["num_mel_bins"] or config.patch_size != MAEST_FIXED["patch_size"]:
         raise ValueError(
             f"only 96-band, 16x16-patch MAEST models export to AST (the MAEST front-end); this one has "
@@ -154,7 +182,7 @@ def hf_config_dict(config: MAESTConfig, labels: list[str] | None = None) -> dict
         "architectures": [AST_ARCHITECTURE],
         "model_type": AST_MODEL_TYPE,
         "num_mel_bins": config.input_f,
-        "max_length": config.max_frames,
+        "max_length": export_max_length(config, max_length),
         "patch_size": config.patch_size,
         "frequency_stride": config.stride_f,
         "time_stride": config.stride_t,
@@ -173,6 +201,7 @@ def hf_config_dict(config: MAESTConfig, labels: list[str] | None = None) -> dict
         # Styles are independent (MAEST is trained with a binary cross-entropy per label): pipelines
         # then report sigmoid scores, and a Hugging Face fine-tuning uses BCEWithLogitsLoss.
         "problem_type": "multi_label_classification",
+        INPUT_T_KEY: config.input_t,
     }
 
 
@@ -206,15 +235,16 @@ def _check_maest_compatible(hf_config: dict, source: str) -> None:
 
 
 def maest_overrides_from_hf(hf_config: dict, source: str = "AST config") -> dict:
-    """The ``MAESTConfig`` fields an AST config implies (``input_t`` = time patches x stride)."""
+    """The ``MAESTConfig`` fields an AST config implies (``input_t``: ``maest_input_t``, else inferred, see the module docstring)."""
     _check_maest_compatible(hf_config, source)
     d, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     _, n_t = _ast_grid(hf_config)
+    input_t = _input_t(hf_config, n_t, source)
     n_classes = len(hf_config["id2label"]) if hf_config.get("id2label") else hf_config.get("num_labels", 2)
     return {
         "n_classes": int(n_classes),
         "input_f": int(hf_config["num_mel_bins"]),
-        "input_t": int(n_t * hf_config["time_stride"]),
+        "input_t": input_t,
         "patch_size": _patch_size(hf_config),
         "stride_f": int(hf_config["frequency_stride"]),
         "stride_t": int(hf_config["time_stride"]),
@@ -225,6 +255,21 @@ def maest_overrides_from_hf(hf_config: dict, source: str = "AST config") -> dict
         "qkv_bias": bool(hf_config.get("qkv_bias", True)),
         "distilled_type": "mean",  # AST's only classifier: head((CLS + DIST) / 2)
     }
+
+
+def _input_t(hf_config: dict, n_t: int, source: str) -> int:
+    stride = int(hf_config["time_stride"])
+    if INPUT_T_KEY in hf_config:
+        input_t = hf_config[INPUT_T_KEY]
+        if isinstance(input_t, bool) or not isinstance(input_t, int) or input_t // stride < n_t:
+            raise CheckpointError(
+                f"{source}: {INPUT_T_KEY}={input_t!r} gives fewer time positions than max_length={hf_config['max_length']} needs ({n_t})"
+            )
+        return input_t
+    # A Hub model: the whole-second clip (seconds * 16000 // 256) whose time embedding has n_t positions.
+    whole_seconds = [int(s * 16000) // 256 for s in range(1, 3600)]
+    fits = [t for t in whole_seconds if t // stride == n_t]
+    return fits[0] if fits else n_t * stride
 
 
 def check_hf_config(hf_config: dict | str | os.PathLike, config: MAESTConfig, source: str | None = None) -> None:
@@ -243,8 +288,9 @@ def check_hf_config(hf_config: dict | str | os.PathLike, config: MAESTConfig, so
         problems.append(f"it predicts {want['n_classes']} labels: set n_classes={want['n_classes']} (maest.n_classes)")
     n_t = want["input_t"] // want["stride_t"]
     if n_t != config.grid_t:
+        given = f"{INPUT_T_KEY}={hf_config[INPUT_T_KEY]}" if INPUT_T_KEY in hf_config else f"max_length={hf_config['max_length']} frames"
         problems.append(
-            f"max_length={hf_config['max_length']} frames gives {n_t} time positions, the model has {config.grid_t}: "
+            f"{given} gives {n_t} time positions, the model has {config.grid_t}: "
             f"set input_t={want['input_t']} (maest.input_t; any value in [{n_t * config.stride_t}, {n_t * config.stride_t + config.stride_t - 1}])"
         )
     if problems:
@@ -259,11 +305,14 @@ def check_hf_config(hf_config: dict | str | os.PathLike, config: MAESTConfig, so
 
 
 # ---------------------------------------------------------------------------------------- state dicts
-def maest_to_hf_state_dict(sd: dict[str, torch.Tensor], config: MAESTConfig, allow_separated: bool = False) -> dict[str, torch.Tensor]:
+def maest_to_hf_state_dict(
+    sd: dict[str, torch.Tensor], config: MAESTConfig, allow_separated: bool = False, max_length: int | str | None = None
+) -> dict[str, torch.Tensor]:
     """MAEST state dict -> ``ASTForAudioClassification`` state dict (Hub layout, new contiguous tensors).
 
-    ``head_dist`` has no AST counterpart and is left out: a ``"mean"`` model never uses it. A
-    ``"separated"`` model needs ``allow_separated=True`` (see the module docstring).
+    The position grid has the time positions of ``max_length`` frames (as ``export_hf``; the rest:
+    ``time_embedding_tail``). ``head_dist`` has no AST counterpart and is left out: a ``"mean"``
+    model never uses it. A ``"separated"`` model needs ``allow_separated=True`` (module docstring).
     """
     if config.distilled_type == "separated" and not allow_separated:
         raise ValueError(
@@ -277,8 +326,9 @@ def maest_to_hf_state_dict(sd: dict[str, torch.Tensor], config: MAESTConfig, all
     remaining = dict(sd)
     for key, hf_key in _GLOBAL_NAMES.items():
         out[hf_key] = remaining.pop(key)
+    n_t = config.patches(export_max_length(config, max_length))[1]
     out[POS_KEY] = merge_position_embeddings(
-        remaining.pop("new_pos_embed"), remaining.pop("freq_new_pos_embed"), remaining.pop("time_new_pos_embed")
+        remaining.pop("new_pos_embed"), remaining.pop("freq_new_pos_embed"), remaining.pop("time_new_pos_embed")[..., :n_t]
     )
     for i in range(config.depth):
         src, dst = f"blocks.{i}.", f"{PREFIX}encoder.layer.{i}."
@@ -294,6 +344,19 @@ def maest_to_hf_state_dict(sd: dict[str, torch.Tensor], config: MAESTConfig, all
     if remaining:
         raise ValueError(f"MAEST state dict has keys with no AST counterpart: {sorted(remaining)[:10]}")
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def time_embedding_tail(time_embed: torch.Tensor, n_t: int) -> torch.Tensor | None:
+    """The time positions after the first ``n_t`` ``(1, D, 1, T - n_t)``, minus the mean of the first ``n_t``; None if none.
+
+    Importing splits the AST grid into frequency + time with the time part's mean moved to the
+    frequency part (``split_position_embeddings``); stored relative to that mean, the tail appends
+    to the imported time embedding exactly.
+    """
+    if time_embed.shape[-1] <= n_t:
+        return None
+    head = time_embed[..., :n_t].float()
+    return (time_embed[..., n_t:].float() - head.mean(dim=-1, keepdim=True)).to(time_embed.dtype).contiguous()
 
 
 def _canonical_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -315,9 +378,12 @@ def _canonical_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def hf_to_maest_state_dict(
-    sd: dict[str, torch.Tensor], hf_config: dict, source: str = "Hugging Face checkpoint"
+    sd: dict[str, torch.Tensor], hf_config: dict, source: str = "Hugging Face checkpoint", extra: dict[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """``ASTForAudioClassification`` state dict + config -> (MAEST state dict, ``MAESTConfig`` overrides).
+
+    ``extra``: the directory's ``maest_extra`` tensors (``export_hf``), holding the time positions
+    past ``max_length`` when ``maest_input_t`` asks for more than the AST grid has.
 
     ``head_dist`` is set to a copy of the classifier: AST has a single head, applied to
     ``(CLS + DIST) / 2``, so the imported model is ``distilled_type="mean"``, which never uses
@@ -362,6 +428,17 @@ def hf_to_maest_state_dict(
     out["new_pos_embed"], out["freq_new_pos_embed"], out["time_new_pos_embed"] = split_position_embeddings(
         pos, _ast_grid(hf_config), source
     )
+    missing_t = overrides["input_t"] // overrides["stride_t"] - out["time_new_pos_embed"].shape[-1]
+    if missing_t:
+        tail = (extra or {}).get(TIME_TAIL_KEY)
+        if tail is None or tail.shape[-1] != missing_t or tail.shape[:3] != out["time_new_pos_embed"].shape[:3]:
+            raise CheckpointError(
+                f"{source}: {INPUT_T_KEY}={overrides['input_t']} needs {missing_t} time position(s) past max_length="
+                f"{hf_config['max_length']}, which {EXTRA_NAMES[0]} holds as {TIME_TAIL_KEY!r} "
+                f"{'(missing)' if tail is None else f'(shape {tuple(tail.shape)})'}: copy that file from the export, "
+                f"or remove {INPUT_T_KEY} from config.json to import the model as a {overrides['stride_t'] * _ast_grid(hf_config)[1]}-frame one"
+            )
+        out["time_new_pos_embed"] = torch.cat((out["time_new_pos_embed"], tail.to(out["time_new_pos_embed"].dtype)), dim=-1)
     out["head_dist.weight"] = out["head.1.weight"].clone()
     out["head_dist.bias"] = out["head.1.bias"].clone()
     eps = hf_config.get("layer_norm_eps", LAYER_NORM_EPS)
@@ -412,6 +489,14 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no weights in Hugging Face directory {path}: expected one of {', '.join(WEIGHT_NAMES)}")
 
 
+def read_hf_extra(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``maest_extra`` tensors of an exported directory (empty for other AST directories)."""
+    for name in EXTRA_NAMES:
+        if (Path(path) / name).is_file():
+            return _load_weights_file(Path(path) / name)
+    return {}
+
+
 def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A Hugging Face ``ASTForAudioClassification`` directory -> MAEST state dict (``read_checkpoint`` hook)."""
     path = Path(path)
@@ -419,7 +504,7 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"Hugging Face model directory {path} does not exist")
     hf_config = read_hf_config(path)
     sd = read_hf_weights(path)
-    out, _ = hf_to_maest_state_dict(sd, hf_config, source=f"Hugging Face directory {path}")
+    out, _ = hf_to_maest_state_dict(sd, hf_config, source=f"Hugging Face directory {path}", extra=read_hf_extra(path))
     return out
 
 
@@ -432,7 +517,7 @@ def maest_from_hf(path: str | os.PathLike, **overrides) -> MAEST:
     path = Path(path)
     source = f"Hugging Face directory {path}"
     hf_config = read_hf_config(path)
-    sd, shape = hf_to_maest_state_dict(read_hf_weights(path), hf_config, source=source)
+    sd, shape = hf_to_maest_state_dict(read_hf_weights(path), hf_config, source=source, extra=read_hf_extra(path))
     model = MAEST(MAESTConfig(**{**shape, **overrides}))
     load_state_dict_strict(model, sd, source=source)
     return model.eval()
@@ -458,15 +543,15 @@ def _write_config(out_dir: Path, config: dict) -> None:
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_weights(out_dir: Path, sd: dict[str, torch.Tensor]) -> Path:
+def _write_weights(out_dir: Path, sd: dict[str, torch.Tensor], names: tuple[str, str] = (SAFETENSORS_NAME, TORCH_NAME)) -> Path:
     try:
         from safetensors.torch import save_file
     except ImportError:
-        _logger.warning("safetensors is not installed: writing %s instead of %s", TORCH_NAME, SAFETENSORS_NAME)
-        target = out_dir / TORCH_NAME
+        _logger.warning("safetensors is not installed: writing %s instead of %s", names[1], names[0])
+        target = out_dir / names[1]
         torch.save(sd, target)
         return target
-    target = out_dir / SAFETENSORS_NAME
+    target = out_dir / names[0]
     save_file(sd, str(target), metadata={"format": "pt"})
     return target
 
@@ -477,29 +562,40 @@ def export_hf(
     labels: list[str] | None = None,
     feature_extractor: bool = True,
     allow_separated: bool = False,
+    max_length: int | str | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face ``ASTForAudioClassification`` directory; returns ``out_dir``.
 
-    Files: ``config.json`` (``max_length = model.config.max_frames``, labels as ``id2label``),
-    ``model.safetensors`` (``pytorch_model.bin`` without safetensors) and, with
-    ``feature_extractor``, the ``MAESTFeatureExtractor``'s ``preprocessor_config.json`` plus its code,
-    so ``AutoFeatureExtractor.from_pretrained(out_dir, trust_remote_code=True)`` works.
+    ``max_length``: the frames AST (and the feature extractor) takes; None: the model's own clip
+    (``model.config.input_t``; pass the clip the model is used with if it is another), ``"hub"``:
+    the published models' length (``max_frames``), or a number of frames (module docstring).
+    Files: ``config.json`` (``max_length``, ``maest_input_t``, labels as ``id2label``),
+    ``model.safetensors`` (``pytorch_model.bin`` without safetensors), ``maest_extra.safetensors``
+    when the time embedding is longer than the AST grid and, with ``feature_extractor``, the
+    ``MAESTFeatureExtractor``'s ``preprocessor_config.json`` plus its code, so
+    ``AutoFeatureExtractor.from_pretrained(out_dir, trust_remote_code=True)`` works.
     ``ASTForAudioClassification.from_pretrained(out_dir)`` then gives this model's logits for
     ``input_values = mel.transpose(1, 2)`` of exactly ``max_length`` frames. Inference patchout
     settings are not exported (AST has none).
     """
     config = model.config
-    hf_config = hf_config_dict(config, labels)
-    sd = maest_to_hf_state_dict(model.state_dict(), config, allow_separated=allow_separated)
+    max_length = export_max_length(config, max_length)
+    hf_config = hf_config_dict(config, labels, max_length)
+    sd = maest_to_hf_state_dict(model.state_dict(), config, allow_separated=allow_separated, max_length=max_length)
+    tail = time_embedding_tail(model.time_new_pos_embed.detach(), config.patches(max_length)[1])
     out_dir = Path(out_dir)
     if out_dir.is_file():
         raise NotADirectoryError(f"export_hf writes a directory; {out_dir} is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_config(out_dir, hf_config)
     weights = _write_weights(out_dir, sd)
+    for name in EXTRA_NAMES:  # a re-export into the folder must not keep a stale tail
+        (out_dir / name).unlink(missing_ok=True)
+    if tail is not None:
+        _write_weights(out_dir, {TIME_TAIL_KEY: tail}, names=EXTRA_NAMES)
     if feature_extractor:
-        from .feature_extraction import MAESTFeatureExtractor
+        from ..feature_extraction import MAESTFeatureExtractor
 
-        MAESTFeatureExtractor(max_length=config.max_frames).save_pretrained(out_dir)
-    _logger.info("exported %s (AST, max_length=%d frames) to %s", type(model).__name__, config.max_frames, weights)
+        MAESTFeatureExtractor(max_length=max_length).save_pretrained(out_dir)
+    _logger.info("exported %s (AST, max_length=%d frames) to %s", type(model).__name__, max_length, weights)
     return out_dir

@@ -1,0 +1,75 @@
+"""Run names: where a command's outputs go when its config names no output path.
+
+Every output of ``ex_maest.py`` defaults to ``outputs/<run_name>/`` (``train/``, ``embeddings/``,
+``export/``, ``norm_stats.json``). ``run_name`` defaults to ``demo`` for the demo's synthetic data
+and otherwise to ``<dataset>_<arch>_<hash>``: the dataset folder's name, the architecture, and 8
+hex digits of the config without the keys that do not change what is computed (output paths,
+resuming, workers, progress display; ``RUN_NAME_IGNORES``). The same command line gives the same
+folder, so ``ckpt_path=last`` finds the run to resume; configs that differ in anything else
+(another named config, ``trainer.max_epochs``, ``seed``) get their own folder, so no two
+experiments overwrite each other's checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path, PurePath
+
+from configs.checks import flatten
+
+OUTPUTS = Path("outputs")
+
+# Keys (or prefixes ending in ".") left out of the run name's hash: they change where outputs go,
+# how fast or how visibly a run goes, or resume it, never what it computes.
+RUN_NAME_IGNORES = (
+    "run_name", "ckpt_path", "checkpoint_every_n_train_steps", "norm_stats_out",
+    "speed_test_batch_size", "speed_test_iterations",
+    "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "datamodule.num_workers", "datamodule.pin_memory",
+    # Read by the inference commands only: they write into the folder of the run that trained the model.
+    "inference_checkpoint", "predict.", "export.",
+)
+
+
+def uses_synthetic_data(config: dict) -> bool:
+    """Whether the data module reads the demo's synthetic dataset (``synthetic_data.out_dir``)."""
+    out_dir = (config.get("synthetic_data") or {}).get("out_dir")
+    base_dir = config.get("datamodule", {}).get("base_dir")
+    return bool(out_dir) and base_dir is not None and Path(out_dir).resolve() == Path(base_dir).resolve()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
+
+
+def run_name_for(config: dict) -> str:
+    """``demo`` on the synthetic data, else ``<dataset>_<arch>_<8 hex digits of the config>``.
+
+    The dataset is the name of ``datamodule.base_dir`` (its parent's for a folder named ``mels``).
+    """
+    if uses_synthetic_data(config):
+        return "demo"
+    flat = {
+        key: value for key, value in flatten(config).items()
+        if not any(part.startswith("__") for part in key.split("."))  # Sacred's docstrings
+        and not any(key == ignored or (ignored.endswith(".") and key.startswith(ignored)) for ignored in RUN_NAME_IGNORES)
+    }
+    digest = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    base = PurePath(str(config.get("datamodule", {}).get("base_dir") or "data"))
+    dataset = base.parent.name if base.name == "mels" and base.parent.name else base.name
+    return f"{_slug(dataset)}_{_slug(str(config.get('maest', {}).get('arch')))}_{digest}"
+
+
+def check_run_name(run_name) -> None:
+    """A folder name under ``outputs/``: a non-empty string without ``/``, ``\\`` or a ``..`` part."""
+    if run_name is None:
+        return
+    if not isinstance(run_name, str) or not run_name.strip() or run_name in (".", "..") or re.search(r"[/\\]", run_name):
+        raise ValueError(f"run_name must be a folder name (no '/', '\\', not '..') or None, got {run_name!r}")
+
+
+def run_dir(run_name: str) -> Path:
+    """``outputs/<run_name>``: the folder of every default output of the run."""
+    return OUTPUTS / run_name

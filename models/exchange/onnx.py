@@ -1,0 +1,167 @@
+"""ONNX export (``export_onnx``); Hugging Face AST directories are ``models.exchange.hf``.
+
+The ONNX graph is the eval-mode network with dynamic batch and time axes:
+
+- ``with_mel=False``: input ``mel`` ``(batch, 96, frames)``, normalised as ``MAEST.forward`` expects,
+  any ``frames`` from one patch (16) to the longest the time embedding covers
+  (``max_frames + 9``: 635 for 10 s models); output ``logits`` ``(batch, n_classes)``, or
+  ``embeddings`` ``(batch, 3, D)`` (CLS, DIST, mean of the patch tokens after ``block``, as
+  ``MAEST.embeddings``) when ``block`` is given.
+- ``with_mel=True``: input ``audio`` ``(batch, samples)`` at 16 kHz, any length (one track per row;
+  tracks of different lengths go one at a time: padding them into one batch would change them).
+  The graph does what ``models.inference.track_probabilities`` does: the mel front-end
+  (``models.mel.MelSpectrogram``, an ONNX ``STFT``), clips of ``clip_frames`` cut as
+  ``split_into_clips`` (a mel shorter than a clip zero-padded centred, ``pad_centre``; longer ones
+  cut every ``hop_frames`` with the last clip aligned to the end, no frame dropped), normalised.
+  Outputs: ``logits`` ``(batch, n_clips, n_classes)`` of every clip (what ``extract_logits``
+  writes) and ``probabilities`` ``(batch, n_classes)``, the mean sigmoid over the clips (what
+  ``predict`` reports); with ``block``, ``embeddings`` ``(batch, n_clips, 3, D)``.
+
+It uses torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, needs onnxscript); fused
+attention exports as is. The exporter's native opset is 18: lower opsets go through onnx's version
+converter, which converts the mel-input logits graph to 17 but not the front-end (``Pad``) nor the
+embeddings output; such a request fails instead of silently writing another opset. Weights are stored inside the file (models under 2 GB;
+ViT-B is about 350 MB).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..maest import MAEST
+from ..mel import HOP_LENGTH, MelSpectrogram, normalize
+
+__all__ = ["export_onnx", "OnnxExportWrapper"]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+
+
+class OnnxExportWrapper(nn.Module):
+    """The exported function: mel -> logits or block embeddings, or audio -> clips -> the same per clip.
+
+    ``clip_frames``/``hop_frames`` only matter with ``with_mel`` (module docstring).
+    """
+
+    def __init__(self, model: MAEST, with_mel: bool = False, block: int | None = None, clip_frames: int | None = None, hop_frames: int | None = None):
+        super().__init__()
+        self.model = model
+        self.mel = MelSpectrogram() if with_mel else None  # compressed; normalised after the clips are cut, as track_probabilities
+        self.block = block
+        self.clip_frames = clip_frames or model.config.input_t
+        self.hop_frames = hop_frames or self.clip_frames
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is None:
+            return self.model(x)  # (B, n_classes)
+        return self.model.embeddings(x, block=self.block)  # (B, 3, D)
+
+    def forward(self, x: torch.Tensor):
+        if self.mel is None:
+            return self._net(x)
+        mel = self.mel(x)  # (B, F, T) compressed; the front-end computes in fp32
+        B, n_mels, T = mel.shape
+        clip, hop = self.clip_frames, self.hop_frames
+        # models.inference.pad_centre without a branch on T (the exporter traces one graph for every length).
+        pad = torch.sym_max(clip - T, 0)
+        mel = F.pad(mel, (pad // 2, pad - pad // 2))
+        T = mel.shape[-1]
+        # models.inference.clip_starts: every hop, the last one aligned to the end.
+        n_clips = (T - clip + hop - 1) // hop + 1
+        starts = torch.clamp(torch.arange(n_clips, device=mel.device) * hop, max=T - clip)
+        index = starts[:, None] + torch.arange(clip, device=mel.device)  # (n_clips, clip)
+        clips = mel[:, :, index].permute(0, 2, 1, 3).reshape(B * n_clips, n_mels, clip)
+        out = self._net(normalize(clips).to(self.model.cls_token.dtype))
+        out = out.reshape(B, n_clips, *out.shape[1:])  # (B, n_clips, n_classes) or (B, n_clips, 3, D)
+        if self.block is not None:
+            return out
+        return out, torch.sigmoid(out.float()).mean(dim=1)
+
+
+def export_onnx(
+    model: MAEST,
+    path: str | os.PathLike,
+    with_mel: bool = False,
+    block: int | None = None,
+    clip_frames: int | None = None,
+    hop_frames: int | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write ``model`` as an ONNX file at ``path`` (written complete or not at all); returns the path.
+
+    Inputs and outputs: module docstring. ``clip_frames`` (``with_mel`` only): the clips the graph
+    cuts, default the model's own (``model.config.input_t``: 625 for 10 s); ``hop_frames``: their
+    hop, default one clip (``predict.hop=half``: ``clip_frames // 2``). ``block``: export the
+    embeddings of this block (0-based) instead of the logits. ``model`` itself is not changed.
+    """
+    cfg = model.config
+    longest = cfg.max_frames + cfg.stride_t - 1  # the longest input with a time position for every patch
+    if not with_mel and (clip_frames is not None or hop_frames is not None):
+        raise ValueError("clip_frames and hop_frames set the clips of the audio graph: use them with with_mel=True")
+    clip_frames = cfg.input_t if clip_frames is None else clip_frames
+    if isinstance(clip_frames, bool) or not isinstance(clip_frames, int) or not cfg.patch_size <= clip_frames <= longest:
+        raise ValueError(f"clip_frames must be in [{cfg.patch_size}, {longest}] for this model (input_t={cfg.input_t}), got {clip_frames!r}")
+    hop_frames = clip_frames if hop_frames is None else hop_frames
+    if isinstance(hop_frames, bool) or not isinstance(hop_frames, int) or not 1 <= hop_frames <= clip_frames:
+        raise ValueError(f"hop_frames must be in [1, clip_frames={clip_frames}] (no frame between clips dropped), got {hop_frames!r}")
+    if block is not None:
+        model.block_index(block)  # the model's own check and message
+    try:
+        import onnxscript  # noqa: F401 - the dynamo exporter needs it; fail here with an install hint
+    except ImportError as e:
+        raise ImportError("ONNX export needs onnx and onnxscript: pip install -r requirements-extras.txt") from e
+
+    # A private eval-mode copy: the finiteness check is a data-dependent branch the exporter cannot trace.
+    net = copy.deepcopy(model).eval()
+    net.config = net.config.replace(check_finite=False)
+    wrapper = OnnxExportWrapper(net, with_mel=with_mel, block=block, clip_frames=clip_frames, hop_frames=hop_frames).eval()
+    device, dtype = net.cls_token.device, net.cls_token.dtype
+    # Batch 2 and lengths away from the bounds in the examples: torch.export specialises sizes 0 and 1
+    # and values it sees at a bound; both axes must stay free.
+    batch = torch.export.Dim("batch")
+    if with_mel:
+        wrapper.mel.to(device)
+        example = torch.zeros(2, (clip_frames + hop_frames) * HOP_LENGTH + 100, device=device)
+        input_name, axes = "audio", {0: batch, 1: torch.export.Dim("samples", min=2)}
+        output_names = ["logits", "probabilities"] if block is None else ["embeddings"]
+    else:
+        example = torch.zeros(2, cfg.input_f, (cfg.patch_size + longest) // 2, device=device, dtype=dtype)
+        input_name, axes = "mel", {0: batch, 2: torch.export.Dim("frames", min=cfg.patch_size, max=longest)}
+        output_names = ["logits"] if block is None else ["embeddings"]
+
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_shapes=(axes,),
+            opset_version=opset,
+            verbose=False,
+        )
+    written = program.model.opset_imports.get("", None)
+    if written != opset:
+        raise ValueError(
+            f"the ONNX exporter could not convert this graph to opset {opset} (it stays at {written}); "
+            f"use opset={written}{' or with_mel=False' if with_mel else ''}"
+        )
+    # Whole or not at all, as helpers.files.atomic_path writes (models/ does not import helpers/).
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        program.save(tmp, external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _logger.info("exported %s -> %s to %s (opset %d)", input_name, ", ".join(output_names), path, opset)
+    return path

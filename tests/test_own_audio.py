@@ -1,0 +1,140 @@
+"""Your own audio in three commands: prepare_folder writes dataset.json, training takes it, outputs go to the run's folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from configs.runs import run_name_for
+from datasets.prepare_folder import MIN_FRAMES, MIN_SECONDS, prepare_folder
+from ex_maest import ex
+from helpers.melfiles import load_groundtruth
+from helpers.probe import embedding_path
+from models.mel import n_frames_for
+
+CLIP = 0.5  # seconds: 31 frames, two time patches of maest-tiny
+TINY = {  # the demo's recipe on a tiny model, one short epoch
+    "maest": {"arch": "maest-tiny", "input_t": n_frames_for(CLIP), "s_patchout_t": 0, "s_patchout_f": 0},
+    "datamodule": {"clip_length": CLIP, "batch_size_train": 4, "batch_size_test": 4, "epoch_length": 8, "num_workers": 0},
+    "trainer": {"max_epochs": 1, "accelerator": "cpu", "precision": "32-true", "enable_progress_bar": False, "enable_model_summary": False},
+}
+
+
+def write_tone(path: Path, freq: float, seconds: float, sample_rate: int = 16000) -> None:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sample_rate)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """bass and treble: 5 one-second files each; rare: one file, so it misses validation or test; one 0.1 s file."""
+    root = tmp_path_factory.mktemp("own")
+    audio = root / "audio"
+    for label, freq in (("bass", 200.0), ("treble", 3000.0)):
+        for i in range(5):
+            write_tone(audio / label / f"{label}_{i}.wav", freq, 1.0)
+    write_tone(audio / "rare" / "rare_0.wav", 800.0, 1.0)
+    write_tone(audio / "bass" / "blip.wav", 200.0, 0.1)  # 7 frames: shorter than one patch
+    out = root / "prepared"
+    logger = logging.getLogger("datasets.prepare_folder")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        result = prepare_folder(audio, out, split=(0.6, 0.2, 0.2), seed=0)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return {"root": root, "out": out, "result": result, "log": [r.getMessage() for r in records]}
+
+
+def test_dataset_json_holds_every_datamodule_key_labels_and_n_classes(prepared):
+    out, result = prepared["out"], prepared["result"]
+    config = json.loads((out / "dataset.json").read_text())
+
+    assert result.dataset_config == out / "dataset.json"
+    assert config["maest"] == {"n_classes": 3}
+    dm = config["datamodule"]
+    assert dm["labels"] == ["bass", "rare", "treble"] == (out / "labels.txt").read_text().split()
+    assert dm["base_dir"] == str(out.resolve())
+    for key, split in (("groundtruth_train", "train"), ("groundtruth_val", "validation"), ("groundtruth_test", "test"), ("groundtruth_predict", "all")):
+        assert Path(dm[key]).is_absolute() and dm[key] == str((out / f"groundtruth-{split}.pk").resolve())  # works from any cwd
+    assert len(load_groundtruth(dm["groundtruth_predict"])) == 12
+    assert set(dm) <= _datamodule_keys()  # only keys ex_maest.py declares (Sacred refuses others)
+
+
+def _datamodule_keys() -> set[str]:
+    return set(ex.run("print_config", options={"--loglevel": "ERROR"}).config["datamodule"])
+
+
+def test_preparer_warns_about_short_files_and_labels_missing_from_a_split(prepared):
+    result, log = prepared["result"], "\n".join(prepared["log"])
+    assert (MIN_FRAMES, round(MIN_SECONDS, 3)) == (16, 0.24)  # (16 - 1) * 256 / 16000: centred frames
+    assert result.short == ["mels/bass/blip.mmap"]
+    assert "1 file(s) are shorter than one 16-frame patch (0.240 s)" in log and "mels/bass/blip.mmap" in log
+    counts = result.class_counts
+    assert [sum(c[1] for c in counts.values())] == [1] and sum(counts["train"]) + sum(counts["validation"]) + sum(counts["test"]) == 12
+    missing = [name for name in ("validation", "test") if counts[name][1] == 0]  # "rare" has one file: at most one split
+    assert missing and all(f"no file in the {name} split and cannot be scored there" in log for name in missing)
+    assert "files per label and split" in log and "rare" in log
+
+
+def test_train_on_dataset_json_then_extract_into_the_runs_folder(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs/ of the run goes here
+    dataset_json = str(prepared["out"] / "dataset.json")
+
+    # `python ex_maest.py with demo OUT/dataset.json` (+ tiny sizes): Sacred reads the JSON file as a named config.
+    run = ex.run(named_configs=["demo", dataset_json], config_updates=TINY, options={"--loglevel": "ERROR"})
+
+    assert run.status == "COMPLETED"
+    name = run.config["run_name"]
+    assert name.startswith("prepared_maest-tiny_") and len(name.rsplit("_", 1)[1]) == 8
+    last = tmp_path / "outputs" / name / "train" / "checkpoints" / "last.ckpt"
+    assert Path(run.result["last_checkpoint"]).resolve() == last.resolve() and last.is_file()
+    assert run.config["maest"]["n_classes"] == 3 and run.config["datamodule"]["labels"] == ["bass", "rare", "treble"]
+    # The demo dataset is not used: nothing synthetic is generated, the demo's folders are untouched.
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [name]
+
+    # Third command: embeddings of the trained model land in the same run's folder.
+    extract = ex.run(
+        "extract_embeddings", named_configs=["demo", dataset_json],
+        config_updates={**TINY, "inference_checkpoint": run.result["last_checkpoint"], "predict": {"transformer_block": 1}},
+        options={"--loglevel": "ERROR"},
+    )
+    assert extract.config["run_name"] == name
+    for key in load_groundtruth(run.config["datamodule"]["groundtruth_predict"]):
+        assert np.load(embedding_path(tmp_path / "outputs" / name / "embeddings", key)).shape[1:] == (3, 64)
+
+
+def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepared):
+    dataset_json = str(prepared["out"] / "dataset.json")
+
+    def name(named=("demo", dataset_json), **updates):
+        r = ex.run("print_config", named_configs=list(named), config_updates={**TINY, **updates}, options={"--loglevel": "ERROR"})
+        return r.config["run_name"]
+
+    first = name()
+    assert name() == first
+    assert name(ckpt_path="last", checkpoint_every_n_train_steps=5) == first  # resuming finds the run's folder
+    assert name(datamodule={**TINY["datamodule"], "num_workers": 2}) == first  # speed, not results
+    assert name(trainer={**TINY["trainer"], "max_epochs": 2}) != first
+    assert name(seed=1) != first
+    assert name(run_name="mine") == "mine"
+    assert name(named=("demo",)) == "demo"  # the demo's synthetic data keeps its documented outputs/demo/...
+    assert run_name_for({"datamodule": {"base_dir": "data/discogs/mels"}, "maest": {"arch": "x"}}).startswith("discogs_x_")
+
+
+def test_a_bad_run_name_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"run_name must be a folder name \(no '/', .*got '\.\./x'"):
+        ex.run(named_configs=["demo"], config_updates={"run_name": "../x"}, options={"--loglevel": "ERROR"})
+    assert not (tmp_path / "outputs").exists()
