@@ -679,7 +679,8 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
         num_workers=num_workers,
         bf16=bf16,
         run_info={"arch": setup.arch, "checkpoint": setup.checkpoint, "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
-                  "pretrained": maest["pretrained"], "clip_length": clip_length, "hop": hop},
+                  # the clip as the model sees it: 5 and 4.992 s are both 312 frames, one setting
+                  "pretrained": maest["pretrained"], "clip_length": n_frames * HOP_LENGTH / SAMPLE_RATE, "hop": hop},
     )
     print(report.summary())
     _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file")

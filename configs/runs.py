@@ -59,7 +59,10 @@ def run_name_for(config: dict) -> str:
     digest = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
     base = PurePath(str(config.get("datamodule", {}).get("base_dir") or "data"))
     dataset = base.parent.name if base.name == "mels" and base.parent.name else base.name
-    return f"{_slug(dataset)}_{_slug(str(config.get('maest', {}).get('arch')))}_{digest}"
+    maest = config.get("maest", {})
+    # maest.arch None: the checkpoint's (known only once it is read) or the default init arch.
+    model = maest.get("arch") or (PurePath(str(maest["checkpoint"])).stem if maest.get("checkpoint") else "maest")
+    return f"{_slug(dataset)}_{_slug(str(model))}_{digest}"
 
 
 def check_run_name(run_name) -> None:

@@ -297,3 +297,20 @@ torch.save({{"state_dict": model.state_dict(), "mel": mel}}, {str(tmp_path / 're
     model.load_state_dict(ref["state_dict"])
     hf = ASTForAudioClassification.from_pretrained(tmp_path / "plain").eval()
     torch.testing.assert_close(hf_logits(hf, ref["mel"][..., :CLIP]), model(ref["mel"][..., :CLIP]).detach(), atol=1e-4, rtol=0)
+
+
+def test_a_failed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    """Files are staged beside the folder and renamed into place: a crash mid-export changes nothing."""
+    import models.exchange.hf as hf
+
+    out = export_hf(tiny(seed=0), tmp_path / "maest", labels=LABELS)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "_write_weights", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(tiny(seed=1), out, labels=LABELS)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maest"]  # no staging folder left behind

@@ -38,6 +38,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -587,15 +589,24 @@ def export_hf(
     if out_dir.is_file():
         raise NotADirectoryError(f"export_hf writes a directory; {out_dir} is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(out_dir, hf_config)
-    weights = _write_weights(out_dir, sd)
-    for name in EXTRA_NAMES:  # a re-export into the folder must not keep a stale tail
-        (out_dir / name).unlink(missing_ok=True)
-    if tail is not None:
-        _write_weights(out_dir, {TIME_TAIL_KEY: tail}, names=EXTRA_NAMES)
-    if feature_extractor:
-        from ..feature_extraction import MAESTFeatureExtractor
+    # Staged in a sibling folder, then each file renamed into place: a killed export leaves every
+    # file of the folder whole (the previous export's or this one's), never half written.
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        _write_config(stage, hf_config)
+        weights = _write_weights(stage, sd)
+        if tail is not None:
+            _write_weights(stage, {TIME_TAIL_KEY: tail}, names=EXTRA_NAMES)
+        if feature_extractor:
+            from ..feature_extraction import MAESTFeatureExtractor
 
-        MAESTFeatureExtractor(max_length=max_length).save_pretrained(out_dir)
-    _logger.info("exported %s (AST, max_length=%d frames) to %s", type(model).__name__, max_length, weights)
+            MAESTFeatureExtractor(max_length=max_length).save_pretrained(stage)
+        for name in EXTRA_NAMES:  # a re-export into the folder must not keep a stale tail
+            if not (stage / name).exists():
+                (out_dir / name).unlink(missing_ok=True)
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _logger.info("exported %s (AST, max_length=%d frames) to %s", type(model).__name__, max_length, out_dir / weights.name)
     return out_dir
