@@ -30,7 +30,7 @@ from sacred.observers import FileStorageObserver
 
 from configs.checks import check_config_values, default_config
 from configs.maest import register_named_configs
-from configs.runs import check_run_name, run_dir, run_name_for, uses_synthetic_data
+from configs.runs import check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
 from helpers.data import hop_frames_for
 from helpers.datamodule import MAESTDataModule
 from helpers.extract import extract, predict_files, write_predictions
@@ -148,7 +148,7 @@ def trainer_config():
 
 @predict_ing.config
 def predict_config():
-    transformer_block = 6  # block of the embeddings (0-based: 6 is the paper's best, "the 7th block")
+    transformer_block = None  # block of the embeddings, 0-based; None: depth // 2 (6 of 12, the paper's best, "the 7th block")
     out_dir = None  # extraction output: <out_dir>/<key>.embeddings.npy / .logits.npy; None: outputs/<run_name>/embeddings
     hop = "full"  # "full": consecutive clips; "half": half-overlapping clips
     batch_size = 16  # clips per forward pass
@@ -429,7 +429,7 @@ _CONFIG_RULES = {
     "maest.input_t": (int | None, _at_least(16, " (one patch)")),
     "module.freeze_blocks": (int, _at_least(0)),
     "module.layer_decay": (float, (lambda v: 0 < v <= 1, "in (0, 1] (1.0: off)")),
-    "predict.transformer_block": (int, None),  # one block; extract() checks its range against the model
+    "predict.transformer_block": (int | None, None),  # one block; extract() checks its range against the model
     "predict.hop": lambda hop: hop_frames_for(hop, 2),  # a validator of its own: its message
     "predict.batch_size": (int, _at_least(1)),
     "predict.num_workers": (int, _at_least(0)),
@@ -472,11 +472,19 @@ def _check_config_hook(config, command_name, logger):
     return {}
 
 
+_MODEL_USING_COMMANDS = ("test", "extract_embeddings", "extract_logits", "predict", "export_hf", "export_onnx", "model_speed_test")
+
+
 @ex.config_hook
 def _run_name_hook(config, command_name, logger):
-    """run_name=None becomes the run's own name (configs/runs.py); a name given in the config wins."""
+    """run_name=None becomes the run's own name (configs/runs.py); a name given in the config wins.
+
+    A command that only uses a model (test, extraction, predict, export) of a run trained here
+    (``outputs/<run>/train/checkpoints/x.ckpt``) writes into that run's folder.
+    """
     if config.get("run_name") is None:
-        return {"run_name": run_name_for(config)}
+        trained = trained_run_name(config) if command_name in _MODEL_USING_COMMANDS else None
+        return {"run_name": trained or run_name_for(config)}
     return {}
 
 
@@ -666,6 +674,8 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
     n_frames = n_frames_for(clip_length)
     hop_frames = hop_frames_for(hop, n_frames)
     net = build_net(setup=setup).to(_device(device))
+    if transformer_block is None:  # the paper's block 6 of 12, at the same relative depth of any model
+        transformer_block = net.config.depth // 2
     report = extract(
         net,
         base_dir=datamodule_cfg["base_dir"],

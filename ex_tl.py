@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import lightning as pl
@@ -40,7 +41,8 @@ def default_config():
     groundtruth_train = None  # ground-truth pickle (mel path -> multi-hot vector) of the training tracks
     groundtruth_val = None  # ground-truth pickle of the validation tracks (selects the best epoch)
     groundtruth_test = None  # ground-truth pickle of the test tracks (reported once, on the best checkpoint)
-    out_dir = "outputs/probe"  # checkpoints, TensorBoard logs and results.json go here
+    # checkpoints, TensorBoard logs and results.json go here: beside the embeddings (outputs/<run>/probe)
+    out_dir = os.path.join(os.path.dirname(os.path.normpath(embeddings_dir)), "probe") if embeddings_dir else "outputs/probe"
 
     token = "c"  # tokens to probe: c (CLS), d (DIST), t (mean of patch tokens), or a combination like "cdt"
     combine = "mean"  # how several tokens are combined: "mean" (input size D) or "concat" (len(token) * D)

@@ -174,7 +174,7 @@ def demo():
         "swa_epoch_start": 6,  # the SWA phase is epochs 5-9 (0-based): the learning rate stays at 5e-4, no ramp-down
     }
     trainer = {"max_epochs": 10, "log_every_n_steps": 10}  # noqa: F841  (checkpoints: outputs/demo/train)
-    predict = {"transformer_block": 2, "batch_size": 32, "num_workers": 0}  # noqa: F841  (outputs/demo/embeddings)
+    predict = {"batch_size": 32, "num_workers": 0}  # noqa: F841  (outputs/demo/embeddings; block depth // 2 = 2)
 
 
 def register_named_configs(ex) -> None:

@@ -65,6 +65,18 @@ def run_name_for(config: dict) -> str:
     return f"{_slug(dataset)}_{_slug(str(model))}_{digest}"
 
 
+def trained_run_name(config: dict) -> str | None:
+    """``<run>`` when the model comes from ``outputs/<run>/train/checkpoints/`` (``inference_checkpoint``
+    or ``maest.checkpoint``), else None: the outputs of a trained model's use go beside its training."""
+    checkpoint = config.get("inference_checkpoint") or (config.get("maest") or {}).get("checkpoint")
+    if not checkpoint:
+        return None
+    parts = PurePath(str(checkpoint)).parts
+    if len(parts) >= 5 and parts[-5] == OUTPUTS.name and parts[-3:-1] == ("train", "checkpoints"):
+        return parts[-4]
+    return None
+
+
 def check_run_name(run_name) -> None:
     """A folder name under ``outputs/``: a non-empty string without ``/``, ``\\`` or a ``..`` part."""
     if run_name is None:

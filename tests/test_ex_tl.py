@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,12 @@ def test_named_configs_point_at_their_data():
     assert demo["groundtruth_val"] == "outputs/demo/data/groundtruth-validation.pk"
     assert demo["trainer"]["accelerator"] == "cpu"
     assert ex.named_configs["demo"].__doc__ and ex.named_configs["target_mtt_tl"].__doc__
+
+
+def test_probe_results_go_beside_the_embeddings_by_default():
+    from ex_tl import ex
+
+    run = ex.run("print_config", config_updates={"embeddings_dir": "outputs/my_run/embeddings"}, options={"--loglevel": "ERROR"})
+    assert run.config["out_dir"] == os.path.join("outputs", "my_run", "probe")
+    run = ex.run("print_config", config_updates={"embeddings_dir": "e", "out_dir": "elsewhere"}, options={"--loglevel": "ERROR"})
+    assert run.config["out_dir"] == "elsewhere"

@@ -107,10 +107,12 @@ def test_train_on_dataset_json_then_extract_into_the_runs_folder(prepared, tmp_p
     # Third command: embeddings of the trained model land in the same run's folder.
     extract = ex.run(
         "extract_embeddings", named_configs=["demo", dataset_json],
-        config_updates={**TINY, "inference_checkpoint": run.result["last_checkpoint"], "predict": {"transformer_block": 1}},
+        config_updates={**TINY, "inference_checkpoint": run.result["last_checkpoint"]},
         options={"--loglevel": "ERROR"},
     )
     assert extract.config["run_name"] == name
+    # No block given: depth // 2 (the paper's 6 of 12), here block 1 of the 2-block model.
+    assert json.loads((tmp_path / "outputs" / name / "embeddings" / "config.json").read_text())["block"] == 1
     for key in load_groundtruth(run.config["datamodule"]["groundtruth_predict"]):
         assert np.load(embedding_path(tmp_path / "outputs" / name / "embeddings", key)).shape[1:] == (3, 64)
 
@@ -138,3 +140,20 @@ def test_a_bad_run_name_is_refused_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"run_name must be a folder name \(no '/', .*got '\.\./x'"):
         ex.run(named_configs=["demo"], config_updates={"run_name": "../x"}, options={"--loglevel": "ERROR"})
     assert not (tmp_path / "outputs").exists()
+
+
+def test_using_a_trained_model_writes_into_its_runs_folder():
+    from configs.runs import trained_run_name
+
+    assert trained_run_name({"inference_checkpoint": "outputs/prepared_maest-demo_37cf859c/train/checkpoints/last.ckpt"}) == "prepared_maest-demo_37cf859c"
+    assert trained_run_name({"inference_checkpoint": "/abs/outputs/demo/train/checkpoints/epoch=3-best.ckpt"}) == "demo"
+    assert trained_run_name({"inference_checkpoint": None, "maest": {"checkpoint": "outputs/r1/train/checkpoints/step-step=5.ckpt"}}) == "r1"
+    assert trained_run_name({"maest": {"checkpoint": "weights/discogs-maest-30s-pw-129e-swa.ckpt"}}) is None
+    assert trained_run_name({"inference_checkpoint": "elsewhere/train/checkpoints/last.ckpt"}) is None
+    # The experiment's hook: a command that uses the model takes <run>; training and print_config never do.
+    import ex_maest
+
+    config = {"run_name": None, "inference_checkpoint": "outputs/my_run/train/checkpoints/last.ckpt", "datamodule": {"base_dir": "x"}, "maest": {"arch": "a"}}
+    assert ex_maest._run_name_hook(config, "extract_embeddings", None) == {"run_name": "my_run"}
+    assert ex_maest._run_name_hook(config, "predict", None) == {"run_name": "my_run"}
+    assert ex_maest._run_name_hook(config, "main", None)["run_name"].startswith("x_a_")
