@@ -1,11 +1,12 @@
 """Named configs of ``ex_maest.py`` (SPEC §4): the paper's settings, their inference twins, targets, demo.
 
-Each named config only sets what differs from the defaults in ``ex_maest.py``; the defaults are
-the recipe that produced the released models, i.e. what upstream's code did (AdamW 2e-5 on every
-parameter, warm-up 5 epochs, 130 epochs, mixup 0.3, no masking, class-balanced draws without
-replacement, batch 12, 200 000 draws an epoch, SWA from epoch 50 averaging every epoch and
-holding the learning rate at 2e-5 in place of the ramp-down). ``recipe_paper`` switches to the
-recipe upstream's config describes. Clip lengths are in seconds and ``input_t = seconds * 16000 // 256`` frames.
+Each named config only sets what differs from the defaults (the config scopes of
+``configs/ingredients/``); the defaults are the recipe that produced the released models, i.e. what
+upstream's code did (AdamW 2e-5 on every parameter, warm-up 5 epochs, 130 epochs, mixup 0.3, no
+masking, class-balanced draws without replacement, batch 12, 200 000 draws an epoch, SWA from epoch
+50 averaging every epoch and holding the learning rate at 2e-5 in place of the ramp-down).
+``recipe_paper`` switches to the recipe upstream's config describes. Clip lengths are in seconds and
+``input_t = seconds * 16000 // 256`` frames.
 """
 
 from __future__ import annotations

@@ -93,28 +93,29 @@ class MAESTDataModule(pl.LightningDataModule):
         *,
         base_dir: str | os.PathLike,
         clip_length: float,
-        groundtruth_train: str | os.PathLike | None = None,
-        groundtruth_val: str | os.PathLike | None = None,
-        groundtruth_test: str | os.PathLike | None = None,
-        batch_size_train: int = 12,
-        batch_size_test: int = 20,
-        num_workers: int = 0,
-        epoch_length: int | None = None,
-        sampler: str = "balanced",
-        sampler_replacement: bool = True,
-        seed: int = 0,
+        groundtruth_train: str | os.PathLike | None,
+        groundtruth_val: str | os.PathLike | None,
+        groundtruth_test: str | os.PathLike | None,
+        batch_size_train: int,
+        batch_size_test: int,
+        num_workers: int,
+        epoch_length: int | None,
+        sampler: str,
+        sampler_replacement: bool,
+        seed: int,
+        teacher_dir: str | os.PathLike | None,
+        teacher_threshold: float,
+        test_hop: str,
+        pin_memory: bool,
         normalize: bool = True,
-        teacher_dir: str | os.PathLike | None = None,
-        teacher_threshold: float = 0.45,
-        test_hop: str = "full",
-        pin_memory: bool = False,
     ):
-        """
+        """No defaults: the ``datamodule`` config scope (``configs/ingredients/datamodule.py``) holds them.
+
         Args:
             base_dir: folder of the mel files, or an ``.h5`` store; ground-truth keys are relative to it.
             clip_length: seconds per clip; ``n_frames = clip_length * 16000 // 256``.
-            groundtruth_train/val/test: ground-truth pickles (key -> multi-hot); each is needed
-                only by its stage.
+            groundtruth_train/val/test: ground-truth pickles (key -> multi-hot), or None; each is
+                needed only by its stage.
             batch_size_train: training batch size per device.
             batch_size_test: batch size of validation and test.
             num_workers: DataLoader worker processes (persistent when > 0).

@@ -20,6 +20,7 @@ from helpers.melfiles import MelReader, save_groundtruth, write_mel
 from models import get_maest
 from models.inference import split_into_clips
 from models.mel import N_MELS, n_frames_for, normalize
+from tests.builders import maest_datamodule
 
 CLIP_LENGTH = 2
 N_FRAMES = n_frames_for(CLIP_LENGTH)  # 125
@@ -101,7 +102,7 @@ def test_extract_logits_are_the_logits_of_the_test_clips(data, tmp_path):
     model = get_maest("maest-tiny", n_classes=3, input_t=N_FRAMES)
     extract(model, base_dir=base, groundtruth=gt_path, out_dir=tmp_path / "out", kind="logits",
             n_frames=N_FRAMES, hop_frames=hop_frames_for("half", N_FRAMES), progress=False)
-    dm = MAESTDataModule(base_dir=base, clip_length=CLIP_LENGTH, groundtruth_test=gt_path, test_hop="half", batch_size_test=5)
+    dm = maest_datamodule(base_dir=base, clip_length=CLIP_LENGTH, groundtruth_test=gt_path, test_hop="half", batch_size_test=5)
     logits: dict[str, list] = {}
     with torch.no_grad():
         for x, keys, _ in dm.test_dataloader():
@@ -120,13 +121,13 @@ def test_one_hop_setting_read_in_one_place(tmp_path):
     # the data module and the Sacred config check refuse a wrong datamodule.test_hop with the same words
     message = r"datamodule.test_hop must be 'full' \(consecutive clips\) or 'half' \(half-overlapping clips\), got 'quarter'"
     with pytest.raises(ValueError, match=message):
-        MAESTDataModule(base_dir=tmp_path, clip_length=CLIP_LENGTH, test_hop="quarter")
+        maest_datamodule(base_dir=tmp_path, clip_length=CLIP_LENGTH, test_hop="quarter")
     config = {ing.path: dict(ing.configurations[0]()) for ing in ex_maest.ex.ingredients}
     config.update(dict(ex_maest.ex.configurations[0]()))
     config["datamodule"]["test_hop"] = "quarter"
     with pytest.raises(ValueError, match=message):
         ex_maest.check_config(config)
-    assert MAESTDataModule(base_dir=tmp_path, clip_length=CLIP_LENGTH, test_hop="half").hop_frames == 62
+    assert maest_datamodule(base_dir=tmp_path, clip_length=CLIP_LENGTH, test_hop="half").hop_frames == 62
 
 
 def test_the_data_module_has_no_prediction_stage():

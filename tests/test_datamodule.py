@@ -10,6 +10,7 @@ import torch
 from helpers.datamodule import MAESTDataModule
 from helpers.melfiles import save_groundtruth, write_mel, write_mels_hdf5
 from helpers.sampler import BalancedSampler, RandomEpochSampler
+from tests.builders import maest_datamodule
 
 CLIP_LENGTH = 1  # second -> 62 frames
 N_FRAMES = 62
@@ -48,7 +49,7 @@ def _datamodule(base_dir, gt_path, **kwargs) -> MAESTDataModule:
         num_workers=0,
         epoch_length=7,
     )
-    return MAESTDataModule(**{**args, **kwargs})
+    return maest_datamodule(**{**args, **kwargs})
 
 
 @pytest.mark.parametrize("kind", ["mmap", "npy", "h5"])

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.datamodule import MAESTDataModule
 from helpers.metrics import macro_metrics
 from helpers.sampler import BalancedSampler
 from helpers.synthetic import make_synthetic_dataset
 from models import get_maest
+from tests.builders import maest_datamodule
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLIP_LENGTH = 2
@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from configs.ingredients.module import module_config
     from helpers.datamodule import MAESTDataModule
     from helpers.module import MAESTModule
     from models import get_maest
@@ -68,11 +69,12 @@ SCRIPT = textwrap.dedent(
         dm = MAESTDataModule(
             base_dir=config["base_dir"], clip_length=config["clip_length"],
             groundtruth_train=config["groundtruth_train"], groundtruth_val=config["groundtruth_val"],
-            batch_size_train=config["batch_size"], batch_size_test=3, epoch_length=config["epoch_length"],
-            seed=config["seed"], num_workers=0,
+            groundtruth_test=None, batch_size_train=config["batch_size"], batch_size_test=3, num_workers=0,
+            epoch_length=config["epoch_length"], sampler="balanced", sampler_replacement=True, seed=config["seed"],
+            teacher_dir=None, teacher_threshold=0.45, test_hop="full", pin_memory=False,
         )
         net = get_maest("maest-tiny", n_classes=dm.n_classes, input_t=config["input_t"], s_patchout_t=2)
-        module = MAESTModule(net, lr=1e-3, swa_epoch_start=1, swa_freq=1)
+        module = MAESTModule(net, **{**dict(module_config()), "lr": 1e-3, "swa_epoch_start": 1, "swa_freq": 1, "swa_lr": None})
         record = Record()
         trainer = pl.Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_epochs=config["epochs"], precision="32-true",
@@ -151,7 +153,7 @@ def test_both_ranks_trained_in_step(ddp_run):
 
 def test_training_draw_is_sharded_once_across_ranks(ddp_run):
     data, ranks, _ = ddp_run
-    dm = MAESTDataModule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_train=data["groundtruth_train"])
+    dm = maest_datamodule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_train=data["groundtruth_train"])
     train = dm.dataset("train")
     sampler = BalancedSampler(labels=train.labels, epoch_length=EPOCH_LENGTH, seed=SEED)  # one process
     draws = []
@@ -168,7 +170,7 @@ def test_training_draw_is_sharded_once_across_ranks(ddp_run):
 
 def test_validation_is_computed_once_over_all_ranks(ddp_run):
     data, ranks, last = ddp_run
-    dm = MAESTDataModule(
+    dm = maest_datamodule(
         base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_val=data["groundtruth_val"], batch_size_test=64
     )
     dm.setup("validate")

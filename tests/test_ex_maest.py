@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from ex_maest import ex
-from helpers.datamodule import MAESTDataModule
 from helpers.melfiles import MelReader, load_groundtruth
 from helpers.metrics import macro_metrics
 from helpers.synthetic import make_synthetic_dataset
 from models import get_maest
 from models.mel import n_frames_for
 from models.registry import build_config, get_spec
+from tests.builders import maest_datamodule
 
 CLIP_LENGTH = 2  # seconds: 125 frames
 INPUT_T = 125
@@ -128,7 +128,7 @@ def test_test_command_scores_every_test_clip(demo_run, data, tmp_path):
 
     # The same numbers from the SWA weights over every clip of every test file, tail included.
     net = get_maest("maest-tiny", checkpoint=last, n_classes=10, input_t=INPUT_T)
-    dm = MAESTDataModule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_test=data["groundtruth_test"], batch_size_test=64)
+    dm = maest_datamodule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_test=data["groundtruth_test"], batch_size_test=64)
     dm.setup("test")
     n_files = len(load_groundtruth(data["groundtruth_test"]))
     assert len(dm.dataset("test")) > n_files  # tracks are 0.8-1.4 clips long: some give two clips
@@ -148,7 +148,7 @@ def test_inference_checkpoint_replaces_maest_checkpoint_in_test(demo_run, data, 
     updates["maest"]["checkpoint_swa_weights"] = False
     results = run("test", ["demo"], updates).result
     net = get_maest("maest-tiny", checkpoint=demo_run.result["last_checkpoint"], checkpoint_swa_weights=False, n_classes=10, input_t=INPUT_T)
-    dm = MAESTDataModule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_test=data["groundtruth_test"], batch_size_test=64)
+    dm = maest_datamodule(base_dir=data["base_dir"], clip_length=CLIP_LENGTH, groundtruth_test=data["groundtruth_test"], batch_size_test=64)
     dm.setup("test")
     x, _, y = next(iter(dm.test_dataloader()))
     with torch.no_grad():

@@ -19,7 +19,6 @@ import torch
 from datasets.prepare_folder import main as prepare_main
 from datasets.prepare_folder import prepare_folder
 from helpers.data import ClipDataset
-from helpers.datamodule import MAESTDataModule
 from helpers.extract import claim_out_dir, extract
 from helpers.failures import read_failure_list, update_failure_list
 from helpers.melfiles import (
@@ -34,6 +33,7 @@ from helpers.melfiles import (
 )
 from helpers.stats import mel_statistics
 from models import get_maest
+from tests.builders import maest_datamodule
 
 N_FRAMES = 125  # 2 s clips
 N_CLASSES = 3
@@ -126,7 +126,7 @@ def test_every_reader_of_keys_refuses_outside_keys(mels, tmp_path):
     base, _ = mels
     write_mel(tmp_path / "x.mmap", _mel(130))
     gt = save_groundtruth(tmp_path / "gt.pk", _labels([*GOOD, "../x.mmap"]))
-    dm = MAESTDataModule(base_dir=base, clip_length=2, groundtruth_train=gt, groundtruth_test=gt)
+    dm = maest_datamodule(base_dir=base, clip_length=2, groundtruth_train=gt, groundtruth_test=gt)
     for split in ("train", "test"):
         with pytest.raises(UnsafeKeyError, match=r"'\.\./x\.mmap'"):
             dm.dataset(split)

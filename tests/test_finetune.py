@@ -10,9 +10,9 @@ import torch
 
 from ex_maest import ex
 from helpers.melfiles import load_groundtruth, save_groundtruth
-from helpers.module import MAESTModule
 from helpers.synthetic import make_synthetic_dataset
 from models import get_maest
+from tests.builders import maest_module
 
 INPUT_T = 125  # 2 s clips
 NEW_CLASSES = 6  # the fine-tuning labels: the first 6 of the synthetic dataset's 10
@@ -82,7 +82,7 @@ def test_training_on_other_labels_without_finetune_is_refused(pretrained, data, 
 
 def test_layer_decay_and_frozen_blocks_set_the_parameter_groups():
     net = get_maest("maest-tiny", n_classes=3, input_t=INPUT_T)
-    module = MAESTModule(net, lr=LR, layer_decay=DECAY, freeze_blocks=1)
+    module = maest_module(net, lr=LR, layer_decay=DECAY, freeze_blocks=1)
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in net.named_parameters() if n.startswith(("patch_embed.", "blocks.0.", "head_dist."))} | set(net.no_weight_decay())
     lr_of = {id(p): g["lr"] for g in module.parameter_groups() for p in g["params"]}
@@ -91,12 +91,12 @@ def test_layer_decay_and_frozen_blocks_set_the_parameter_groups():
     assert lr_of[id(named["head.1.weight"])] == pytest.approx(LR)
     assert lr_of[id(named["norm.weight"])] == pytest.approx(LR)
     assert not any(id(named[n]) in lr_of for n in frozen)
-    unfrozen = MAESTModule(get_maest("maest-tiny", n_classes=3, input_t=INPUT_T), lr=LR, layer_decay=DECAY)
+    unfrozen = maest_module(get_maest("maest-tiny", n_classes=3, input_t=INPUT_T), lr=LR, layer_decay=DECAY)
     lr_of = {n: g["lr"] for g in unfrozen.parameter_groups() for n, p in unfrozen.net.named_parameters() if any(p is q for q in g["params"])}
     assert lr_of["blocks.0.mlp.fc1.weight"] == pytest.approx(LR * DECAY**2)
     assert lr_of["patch_embed.proj.weight"] == lr_of["cls_token"] == lr_of["time_new_pos_embed"] == pytest.approx(LR * DECAY**3)
     with pytest.raises(ValueError, match=r"module.freeze_blocks=3 must be in \[0, 2\]"):
-        MAESTModule(get_maest("maest-tiny", n_classes=3, input_t=INPUT_T), freeze_blocks=3)
+        maest_module(get_maest("maest-tiny", n_classes=3, input_t=INPUT_T), freeze_blocks=3)
 
 
 def test_finetune_the_demo_model_on_other_labels(pretrained, data, tmp_path):

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 
 from helpers.augment import mixup
 from helpers.metrics import macro_metrics
-from helpers.module import MAESTModule
 from helpers.schedules import exp_warmup_linear_down
 from models import get_maest
+from tests.builders import maest_module
 
 N_CLASSES = 4
 N_FRAMES = 116  # 11 time patches = the 11 time embeddings: no random embedding offset in training
@@ -58,7 +58,7 @@ def training_loss(module, batch, seed=0):
 
 # ---------------------------------------------------------------------------------- training loss
 def test_training_loss_is_bce_of_the_net_without_augmentation():
-    module = MAESTModule(tiny_net(), **NO_AUGMENTATION)
+    module = maest_module(tiny_net(), **NO_AUGMENTATION)
     x, keys, y = make_batch()
     x_before = x.clone()
     loss = module.training_step((x, keys, y), 0)
@@ -91,17 +91,17 @@ def test_each_augmentation_changes_the_training_loss(augmentation, net_overrides
     augmented_net = tiny_net(**net_overrides)
     augmented_net.load_state_dict(plain_net.state_dict())
     batch = make_batch()
-    plain = training_loss(MAESTModule(plain_net, **NO_AUGMENTATION), batch)
-    augmented = training_loss(MAESTModule(augmented_net, **{**NO_AUGMENTATION, **augmentation}), batch)
+    plain = training_loss(maest_module(plain_net, **NO_AUGMENTATION), batch)
+    augmented = training_loss(maest_module(augmented_net, **{**NO_AUGMENTATION, **augmentation}), batch)
     # Without augmentation the loss is exactly reproducible (previous test): any change is the augmentation.
     assert abs(augmented - plain) > 1e-6
-    assert training_loss(MAESTModule(plain_net, **NO_AUGMENTATION), batch) == plain
+    assert training_loss(maest_module(plain_net, **NO_AUGMENTATION), batch) == plain
 
 
 def test_evaluation_is_deterministic_and_without_augmentation():
     torch.manual_seed(0)
     net = tiny_net(s_patchout_t=5, s_patchout_f=2, u_patchout=10)
-    module = MAESTModule(net, mixup_alpha=0.3, masking=True, roll_max_shift=20).eval()
+    module = maest_module(net, mixup_alpha=0.3, masking=True, roll_max_shift=20).eval()
     x, keys, y = make_batch()
     module.validation_step((x, keys, y), 0)
     module.validation_step((x, keys, y), 1)
@@ -121,7 +121,7 @@ def test_validation_metrics_cover_every_clip_once():
     """Metrics are computed once over all clips (batches 3, 3, 1), not averaged over batches."""
     torch.manual_seed(0)
     net = tiny_net()
-    module = MAESTModule(net, swa_epoch_start=0)
+    module = maest_module(net, swa_epoch_start=0)
     data = items(7)
     (results,) = trainer().validate(module, dataloaders=DataLoader(data, batch_size=3))
 
@@ -140,7 +140,7 @@ def test_validation_metrics_cover_every_clip_once():
 
 
 def test_without_swa_only_the_live_network_is_evaluated():
-    module = MAESTModule(tiny_net(), swa=False)
+    module = maest_module(tiny_net(), swa=False)
     (results,) = trainer().validate(module, dataloaders=DataLoader(items(6), batch_size=3))
     assert set(results) == {"val_loss", "val_roc", "val_ap", "val_n_classes_scored"}  # one count: it depends on the labels only
 
@@ -148,7 +148,7 @@ def test_without_swa_only_the_live_network_is_evaluated():
 # ---------------------------------------------------------------------------------- teacher-student
 def test_teacher_student_loss_is_the_mean_of_label_and_teacher_bce():
     net = tiny_net(distilled_type="separated")
-    module = MAESTModule(net, teacher_student=True, **NO_AUGMENTATION)
+    module = maest_module(net, teacher_student=True, **NO_AUGMENTATION)
     x, keys, y, teacher = make_batch(teacher=True)
     loss = module.training_step((x, keys, y, teacher), 0)
     logits, logits_dist = net.forward_heads(x)
@@ -161,7 +161,7 @@ def test_teacher_student_loss_is_the_mean_of_label_and_teacher_bce():
 def test_teacher_student_mixup_mixes_teacher_targets_with_the_same_partner():
     """With mixup on, the teacher targets are mixed like the labels (same lambda, same partner)."""
     net = tiny_net(distilled_type="separated")
-    module = MAESTModule(net, teacher_student=True, mixup_alpha=0.3, mask_p=0.0)
+    module = maest_module(net, teacher_student=True, mixup_alpha=0.3, mask_p=0.0)
     x, keys, y, _ = make_batch(teacher=True)
     # Teacher targets equal to the labels: mixed with the same lambda and partner, they equal the mixed labels.
     loss = training_loss(module, (x, keys, y, y.clone()))
@@ -174,7 +174,7 @@ def test_teacher_student_mixup_mixes_teacher_targets_with_the_same_partner():
 
 def test_teacher_student_needs_separated_heads():
     with pytest.raises(ValueError, match="distilled_type='separated'"):
-        MAESTModule(tiny_net(distilled_type="mean"), teacher_student=True)
+        maest_module(tiny_net(distilled_type="mean"), teacher_student=True)
 
 
 # ---------------------------------------------------------------------------------- SWA
@@ -185,7 +185,7 @@ def _set_weights(net, value):
 
 
 def test_swa_is_the_running_mean_of_the_averaged_epochs():
-    module = MAESTModule(tiny_net(), swa_epoch_start=3, swa_freq=2)  # the SWA phase starts at 0-based epoch 2
+    module = maest_module(tiny_net(), swa_epoch_start=3, swa_freq=2)  # the SWA phase starts at 0-based epoch 2
     swa_values = {}
     for epoch in range(7):
         module._average_swa(epoch)  # start of the epoch: the weights after epoch - 1 (every weight = epoch)
@@ -202,7 +202,7 @@ def test_swa_is_the_running_mean_of_the_averaged_epochs():
     assert any(k.startswith("net.") for k in state) and any(k.startswith("net_swa.") for k in state)
     assert {k[len("net."):] for k in state if k.startswith("net.")} == {k[len("net_swa."):] for k in state if k.startswith("net_swa.")}
 
-    restored = MAESTModule(tiny_net(), swa_epoch_start=3, swa_freq=2)
+    restored = maest_module(tiny_net(), swa_epoch_start=3, swa_freq=2)
     restored.load_state_dict(state)
     assert restored.swa_n_averaged.item() == 3  # a resumed run continues the running mean
     restored._average_swa(6)  # resumed in the middle of epoch 6: its start is already averaged
@@ -211,7 +211,7 @@ def test_swa_is_the_running_mean_of_the_averaged_epochs():
 
 
 def test_swa_disabled_keeps_following_the_live_network():
-    module = MAESTModule(tiny_net(), swa=False, swa_epoch_start=0, swa_freq=1)
+    module = maest_module(tiny_net(), swa=False, swa_epoch_start=0, swa_freq=1)
     for epoch in range(3):
         _set_weights(module.net, float(epoch + 1))
         module._average_swa(epoch)
@@ -232,7 +232,7 @@ class _Snapshots(pl.Callback):
 
 def test_swa_in_training_is_updated_before_the_epochs_validation():
     torch.manual_seed(0)
-    module = MAESTModule(tiny_net(), lr=1e-3, swa_epoch_start=3, swa_freq=1, **NO_AUGMENTATION)
+    module = maest_module(tiny_net(), lr=1e-3, swa_epoch_start=3, swa_freq=1, **NO_AUGMENTATION)
     snapshots = _Snapshots()
     val_data = items(6, seed=1)
     fit = trainer(max_epochs=4, callbacks=[snapshots])
@@ -256,7 +256,7 @@ def test_swa_in_training_is_updated_before_the_epochs_validation():
 @pytest.mark.parametrize("teacher_student", [False, True])
 def test_optimizer_holds_only_the_live_network(teacher_student):
     net = tiny_net(distilled_type="separated" if teacher_student else "mean")
-    module = MAESTModule(net, lr=1e-3, weight_decay=0.05, teacher_student=teacher_student)
+    module = maest_module(net, lr=1e-3, weight_decay=0.05, teacher_student=teacher_student)
     config = module.configure_optimizers()
     optimizer = config["optimizer"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -280,7 +280,7 @@ class _LearningRates(pl.Callback):
 
 def test_learning_rate_follows_the_schedule_once_per_epoch():
     lr, schedule = 1e-3, dict(warm_up_len=2, ramp_down_start=2, ramp_down_len=2, last_lr_value=0.1)
-    module = MAESTModule(tiny_net(), lr=lr, **schedule, **NO_AUGMENTATION)
+    module = maest_module(tiny_net(), lr=lr, **schedule, **NO_AUGMENTATION)
     rates = _LearningRates()
     trainer(max_epochs=5, callbacks=[rates], limit_val_batches=0).fit(
         module, train_dataloaders=DataLoader(items(6), batch_size=3)
@@ -295,7 +295,7 @@ def test_learning_rate_follows_the_schedule_once_per_epoch():
 
 def test_bf16_mixed_training_runs_and_keeps_float32_weights():
     torch.manual_seed(0)
-    module = MAESTModule(tiny_net(), lr=1e-3)
+    module = maest_module(tiny_net(), lr=1e-3)
     before = module.net.head[1].weight.clone()
     fit = trainer(max_epochs=1, precision="bf16-mixed")
     fit.fit(module, train_dataloaders=DataLoader(items(8), batch_size=4), val_dataloaders=DataLoader(items(6, seed=1), batch_size=6))

@@ -24,6 +24,7 @@ from helpers.module import MAESTModule
 from helpers.sampler import BalancedSampler
 from helpers.schedules import exp_warmup_linear_down, with_swa_phase
 from models import get_maest
+from tests.builders import maest_module
 
 N_CLASSES = 4
 N_FRAMES = 116
@@ -158,7 +159,7 @@ def test_released_lr_keeps_the_full_rate_after_the_warm_up_and_paper_ramps_down(
 def test_swa_phase_equals_torch_swalr_as_lightning_builds_it(strategy, anneal_epochs):
     # A ramp-down already under way at the SWA start and an swa_lr far from it: every term matters.
     schedule = dict(warm_up_len=2, ramp_down_start=3, ramp_down_len=10, last_lr_value=0.1)
-    module = MAESTModule(tiny_net(), lr=1e-3, **schedule, swa_epoch_start=7, swa_lr=2e-5,
+    module = maest_module(tiny_net(), lr=1e-3, **schedule, swa_epoch_start=7, swa_lr=2e-5,
                          swa_anneal_epochs=anneal_epochs, swa_anneal_strategy=strategy)
     base = exp_warmup_linear_down(2, 10, 3, 0.1)
     expected = lightning_swa_lrs(1e-3, base, 7, 2e-5, anneal_epochs, 20, strategy)
@@ -179,20 +180,20 @@ def test_swa_phase_closed_form():
 def test_without_swa_or_swa_lr_schedule_the_schedule_runs_to_the_end():
     base = exp_warmup_linear_down(5, 50, 50, 0.01)
     for options in (dict(swa=False), dict(swa_lr_schedule=False)):
-        assert epoch_lrs(MAESTModule(tiny_net(), **options), 110) == pytest.approx([2e-5 * base(e) for e in range(110)], rel=1e-12)
+        assert epoch_lrs(maest_module(tiny_net(), **options), 110) == pytest.approx([2e-5 * base(e) for e in range(110)], rel=1e-12)
 
 
 def test_scheduler_state_round_trip_continues_the_same_lrs():
     options = dict(lr=1e-3, warm_up_len=2, ramp_down_start=3, ramp_down_len=10, swa_epoch_start=5, swa_lr=1e-4, swa_anneal_epochs=4)
-    uninterrupted = epoch_lrs(MAESTModule(tiny_net(), **options), 12)
+    uninterrupted = epoch_lrs(maest_module(tiny_net(), **options), 12)
 
-    first = MAESTModule(tiny_net(), **options).configure_optimizers()
+    first = maest_module(tiny_net(), **options).configure_optimizers()
     for _ in range(6):  # killed after epoch 5, in the middle of the SWA annealing
         first["optimizer"].step()
         first["lr_scheduler"]["scheduler"].step()
     states = first["optimizer"].state_dict(), first["lr_scheduler"]["scheduler"].state_dict()
 
-    resumed = MAESTModule(tiny_net(), **options).configure_optimizers()
+    resumed = maest_module(tiny_net(), **options).configure_optimizers()
     optimizer, scheduler = resumed["optimizer"], resumed["lr_scheduler"]["scheduler"]
     optimizer.load_state_dict(states[0])
     scheduler.load_state_dict(states[1])
@@ -232,8 +233,8 @@ def test_swa_weights_and_lrs_equal_upstreams_lightning_callback():
     torch.manual_seed(0)
     net = tiny_net()
     options = dict(lr=1e-3, warm_up_len=1, ramp_down_start=2, ramp_down_len=4, mixup_alpha=0.0)
-    ours = MAESTModule(copy.deepcopy(net), **options, swa_epoch_start=3, swa_lr=2e-4, swa_anneal_epochs=2)
-    theirs = MAESTModule(copy.deepcopy(net), **options, swa=False)
+    ours = maest_module(copy.deepcopy(net), **options, swa_epoch_start=3, swa_lr=2e-4, swa_anneal_epochs=2)
+    theirs = maest_module(copy.deepcopy(net), **options, swa=False)
     ours_lrs, theirs_lrs = _EpochLRs(), _EpochLRs()
     _fit(ours, [ours_lrs], max_epochs=6)
     swa = StochasticWeightAveraging(swa_lrs=2e-4, swa_epoch_start=3, annealing_epochs=2)
@@ -255,7 +256,7 @@ def _groups(module):
 
 
 def test_weight_decay_on_every_parameter_by_default_as_upstream():
-    module = MAESTModule(tiny_net(), weight_decay=0.05)
+    module = maest_module(tiny_net(), weight_decay=0.05)
     ((names, decay),) = _groups(module)
     assert decay == 0.05
     assert names == {n for n, p in module.net.named_parameters() if p.requires_grad}
@@ -263,7 +264,7 @@ def test_weight_decay_on_every_parameter_by_default_as_upstream():
 
 @pytest.mark.parametrize("tokens, biases_norms", [(True, False), (False, True), (True, True)])
 def test_no_weight_decay_options_build_a_second_group(tokens, biases_norms):
-    module = MAESTModule(tiny_net(), lr=0.1, weight_decay=0.05, no_weight_decay_tokens=tokens, no_weight_decay_biases_norms=biases_norms)
+    module = maest_module(tiny_net(), lr=0.1, weight_decay=0.05, no_weight_decay_tokens=tokens, no_weight_decay_biases_norms=biases_norms)
     (decayed, decay), (exempt, no_decay) = _groups(module)
     assert (decay, no_decay) == (0.05, 0.0)
     trainable = {n: p for n, p in module.net.named_parameters() if p.requires_grad}

@@ -21,11 +21,11 @@ import torch
 
 from ex_maest import ex
 from helpers.data import TrainDataset
-from helpers.datamodule import MAESTDataModule
 from helpers.melfiles import MelReader, load_groundtruth
 from helpers.resume import get_random_state, set_random_state
 from helpers.sampler import BalancedSampler, Draw, RandomEpochSampler
 from helpers.synthetic import make_synthetic_dataset
+from tests.builders import maest_datamodule
 
 PROJECT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -188,7 +188,7 @@ def test_draw_is_an_int_that_survives_pickling():
 
 
 def _datamodule(data, num_workers, **kwargs):
-    return MAESTDataModule(
+    return maest_datamodule(
         base_dir=data["base_dir"], clip_length=1, groundtruth_train=data["groundtruth_train"], batch_size_train=4,
         epoch_length=16, num_workers=num_workers, seed=5, **kwargs,
     )
@@ -210,7 +210,7 @@ def test_crops_depend_on_the_draw_not_on_workers_or_global_rng(data):
 
 def test_data_loaders_leave_the_global_random_state_alone(data):
     """A resumed run creates its iterators anew: they must not draw on the RNG that training uses."""
-    dm = MAESTDataModule(
+    dm = maest_datamodule(
         base_dir=data["base_dir"], clip_length=1, groundtruth_train=data["groundtruth_train"],
         groundtruth_val=data["groundtruth_val"], epoch_length=8, num_workers=0,
     )

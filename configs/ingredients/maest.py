@@ -1,0 +1,142 @@
+"""The ``maest`` ingredient: the network (architecture, weights, patchout) and the factories that build it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import typing
+from pathlib import Path
+
+from sacred import Ingredient
+
+from models import get_maest
+from models.checkpoints import read_model_record
+from models.maest import MAESTConfig
+from models.mel import HOP_LENGTH, SAMPLE_RATE
+from models.registry import REGISTRY, config_from_record, pretrained_path
+
+_logger = logging.getLogger("ex_maest")
+
+maest_ing = Ingredient("maest")
+
+
+@maest_ing.config
+def maest_config():
+    arch = None  # registry name (models/registry.py): an init architecture or a released model; None: the checkpoint's, else DEFAULT_ARCH
+    pretrained = False  # initialise from the arch's weights in the weights directory (PaSST/DeiT/MAEST)
+    weights_dir = None  # where pre-trained weights live; None: $MAEST_WEIGHTS_DIR or ./weights
+    checkpoint = None  # a MAEST checkpoint to load (Lightning .ckpt, state dict, or Hugging Face directory)
+    checkpoint_swa_weights = True  # from a Lightning checkpoint, load the SWA weights (False: the plain ones)
+    trust_checkpoint = False  # True: unpickle checkpoint/weights files fully, running any code they hold (only files you trust)
+    reinit_heads = False  # training only: fine-tune on other labels: load the backbone strictly, re-initialise the heads for n_classes
+    n_classes = None  # output classes; None: the checkpoint's, else the training ground truth's, else the arch's
+    input_f = 96  # mel bands
+    input_t = None  # frames of the longest clip (seconds * 16000 // 256), sizing the time embeddings; None: the checkpoint's, else the arch's (625 for init archs)
+    s_patchout_t = 0  # training: time columns dropped per input (structured patchout)
+    s_patchout_f = 0  # training: frequency rows dropped per input
+    u_patchout = 0  # training: random patches dropped (unstructured patchout)
+    s_patchout_f_indices = ()  # inference patchout: frequency rows always dropped
+    s_patchout_f_interleaved = 0  # inference patchout: keep every n-th frequency row (0 = off)
+    s_patchout_t_indices = ()  # inference patchout: time columns always dropped
+    s_patchout_t_interleaved = 0  # inference patchout: keep every n-th time column (0 = off)
+    distilled_type = None  # "mean": head((CLS+DIST)/2); "separated": CLS and DIST heads (teacher-student); None: the checkpoint's, else the arch's
+    drop_path_rate = 0.0  # stochastic depth of the transformer blocks
+    fused_attention = True  # F.scaled_dot_product_attention (False: explicit attention)
+
+
+# maest.arch=None without a checkpoint that records its model: train PaSST's architecture.
+DEFAULT_ARCH = "passt_s_swa_p16_128_ap476"
+# The maest keys that are MAESTConfig fields (the others say where the weights come from).
+_NET_KEYS = (
+    "n_classes", "input_f", "input_t", "distilled_type", "s_patchout_t", "s_patchout_f", "u_patchout",
+    "s_patchout_f_indices", "s_patchout_f_interleaved", "s_patchout_t_indices", "s_patchout_t_interleaved",
+    "drop_path_rate", "fused_attention",
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_record(path: str, version: tuple | None, trust_checkpoint: bool) -> dict | None:
+    return read_model_record(path, trust_checkpoint)
+
+
+def checkpoint_record(path, trust_checkpoint: bool = False) -> dict | None:
+    """The model record of a checkpoint (SPEC §5.6; None without one), read once per file and run."""
+    if path is None:
+        return None
+    file = Path(path)
+    stat = file.stat() if file.is_file() else None
+    return _cached_record(str(file), (stat.st_mtime_ns, stat.st_size) if stat else None, trust_checkpoint)
+
+
+class NetSetup(typing.NamedTuple):
+    """What a command builds: the arch name, its config, the checkpoint and its record."""
+
+    arch: str | None
+    config: MAESTConfig
+    checkpoint: str | None
+    record: dict | None
+    reinit_heads: bool
+
+
+@maest_ing.capture
+def resolve_net(_config, data_n_classes: int | None = None, inference_checkpoint: str | None = None, training: bool = False) -> NetSetup:
+    """The network of the ``maest`` config, before any weights are read.
+
+    The checkpoint's record (SPEC §5.6) fixes the architecture; ``maest.*`` keys left at None
+    (arch, n_classes, input_t, distilled_type) take its values, a given key that contradicts it is
+    an error. Without a record: the arch's config (``maest.arch``, else DEFAULT_ARCH without a
+    checkpoint). ``inference_checkpoint`` replaces ``maest.checkpoint``; ``maest.reinit_heads``
+    acts only in training.
+    """
+    checkpoint = inference_checkpoint or _config["checkpoint"]
+    reinit = bool(_config["reinit_heads"] and training)
+    record = checkpoint_record(checkpoint, _config["trust_checkpoint"])
+    arch = _config["arch"] or (DEFAULT_ARCH if checkpoint is None else None)
+    options = {key: _config[key] for key in _NET_KEYS}
+    options["s_patchout_f_indices"] = tuple(options["s_patchout_f_indices"])
+    options["s_patchout_t_indices"] = tuple(options["s_patchout_t_indices"])
+    source = f"checkpoint {checkpoint}"
+    if record is not None and data_n_classes and not reinit and data_n_classes != record["config"]["n_classes"]:
+        hint = ", or fine-tune it on these labels with maest.reinit_heads=True (the finetune named config)" if training else ""
+        raise ValueError(
+            f"the ground truth has {data_n_classes} classes but {source} predicts {record['config']['n_classes']}: "
+            f"use the ground truth of the checkpoint's labels{hint}"
+        )
+    if options["n_classes"] is None and (record is None or reinit):
+        options["n_classes"] = data_n_classes  # None: the checkpoint's or the arch's
+    arch, config = config_from_record(arch, record, options, source, reinit_heads=reinit)
+    spec = REGISTRY.get(arch)
+    if (
+        spec is not None and checkpoint is None and spec.weights_file and spec.init == "maest"
+        and "input_t" in spec.config and config.input_t != spec.config["input_t"]
+    ):
+        _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], config.input_t)
+    return NetSetup(arch, config, checkpoint, record, reinit)
+
+
+@maest_ing.capture
+def build_net(
+    pretrained, weights_dir, checkpoint_swa_weights, trust_checkpoint, setup: NetSetup | None = None,
+    data_n_classes: int | None = None, inference_checkpoint: str | None = None, training: bool = False,
+):
+    """The network of the ``maest`` config (``setup``, else ``resolve_net`` of the other arguments), its weights loaded."""
+    setup = setup or resolve_net(data_n_classes=data_n_classes, inference_checkpoint=inference_checkpoint, training=training)
+    return get_maest(
+        setup.arch, checkpoint=setup.checkpoint, pretrained=pretrained, checkpoint_swa_weights=checkpoint_swa_weights,
+        weights_directory=weights_dir, trust_checkpoint=trust_checkpoint, reinit_heads=setup.reinit_heads,
+        **dataclasses.asdict(setup.config),
+    )
+
+
+def model_clip_length(config: MAESTConfig) -> float:
+    """The model's clip in seconds: ``input_t`` frames (5 s 312, 10 s 625, 30 s 1875)."""
+    return config.input_t * HOP_LENGTH / SAMPLE_RATE
+
+
+
+@maest_ing.capture
+def check_pretrained_weights(arch, pretrained, weights_dir, checkpoint):
+    """Fail before any data is read when ``pretrained`` weights are not in the weights directory."""
+    if pretrained and checkpoint is None:
+        pretrained_path(arch or DEFAULT_ARCH, weights_dir)  # raises FileNotFoundError naming the file and its URL

@@ -1,0 +1,85 @@
+"""The ``trainer`` ingredient: the Lightning Trainer (any of its arguments) with checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from sacred import Ingredient
+
+trainer_ing = Ingredient("trainer")
+
+
+@trainer_ing.config
+def trainer_config():
+    max_epochs = 130  # training epochs
+    accelerator = "auto"  # "cpu", "gpu" or "auto"
+    devices = "auto"  # devices per node (e.g. 4), or "auto"
+    num_nodes = 1  # machines for DDP
+    strategy = "auto"  # "ddp" for several GPUs or nodes
+    precision = "16-mixed" if torch.cuda.is_available() else "bf16-mixed"  # "32-true" for exact fp32
+    default_root_dir = None  # checkpoints and TensorBoard logs go under it; None: outputs/<run_name>/train
+    log_every_n_steps = 50
+    num_sanity_val_steps = 0
+    enable_progress_bar = True
+
+
+# Set by build_trainer itself; a `trainer.<key>` for one of them would be passed twice.
+_TRAINER_OWN_ARGUMENTS = ("callbacks", "use_distributed_sampler")
+
+
+def _accept_trainer_arguments(f):
+    """Declare every Lightning Trainer argument in ``f``'s signature (``f`` takes them as ``**``).
+
+    Sacred refuses a command-line key that no captured function names (ConfigAddedError), yet
+    SPEC §4 promises ``trainer.<any Lightning Trainer argument>`` (e.g. ``trainer.limit_train_batches=5``);
+    ``build_trainer`` reads them all from ``_config``.
+    """
+    import inspect
+
+    import lightning.pytorch as pl
+
+    own = inspect.signature(f)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in inspect.signature(pl.Trainer.__init__).parameters
+        if name != "self" and name not in own.parameters
+    ]
+    params = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    f.__signature__ = own.replace(parameters=params + extra)
+    return f
+
+
+@trainer_ing.capture
+@_accept_trainer_arguments
+def build_trainer(_config, default_root: Path, checkpoint_every_n_train_steps=None, monitor_val=True, log_scalar=None, **_lightning_arguments):
+    """The Lightning Trainer of the ``trainer`` config (any Trainer argument) with checkpointing.
+
+    ``default_root``: the folder when ``trainer.default_root_dir`` is None (the run's ``outputs/<run_name>/train``).
+    ``log_scalar(name, value, step)`` (the Sacred run's): every epoch's metrics also go there.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from helpers.resume import RandomStateCheckpoint, StepCheckpoint
+
+    options = dict(_config)
+    clash = [k for k in _TRAINER_OWN_ARGUMENTS if k in options]
+    if clash:
+        raise ValueError(f"trainer.{clash[0]} cannot be configured: build_trainer sets it (configs/ingredients/trainer.py)")
+    root = Path(options.pop("default_root_dir") or default_root)
+    callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
+    if not monitor_val:
+        callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)]
+    if checkpoint_every_n_train_steps:
+        callbacks.append(StepCheckpoint(dirpath=root / "checkpoints", filename="step-{step}", every_n_train_steps=checkpoint_every_n_train_steps, save_top_k=1, monitor="step", mode="max"))
+    callbacks.append(RandomStateCheckpoint())  # exact resume: every rank's random state goes into each checkpoint
+    if options.get("logger", True) is not False:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    # The data module shards the training draw by global rank itself (see helpers/datamodule.py).
+    trainer = pl.Trainer(default_root_dir=root, callbacks=callbacks, use_distributed_sampler=False, **options)
+    if log_scalar is not None:  # beside the configured loggers (TensorBoard by default)
+        from helpers.metric_logger import ScalarCallbackLogger
+
+        trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(log_scalar)]
+    return trainer

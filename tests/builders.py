@@ -1,0 +1,33 @@
+"""MAESTDataModule and MAESTModule for tests that build them directly.
+
+The classes have no defaults of their own for what a config key sets (the config scopes in
+``configs/ingredients/`` hold them), so a test passes every argument: these helpers fill in the
+ones a test does not care about.
+"""
+
+from __future__ import annotations
+
+from configs.ingredients.module import module_config
+from helpers.datamodule import MAESTDataModule
+from helpers.module import MAESTModule
+
+# Small CPU data: no splits unless given, no worker processes, an epoch of one draw per training
+# track with replacement, the other keys as the datamodule config scope sets them.
+DATAMODULE_ARGUMENTS = dict(
+    groundtruth_train=None, groundtruth_val=None, groundtruth_test=None, batch_size_train=12, batch_size_test=20,
+    num_workers=0, epoch_length=None, sampler="balanced", sampler_replacement=True, seed=0, teacher_dir=None,
+    teacher_threshold=0.45, test_hop="full", pin_memory=False,
+)
+# The module config scope's recipe (the released models'), with swa_lr=None: the SWA phase follows
+# the lr a test sets.
+MODULE_ARGUMENTS = {**module_config(), "swa_lr": None}
+
+
+def maest_datamodule(**arguments) -> MAESTDataModule:
+    """A MAESTDataModule of ``arguments`` (base_dir and clip_length at least), the others DATAMODULE_ARGUMENTS."""
+    return MAESTDataModule(**{**DATAMODULE_ARGUMENTS, **arguments})
+
+
+def maest_module(net, **arguments) -> MAESTModule:
+    """A MAESTModule of ``net`` with ``arguments``, the others the module config's recipe (MODULE_ARGUMENTS)."""
+    return MAESTModule(net, **{**MODULE_ARGUMENTS, **arguments})
