@@ -134,7 +134,6 @@ class MAESTModule(pl.LightningModule):
         # first average it follows the live weights (Lightning's callback kept the initial ones).
         self.net_swa = copy.deepcopy(net).requires_grad_(False)  # only ever run inside evaluation loops
         self.register_buffer("swa_n_averaged", torch.zeros((), dtype=torch.long))
-        self._swa_updated_epoch: int | None = None  # the epoch whose SWA update is done
         self._outputs: dict[str, list] = {}
 
     # ------------------------------------------------------------------ optimisation
@@ -197,28 +196,17 @@ class MAESTModule(pl.LightningModule):
             and not trainer.sanity_checking
             and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         ):
-            self._swa_epoch_end()
+            self._update_swa()
 
     def on_train_epoch_end(self) -> None:
-        self._swa_epoch_end()  # when no validation ran this epoch
+        self._update_swa()  # when no validation ran this epoch (idempotent: no harm when one did)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A checkpoint taken between this epoch's SWA update and its end is resumed through the
-        # epoch's end hooks again: they must not average the same epoch twice.
-        checkpoint["swa_updated_epoch"] = self._swa_updated_epoch
         checkpoint[MODEL_RECORD_KEY] = self.record  # SPEC §5.6: commands rebuild the network from the file
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._swa_updated_epoch = checkpoint.get("swa_updated_epoch")
-
-    def _swa_epoch_end(self) -> None:
-        if self._swa_updated_epoch != self.current_epoch:
-            self._update_swa(self.current_epoch)
-            self._swa_updated_epoch = self.current_epoch
-
     @torch.no_grad()
-    def _update_swa(self, epoch: int) -> None:
-        """End of ``epoch``: until the first average (or without SWA), ``net_swa`` copies the live weights."""
+    def _update_swa(self) -> None:
+        """End of an epoch: until the first average (or without SWA), ``net_swa`` copies the live weights."""
         if self.swa and self.swa_n_averaged.item() > 0:
             return
         live, swa = self.net.state_dict(), self.net_swa.state_dict()

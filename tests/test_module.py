@@ -190,7 +190,7 @@ def test_swa_is_the_running_mean_of_the_averaged_epochs():
     for epoch in range(7):
         module._average_swa(epoch)  # start of the epoch: the weights after epoch - 1 (every weight = epoch)
         _set_weights(module.net, float(epoch + 1))  # training: the weights after epoch e are all e + 1
-        module._update_swa(epoch)
+        module._update_swa()
         swa_values[epoch] = module.net_swa.blocks[0].attn.qkv.weight[0, 0].item()
         weights = [p for p in module.net_swa.parameters()]
         assert all(torch.equal(p, torch.full_like(p, swa_values[epoch])) for p in weights)
@@ -215,7 +215,7 @@ def test_swa_disabled_keeps_following_the_live_network():
     for epoch in range(3):
         _set_weights(module.net, float(epoch + 1))
         module._average_swa(epoch)
-        module._update_swa(epoch)
+        module._update_swa()
         assert torch.equal(module.net_swa.head[1].weight, module.net.head[1].weight)
     assert module.swa_n_averaged.item() == 0
 
