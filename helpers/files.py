@@ -1,4 +1,5 @@
-"""Writing files whole or not at all: every output of the project goes through ``atomic_path``."""
+"""Writing files whole or not at all: every output of the project goes through ``atomic_path``
+(``models.files``, where the exporters in ``models/`` reach it too)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from models.files import atomic_path
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; rename it to ``path`` only if the block succeeds.
-
-    A killed or failing writer leaves either the previous file or none, never half a file, and no
-    temporary file after an exception (e.g. a full disk). Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+__all__ = ["atomic_path", "folder_lock", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import atomic_path
 from ..maest import MAEST
 from ..mel import HOP_LENGTH, MelSpectrogram, normalize
 
@@ -154,14 +155,8 @@ def export_onnx(
             f"the ONNX exporter could not convert this graph to opset {opset} (it stays at {written}); "
             f"use opset={written}{' or with_mel=False' if with_mel else ''}"
         )
-    # Whole or not at all, as helpers.files.atomic_path writes (models/ does not import helpers/).
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         program.save(tmp, external_data=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     _logger.info("exported %s -> %s to %s (opset %d)", input_name, ", ".join(output_names), path, opset)
     return path
