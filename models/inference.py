@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import torch
 
-from .mel import MelSpectrogram, normalize
+from .mel import HOP_LENGTH, SAMPLE_RATE, MelSpectrogram, normalize
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:
@@ -133,3 +133,48 @@ def track_probabilities(
     sums = torch.zeros(len(audios), probs.shape[1], device=device).index_add_(0, owner, probs)
     counts = torch.bincount(owner, minlength=len(audios)).clamp(min=1).unsqueeze(1)
     return list((sums / counts).cpu())
+
+
+def stitch_columns(columns, starts, clip_times_ms, total_frames: int, n_frames: int):
+    """Frame-level outputs of a track's clips -> every time region of the track once.
+
+    ``columns``: ``(n_clips, ..., T', D)`` array or tensor (e.g. ``MAEST.timestamp_embeddings`` of the
+    clips of ``split_into_clips``); ``starts``: the clips' first frames (``clip_starts``);
+    ``clip_times_ms``: ``(T',)`` centre of each column from its clip's start
+    (``MAEST.column_times_ms(n_frames)``). Returns ``(values (..., n, D), times_ms (n,))``, times
+    from the track's first frame, increasing.
+
+    Where clips overlap, each column comes from the clip in which it lies nearer the centre: the
+    boundary between clips ``k`` and ``k + 1`` is the middle of their overlap (the start of ``k + 1``
+    when they only touch). A track shorter than a clip was padded around its centre (``pad_centre``):
+    columns centred on the padding are dropped, keeping at least the one nearest the signal.
+    """
+    starts = np.asarray(starts, dtype=np.float64).reshape(-1)
+    clip_times = np.asarray(clip_times_ms.cpu() if torch.is_tensor(clip_times_ms) else clip_times_ms, dtype=np.float64)
+    n_clips, n_cols = columns.shape[0], columns.shape[-2]
+    if starts.shape[0] != n_clips or clip_times.shape != (n_cols,):
+        raise ValueError(
+            f"stitch_columns got {n_clips} clips of {n_cols} columns, {starts.shape[0]} starts and "
+            f"{clip_times.shape[0]} column times: pass one start per clip and one time per column"
+        )
+    frame_ms = 1000.0 * HOP_LENGTH / SAMPLE_RATE
+    if total_frames <= n_frames:  # one centre-padded clip
+        before = (n_frames - total_frames) // 2
+        times = clip_times - before * frame_ms
+        keep = np.flatnonzero((times >= 0) & (times <= (total_frames - 1) * frame_ms))
+        if keep.size == 0:
+            keep = np.array([np.argmin(np.abs(times - (total_frames - 1) * frame_ms / 2))])
+        clip_index, col_index, times = np.zeros_like(keep), keep, np.clip(times[keep], 0, (total_frames - 1) * frame_ms)
+    else:
+        times = starts[:, None] * frame_ms + clip_times[None, :]  # (n_clips, T')
+        ends = starts + n_frames
+        bounds = (starts[1:] + ends[:-1]) / 2 * frame_ms  # middle of each overlap
+        low = np.concatenate(([-np.inf], bounds))[:, None]
+        high = np.concatenate((bounds, [np.inf]))[:, None]
+        clip_index, col_index = np.nonzero((times >= low) & (times < high))  # clip-major, columns in order
+        times = times[clip_index, col_index]
+    if torch.is_tensor(columns):
+        values = columns[torch.as_tensor(clip_index), ..., torch.as_tensor(col_index), :].movedim(0, -2)
+    else:
+        values = np.moveaxis(columns[clip_index, ..., col_index, :], 0, -2)
+    return values, times

@@ -335,13 +335,83 @@ class MAEST(nn.Module):
         # separated: the CLS head predicts the labels; the DIST head the teacher's (see forward_heads)
         return self.head(x[:, 0])
 
-    def embeddings(self, x: torch.Tensor, block: int = 6) -> torch.Tensor:
-        """``(B, 3, D)``: CLS, DIST and the mean of the patch tokens after ``block`` (0-based, not normalised)."""
-        block = self.block_index(block)
+    def block_indices(self, block: int | list[int] | tuple[int, ...] | str) -> list[int]:
+        """``block`` as a list of checked 0-based indices: an int, a list/tuple of ints, or ``"all"``."""
+        if isinstance(block, str):
+            if block != "all":
+                raise ValueError(f'block must be an integer, a list of integers or "all", got {block!r}')
+            return list(range(self.config.depth))
+        if isinstance(block, (list, tuple)):
+            if not block:
+                raise ValueError("block is an empty list: name at least one block (0-based), or \"all\"")
+            indices = [self.block_index(b) for b in block]
+            if len(set(indices)) < len(indices):
+                raise ValueError(f"block lists a block twice: {list(block)} (blocks {indices} after counting negatives from the end)")
+            return indices
+        return [self.block_index(block)]
+
+    def hidden_states(self, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        """Token sequences ``(B, 2 + patches, D)`` after each of ``blocks`` (checked indices), from one pass.
+
+        The blocks run once, up to the deepest one asked for; nothing after it is computed.
+        """
         h = self.tokens(self._check_input(x))
-        for blk in self.blocks[: block + 1]:
+        wanted, states = set(blocks), {}
+        for i, blk in enumerate(self.blocks[: max(blocks) + 1]):
             h = blk(h)
-        return torch.stack((h[:, 0], h[:, 1], h[:, 2:].mean(dim=1)), dim=1)
+            if i in wanted:
+                states[i] = h
+        return [states[b] for b in blocks]
+
+    def embeddings(self, x: torch.Tensor, block: int | list[int] | str = 6) -> torch.Tensor:
+        """CLS, DIST and the mean of the patch tokens after ``block`` (0-based, not normalised).
+
+        An int gives ``(B, 3, D)``; a list of blocks or ``"all"`` gives ``(B, n_blocks, 3, D)`` (in the
+        order asked) from one forward pass.
+        """
+        states = self.hidden_states(x, self.block_indices(block))
+        out = torch.stack([torch.stack((h[:, 0], h[:, 1], h[:, 2:].mean(dim=1)), dim=1) for h in states], dim=1)
+        return out if isinstance(block, (list, tuple, str)) else out[:, 0]
+
+    def timestamp_embeddings(self, x: torch.Tensor, block: int | list[int] | str = 6) -> torch.Tensor:
+        """Frame-level embeddings: per time column of patches, the mean over frequency of its patch tokens.
+
+        An int ``block`` gives ``(B, T', D)``; a list or ``"all"`` gives ``(B, n_blocks, T', D)``. Column
+        ``j`` is centred at ``column_times_ms(n_frames)[j]`` from the clip's start. Needs the full patch
+        grid, so training patchout must be off (``model.eval()``); inference patchout is respected.
+        """
+        cfg = self.config
+        if self.training and (cfg.u_patchout or cfg.s_patchout_t or cfg.s_patchout_f):
+            raise ValueError("timestamp_embeddings needs every patch of the grid: training patchout is on; call model.eval() first")
+        n_f, n_t = self._grid(x.shape[-1])
+        states = self.hidden_states(x, self.block_indices(block))
+        out = torch.stack([h[:, 2:].unflatten(1, (n_f, n_t)).mean(dim=1) for h in states], dim=1)  # (B, n_blocks, T', D)
+        return out if isinstance(block, (list, tuple, str)) else out[:, 0]
+
+    def _grid(self, n_frames: int) -> tuple[int, int]:
+        """Frequency rows and time columns of an ``n_frames`` input after inference patchout."""
+        cfg = self.config
+        n_f, n_t = cfg.patches(n_frames)
+        if cfg.s_patchout_f_indices or cfg.s_patchout_f_interleaved:
+            n_f = len(self._kept(n_f, cfg.s_patchout_f_indices, cfg.s_patchout_f_interleaved, "cpu"))
+        return n_f, len(self._time_columns(n_t))
+
+    def _time_columns(self, n_t: int) -> torch.Tensor:
+        cfg = self.config
+        if cfg.s_patchout_t_indices or cfg.s_patchout_t_interleaved:
+            return self._kept(n_t, cfg.s_patchout_t_indices, cfg.s_patchout_t_interleaved, "cpu")
+        return torch.arange(n_t)
+
+    def column_times_ms(self, n_frames: int) -> torch.Tensor:
+        """Centre time (ms, float64) of each time column of an ``n_frames`` clip, from its first frame.
+
+        A column spans frames ``[j * stride_t, j * stride_t + patch_size)``; frame ``i`` is centred at
+        ``i * HOP_LENGTH / SAMPLE_RATE`` seconds (centred STFT), so column ``j`` at frame
+        ``j * stride_t + (patch_size - 1) / 2``: 120 ms, 280 ms, ... for the released models.
+        """
+        cfg = self.config
+        columns = self._time_columns(cfg.patches(n_frames)[1]).double()
+        return (columns * cfg.stride_t + (cfg.patch_size - 1) / 2) * (1000.0 * HOP_LENGTH / SAMPLE_RATE)
 
     def attention_maps(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """Self-attention weights ``(B, heads, N, N)`` of ``block`` (explicit attention path)."""
