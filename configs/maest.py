@@ -108,6 +108,24 @@ def target_mtt():
     predict = {"out_dir": "outputs/mtt/embeddings"}  # noqa: F841
 
 
+GTZAN_GENRES = Path(__file__).resolve().parent.parent / "datasets" / "gtzan" / "genres.txt"  # the 10 genres, in vector order
+
+
+def target_gtzan():
+    """GTZAN genres, fault-filtered split (mels and ground truth from datasets/gtzan/preprocess.py): extract
+    embeddings of every track for `ex_tl.py with target_gtzan_tl`, or fine-tune on its 10 genres
+    (`with maest_discogs_30sec_inference finetune target_gtzan`)."""
+    datamodule = {  # noqa: F841
+        "base_dir": "data/gtzan/mels",
+        "groundtruth_predict": "data/gtzan/mels/groundtruth-all.pk",  # written by the preparer: the tracks whose mel exists
+        "groundtruth_train": "data/gtzan/mels/groundtruth-train.pk",
+        "groundtruth_val": "data/gtzan/mels/groundtruth-validation.pk",
+        "groundtruth_test": "data/gtzan/mels/groundtruth-test.pk",
+        "labels": GTZAN_GENRES.read_text().split(),
+    }
+    predict = {"out_dir": "outputs/gtzan/embeddings"}  # noqa: F841
+
+
 def finetune():
     """Fine-tune a trained MAEST (a released model or your own checkpoint) on new labels.
 
@@ -195,6 +213,7 @@ def register_named_configs(ex) -> None:
         recipe_paper,
         mini_train,
         target_mtt,
+        target_gtzan,
         finetune,
         demo,
     ):

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "requirements-extras.txt", "ex_maest.py", "ex_tl.py",
-           "models", "helpers", "configs", "datasets", "data"]
+           "models", "helpers", "configs", "hear_maest", "datasets", "data"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_wheel_holds_the_packages_the_experiments_and_the_label_files(installed)
     # Not the dataset preparers: a top-level `datasets` would overwrite Hugging Face's `datasets` package.
     assert not any(n.startswith(("tests/", "benchmarks/", "datasets/")) for n in names)
     # A package added to the repository must be added to pyproject.toml's list too.
-    for package in ("models", "helpers", "configs"):
+    for package in ("models", "helpers", "configs", "hear_maest"):
         for init in (ROOT / package).rglob("__init__.py"):
             module = init.relative_to(ROOT).as_posix()
             assert module in names, f"{module} is not in the wheel: add its package to [tool.setuptools] packages in pyproject.toml"
