@@ -5,6 +5,8 @@
     python ex_maest.py with maest_discogs_30sec_inference finetune target_mtt   # fine-tune on new labels
     python ex_maest.py test with ... maest.checkpoint=x.ckpt           # a checkpoint trained here needs no other maest key
     python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_mtt
+    python ex_maest.py extract_timestamps with maest_30s_from_passt_infer target_mtt predict.transformer_block=all
+    python ex_maest.py extract_embeddings with ... predict.devices=4      # 4 GPUs (DDP launch; torchrun/SLURM for nodes)
     python ex_maest.py predict with maest_30s_from_passt_infer predict.audio='["song.mp3"]'
     python ex_maest.py print_config with maest_discogs_5sec_pretrain
 
@@ -39,10 +41,11 @@ from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
 from helpers.data import hop_frames_for
-from helpers.extract import extract, predict_files, write_predictions
+from helpers.extract import extract, predict_files, start_processes, write_predictions
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
+from models.precision import PRECISIONS
 from models.registry import REGISTRY
 
 _logger = logging.getLogger("ex_maest")
@@ -109,6 +112,24 @@ def _at_least(minimum: int, note: str = ""):
     return (lambda v: v >= minimum), f"at least {minimum}{note}"
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_transformer_block(value) -> None:
+    blocks = isinstance(value, (list, tuple)) and value and all(map(_is_int, value))
+    if not (value is None or value == "all" or _is_int(value) or blocks):
+        raise ValueError(
+            "predict.transformer_block must be a block (an integer, 0-based; None: depth // 2), a list of blocks "
+            f"(e.g. [3, 6]: one file of every block, one forward pass) or 'all', got {value!r}"
+        )
+
+
+def _check_precision(value) -> None:
+    if value not in PRECISIONS:
+        raise ValueError(f"predict.precision must be one of {', '.join(map(repr, PRECISIONS))} ('fp16' on CUDA only), got {value!r}")
+
+
 def _check_hf_max_length(value) -> None:
     if not (value is None or value == "hub" or (type(value) is int and value >= 16)):
         raise ValueError(f"export.hf_max_length must be None (the model's clip), 'hub' (the published models' lengths) or frames >= 16, got {value!r}")
@@ -129,7 +150,10 @@ _CONFIG_RULES = {
     "maest.input_t": (int | None, _at_least(16, " (one patch)")),
     "module.freeze_blocks": (int, _at_least(0)),
     "module.layer_decay": (float, (lambda v: 0 < v <= 1, "in (0, 1] (1.0: off)")),
-    "predict.transformer_block": (int | None, None),  # one block; extract() checks its range against the model
+    "predict.transformer_block": _check_transformer_block,  # extract() checks the blocks against the model's depth
+    "predict.precision": _check_precision,  # extract()/predict check it against the device (fp16: CUDA only)
+    "predict.devices": (int, _at_least(1)),
+    "predict.num_nodes": (int, _at_least(1)),
     "predict.hop": lambda hop: hop_frames_for(hop, 2),  # a validator of its own: its message
     "predict.batch_size": (int, _at_least(1)),
     "predict.num_workers": (int, _at_least(0)),
@@ -172,7 +196,7 @@ def _check_config_hook(config, command_name, logger):
     return {}
 
 
-_MODEL_USING_COMMANDS = ("test", "extract_embeddings", "extract_logits", "predict", "export_hf", "export_onnx", "model_speed_test")
+_MODEL_USING_COMMANDS = ("test", "extract_embeddings", "extract_logits", "extract_timestamps", "predict", "export_hf", "export_onnx", "model_speed_test")
 
 
 @ex.config_hook
@@ -293,25 +317,30 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
 
 @ex.command
 def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_checkpoint, maest, predict):
-    """Forward-pass speed of the configured model on random input of its input_t frames."""
-    net = build_net(inference_checkpoint=inference_checkpoint)
-    device = _device(predict["device"])
-    net = net.to(device)
-    x = torch.randn(speed_test_batch_size, 1, net.config.input_f, net.config.input_t + 1, device=device)
-    x = x[..., : min(x.shape[-1], net.config.max_frames)]
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=predict["bf16"]):
-        net(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(speed_test_iterations):
-            net(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / speed_test_iterations
-    result = {"clips_per_s": speed_test_batch_size / seconds, "batch_seconds": seconds, "device": str(device)}
-    print(f"{result['clips_per_s']:.2f} clips/s ({seconds * 1000:.1f} ms per batch of {speed_test_batch_size}, {device})")
-    return result
+    """Forward speed of the configured model in fp32 and in predict.precision, against this machine's matmul ceiling.
+
+    Random input of input_t frames; the fastest of speed_test_iterations batches. GFLOP/s count the
+    matmuls (models.precision.forward_flops); the share is of a large torch.matmul's GFLOP/s in the
+    same dtype. The comparison with upstream's code and the training step: benchmarks/bench_speed.py.
+    """
+    from models.precision import forward_flops, matmul_gflops, prepare_for_inference, time_forward
+
+    device, batch = _device(predict["device"]), speed_test_batch_size
+    rows = []
+    for precision in dict.fromkeys(["fp32", predict["precision"]]):  # the configured precision last
+        net = build_net(inference_checkpoint=inference_checkpoint).to(device)
+        net = prepare_for_inference(net, precision, compile=predict["compile"])
+        n_frames = min(net.config.input_t + 1, net.config.max_frames)
+        seconds = time_forward(net, torch.randn(batch, 1, net.config.input_f, n_frames, device=device), speed_test_iterations)
+        n_f, n_t = net._grid(n_frames)  # after inference patchout
+        gflops = forward_flops(net.config, n_frames, batch, n_tokens=n_f * n_t + 2) / seconds / 1e9
+        ceiling = matmul_gflops(precision, size=2048, repeats=2, device=device.type)
+        rows.append({"precision": precision, "batch_seconds": seconds, "clips_per_s": batch / seconds, "gflops": gflops,
+                     "ceiling_gflops": ceiling, "share_of_ceiling": gflops / ceiling})
+        print(f"{precision:5} {batch / seconds:9.2f} clips/s  {seconds * 1000:9.1f} ms per batch of {batch}  {gflops:8.1f} GFLOP/s  "
+              f"{100 * gflops / ceiling:5.1f}% of the {precision} matmul ceiling ({ceiling:.0f} GFLOP/s, {device})")
+        del net
+    return {**rows[-1], "device": str(device), "n_frames": n_frames, "rows": rows}
 
 
 def _device(name: str) -> torch.device:
@@ -320,17 +349,25 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
-    """Shared body of extract_embeddings / extract_logits; exits non-zero when any file failed."""
+def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthetic_data):
+    """Shared body of the extract_* commands; exits non-zero (on every rank) when any file failed.
+
+    ``predict.devices`` x ``predict.num_nodes`` > 1 runs it on that many processes (Lightning's DDP
+    launch, as training: the command reruns itself per local rank, or joins the ranks torchrun/SLURM
+    started); the keys are split by global rank (``helpers.extract.extract``).
+    """
     transformer_block, out_dir, hop = predict["transformer_block"], predict["out_dir"] or run_output("embeddings"), predict["hop"]
-    batch_size, num_workers, bf16, device = predict["batch_size"], predict["num_workers"], predict["bf16"], predict["device"]
     if datamodule_cfg["groundtruth_predict"] is None:
         raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
+    fabric = start_processes(predict["device"], predict["devices"], predict["num_nodes"])
+    if fabric.global_rank == 0:  # one process generates the demo data; the others wait for it
+        _prepare_synthetic(synthetic_data)
+    fabric.barrier()
     setup = resolve_net(inference_checkpoint=inference_checkpoint)
     clip_length = inference_clip_length(setup.config)
     n_frames = n_frames_for(clip_length)
     hop_frames = hop_frames_for(hop, n_frames)
-    net = build_net(setup=setup).to(_device(device))
+    net = build_net(setup=setup).to(fabric.device)
     if transformer_block is None:  # the paper's block 6 of 12, at the same relative depth of any model
         transformer_block = net.config.depth // 2
     report = extract(
@@ -342,30 +379,44 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint):
         block=transformer_block,
         n_frames=n_frames,
         hop_frames=hop_frames,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        bf16=bf16,
+        batch_size=predict["batch_size"],
+        num_workers=predict["num_workers"],
+        precision=predict["precision"],
+        compile=predict["compile"],
         run_info={"arch": setup.arch, "checkpoint": setup.checkpoint, "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
                   # the clip as the model sees it: 5 and 4.992 s are both 312 frames, one setting
                   "pretrained": maest["pretrained"], "clip_length": n_frames * HOP_LENGTH / SAMPLE_RATE, "hop": hop},
     )
-    print(report.summary())
-    _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file")
+    first = fabric.global_rank == 0
+    if first:
+        print(report.summary())
+    _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file", report=first)  # every rank exits 1, one reports
     return report.as_dict()
 
 
 @ex.command
 def extract_embeddings(synthetic_data, inference_checkpoint, maest, datamodule, predict):
-    """Write <predict.out_dir>/<key>.embeddings.npy (n_clips, 3, D) for every datamodule.groundtruth_predict key."""
-    _prepare_synthetic(synthetic_data)
-    return _extract("embeddings", predict, maest, datamodule, inference_checkpoint)
+    """Write <predict.out_dir>/<key>.embeddings.npy for every datamodule.groundtruth_predict key.
+
+    (n_clips, 3, D) for one predict.transformer_block; (n_clips, n_blocks, 3, D) for a list of blocks or "all".
+    """
+    return _extract("embeddings", predict, maest, datamodule, inference_checkpoint, synthetic_data)
 
 
 @ex.command
 def extract_logits(synthetic_data, inference_checkpoint, maest, datamodule, predict):
     """Write <predict.out_dir>/<key>.logits.npy (n_clips, n_classes) for every datamodule.groundtruth_predict key."""
-    _prepare_synthetic(synthetic_data)
-    return _extract("logits", predict, maest, datamodule, inference_checkpoint)
+    return _extract("logits", predict, maest, datamodule, inference_checkpoint, synthetic_data)
+
+
+@ex.command
+def extract_timestamps(synthetic_data, inference_checkpoint, maest, datamodule, predict):
+    """Write frame-level embeddings of whole tracks: <key>.timestamps.npy (n_frames, D) and <key>.times.npy (ms).
+
+    One row per time column of patches (mean over frequency of the patch tokens after
+    predict.transformer_block); (n_blocks, n_frames, D) for a list of blocks or "all".
+    """
+    return _extract("timestamps", predict, maest, datamodule, inference_checkpoint, synthetic_data)
 
 
 @ex.command
@@ -383,8 +434,8 @@ def predict(inference_checkpoint, predict):
     net = build_net(setup=setup).to(_device(predict["device"]))
     labels = _labels(setup, predict["labels_file"])
     results, failures = predict_files(
-        net, predict["audio"], labels, n_frames=n_frames, hop_frames=hop_frames,
-        top_k=predict["top_k"], batch_size=predict["batch_size"], bf16=predict["bf16"],
+        net, predict["audio"], labels, n_frames=n_frames, hop_frames=hop_frames, top_k=predict["top_k"],
+        batch_size=predict["batch_size"], num_workers=predict["num_workers"], precision=predict["precision"], compile=predict["compile"],
     )
     text = write_predictions(results, predict["output"])
     if text is not None:
@@ -458,7 +509,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv
     observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith("--file_storage=") for a in argv)
-    main_rank = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"  # DDP re-runs this per rank
+    # DDP re-runs this per local rank (LOCAL_RANK, NODE_RANK); torchrun sets RANK, SLURM SLURM_PROCID
+    main_rank = all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
     if not observed and main_rank and len(argv) > 1 and argv[1] not in ("print_config", "print_dependencies", "save_config", "print_named_configs", "help"):
         # Keep a run record by default (in the program only, never at import); -F DIR or -u override it.
         ex.observers.append(FileStorageObserver(os.environ.get("MAEST_SACRED_DIR", "outputs/sacred")))

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from helpers.melfiles import MelFileError, MelReader, check_keys
 from helpers.sampler import Draw
+from models.encoder import grid_clip_starts
 from models.inference import clip_starts, split_into_clips
 from models.mel import normalize as normalize_mel
 
@@ -295,12 +296,18 @@ class FileClips(Dataset):
     """One item per file for extraction: ``(key, clips, None)``, or ``(key, None, reason)`` when it cannot be read.
 
     ``clips`` is ``(n_clips, 1, n_mels, n_frames)``, normalised: every clip of the file as
-    ``split_into_clips`` cuts it (the clips ``ClipDataset`` gives one by one). Errors are returned,
-    not raised, so one bad file never stops a DataLoader's workers; the caller reports them.
+    ``split_into_clips`` cuts it (the clips ``ClipDataset`` gives one by one). With ``grid_stride``
+    (frame-level extraction) a file longer than a clip is first zero-padded at the end (silence, at
+    most ``grid_stride - 1`` frames) so that every clip starts on the patch-column grid
+    (``models.encoder.grid_clip_starts``; ``hop_frames`` must be a multiple of ``grid_stride``).
+    Errors are returned, not raised, so one bad file never stops a DataLoader's workers; the caller
+    reports them.
     """
 
-    def __init__(self, reader: MelReader, keys: list[str], n_frames: int, hop_frames: int):
-        self.reader, self.keys, self.n_frames, self.hop_frames = reader, keys, n_frames, hop_frames
+    def __init__(self, reader: MelReader, keys: list[str], n_frames: int, hop_frames: int, grid_stride: int = 0):
+        if grid_stride and hop_frames % grid_stride:
+            raise ValueError(f"FileClips: hop_frames={hop_frames} is not a multiple of grid_stride={grid_stride}")
+        self.reader, self.keys, self.n_frames, self.hop_frames, self.grid_stride = reader, keys, n_frames, hop_frames, grid_stride
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -309,6 +316,9 @@ class FileClips(Dataset):
         key = self.keys[i]
         try:
             mel = torch.tensor(self.reader.read(key).T)  # (n_mels, frames) float32, NaN-checked
+            if self.grid_stride:
+                _, padded = grid_clip_starts(mel.shape[1], self.n_frames, self.grid_stride, self.hop_frames // self.grid_stride)
+                mel = torch.nn.functional.pad(mel, (0, padded - mel.shape[1]))
             clips = split_into_clips(mel, self.n_frames, self.hop_frames)  # (n_clips, n_mels, n_frames)
             return key, normalize_mel(clips).unsqueeze(1).contiguous(), None
         except (OSError, ValueError) as e:  # MelFileError is a ValueError

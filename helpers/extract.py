@@ -1,12 +1,22 @@
-"""Embedding and logit extraction (SPEC §7) and audio-file prediction.
+"""Embedding, logit and frame-level extraction (SPEC §7) and audio-file prediction.
 
 Extraction reads every file of a ground truth as consecutive (optionally half-overlapping)
-clips, tail included (``helpers.data.FileClips``: the clips ``test`` scores), and writes
-``<out_dir>/<key>.embeddings.npy`` (n_clips, 3, D) or ``<out_dir>/<key>.logits.npy``
-(n_clips, n_classes). Each file is written whole (temporary name, then rename) and skipped when
-present, so a killed run resumes; an unreadable file is reported and the others are still
-extracted. An output folder belongs to one setting: ``config.json`` is checked and written under
-a lock on the folder, so of two runs with different settings started at once, one is refused.
+clips, tail included (``helpers.data.FileClips``: the clips ``test`` scores), and writes per key:
+
+- ``<out_dir>/<key>.embeddings.npy``: ``(n_clips, 3, D)`` (CLS, DIST, mean of patch tokens) for one
+  block, ``(n_clips, n_blocks, 3, D)`` for a list of blocks or "all", from one forward pass;
+- ``<out_dir>/<key>.logits.npy``: ``(n_clips, n_classes)``;
+- ``<out_dir>/<key>.timestamps.npy``: ``(n_frames, D)`` (``(n_blocks, n_frames, D)`` for several
+  blocks) float32, one row per time column of patches of the whole track (clips laid on the
+  column grid and stitched, each column once, exactly as ``models.encoder.frame_embeddings`` gives
+  them to the HEAR API: rows 160 ms apart), and ``<key>.times.npy`` ``(n_frames,)`` float64, the
+  centre of each row in ms from the track's first frame.
+
+Each file is written whole (temporary name, then rename) and skipped when present, so a killed
+run resumes; an unreadable file is reported and the others are still extracted. An output folder
+belongs to one setting: ``config.json`` is checked and written under a lock on the folder, so of
+two runs with different settings started at once, one is refused. Under ``torch.distributed``
+(``start_processes``: Lightning's DDP launch, as training) the keys are split by global rank.
 """
 
 from __future__ import annotations
@@ -21,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from models import MAEST
-from models.inference import check_count, track_probabilities
+from models.encoder import check_time_grid, grid_clip_starts, stitch_on_grid
+from models.inference import check_count, clip_starts, track_probabilities
+from models.mel import HOP_LENGTH, SAMPLE_RATE, MelSpectrogram
+from models.precision import check_precision, prepare_for_inference
 
 from .data import FileClips
 from .failures import update_failure_list
@@ -34,11 +47,27 @@ from .melfiles import MelReader, check_keys, load_groundtruth
 
 _logger = logging.getLogger(__name__)
 
-KINDS = {"embeddings": ".embeddings.npy", "logits": ".logits.npy"}
+# Outputs of each kind, in the order they are written: a key is done when all of them exist, and the
+# last one is written last, so a kill between two renames leaves the key not done (redone on a rerun).
+KINDS = {
+    "embeddings": (".embeddings.npy",),
+    "logits": (".logits.npy",),
+    "timestamps": (".times.npy", ".timestamps.npy"),
+}
 
 
 def output_path(out_dir: str | os.PathLike, key: str, kind: str) -> Path:
-    return Path(out_dir) / (key + KINDS[kind])
+    """The main output of ``key``: ``<out_dir>/<key>.<kind>.npy`` (for "timestamps" the embeddings, not the times)."""
+    return Path(out_dir) / (key + KINDS[kind][-1])
+
+
+def output_paths(out_dir: str | os.PathLike, key: str, kind: str) -> list[Path]:
+    """Every output of ``key`` for ``kind``, in writing order (timestamps: ``.times.npy``, then ``.timestamps.npy``)."""
+    return [Path(out_dir) / (key + suffix) for suffix in KINDS[kind]]
+
+
+def is_done(out_dir: str | os.PathLike, key: str, kind: str) -> bool:
+    return all(p.is_file() for p in output_paths(out_dir, key, kind))
 
 
 @dataclass
@@ -67,13 +96,6 @@ class ExtractionReport:
 def _write_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device has it (CPU, Ampere and newer GPUs), else fp16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def check_clip_frames(model: MAEST, n_frames: int, hop_frames: int) -> None:
@@ -111,6 +133,61 @@ def claim_out_dir(out_dir: str | os.PathLike, info: dict) -> None:
             write_text_atomic(path, json.dumps({**old, **info}, indent=2, default=str))
 
 
+class Ranks:
+    """The processes of an extraction: the ``torch.distributed`` world when one is initialised, else one.
+
+    Lightning (``start_processes``, or the Trainer) initialises it; the extraction itself only needs
+    the rank, the world size and three collectives on small Python objects.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.rank = self._dist.get_rank() if self._dist else 0
+        self.world_size = self._dist.get_world_size() if self._dist else 1
+
+    def barrier(self) -> None:
+        if self._dist:
+            self._dist.barrier()
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order, on every rank."""
+        if not self._dist:
+            return [obj]
+        objects = [None] * self.world_size
+        self._dist.all_gather_object(objects, obj)
+        return objects
+
+    def on_first(self, task) -> None:
+        """Run ``task()`` on rank 0 only; its error is raised on every rank, so none waits forever for rank 0."""
+        error = None
+        if self.rank == 0:
+            try:
+                task()
+            except Exception as e:  # re-raised below, on rank 0 too
+                error = e
+        if self._dist:
+            box = [error]
+            self._dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise error
+
+
+def split_keys(n_keys: int, rank: int, world_size: int) -> range:
+    """Indices of the keys ``rank`` handles: every ``world_size``-th, from ``rank`` (deterministic, balanced to one key)."""
+    return range(rank, n_keys, world_size)
+
+
+def _blocks_info(model: MAEST, block) -> tuple[int | list[int], dict]:
+    """``block`` as the model takes it (an index, or a list of indices) and as ``config.json`` records it."""
+    indices = model.block_indices(block)
+    if isinstance(block, (list, tuple, str)):
+        return indices, {"blocks": indices}
+    return indices[0], {"block": indices[0]}
+
+
 @torch.no_grad()
 def extract(
     model: MAEST,
@@ -119,20 +196,32 @@ def extract(
     groundtruth: str | os.PathLike | dict,
     out_dir: str | os.PathLike,
     kind: str = "embeddings",
-    block: int = 6,
+    block: int | list[int] | str = 6,
     n_frames: int,
     hop_frames: int | None = None,
     batch_size: int = 16,
     num_workers: int = 0,
-    bf16: bool = False,
+    precision: str = "fp32",
+    compile: bool = False,
     run_info: dict | None = None,
     progress: bool = True,
 ) -> ExtractionReport:
-    """Extract ``kind`` ("embeddings" of ``block`` or "logits") for every key of ``groundtruth``.
+    """Extract ``kind`` for every key of ``groundtruth``: "embeddings" or "timestamps" of ``block``, or "logits".
 
-    Clips of ``n_frames`` start every ``hop_frames`` (default: ``n_frames``, consecutive), the
-    tail included. ``run_info`` (model, checkpoint, ...) is recorded in ``<out_dir>/config.json``
-    with the clip settings; a folder holding outputs of another setting is refused. Files whose
+    ``block``: an int (``(n_clips, 3, D)`` embeddings, ``(n_frames, D)`` timestamps), or a list of
+    blocks or ``"all"`` (``(n_clips, n_blocks, 3, D)``, ``(n_blocks, n_frames, D)``), all from one
+    forward pass. Clips of ``n_frames`` start every ``hop_frames`` (default: ``n_frames``,
+    consecutive), the tail included; clips of several files share a batch of ``batch_size``.
+    ``model`` is prepared in place (``models.precision.prepare_for_inference``: eval mode, weights
+    in ``precision``, optionally compiled).
+
+    Under ``torch.distributed`` (e.g. launched by ``start_processes``) every rank calls this: rank 0
+    claims ``out_dir`` (``config.json``) before any rank writes, the keys still to do are split by
+    global rank, each rank writes its own files, and rank 0 merges every rank's failures into
+    ``failed-<kind>.txt``. The returned report is the whole run's, the same on every rank.
+
+    ``run_info`` (model, checkpoint, ...) is recorded in ``<out_dir>/config.json`` with the clip
+    settings and precision; a folder holding outputs of another setting is refused. Files whose
     output exists are skipped; failures are listed in the report and merged into
     ``failed-<kind>.txt`` (``helpers.failures``: entries of keys this run did not try are kept).
     Keys are checked (``check_keys``) before anything is read or written.
@@ -141,56 +230,192 @@ def extract(
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     hop_frames = hop_frames or n_frames
     check_clip_frames(model, n_frames, hop_frames)
-    model.eval()
-    device = next(model.parameters()).device
+    if kind == "timestamps":
+        hop_frames = grid_hop_frames(model, n_frames, hop_frames)
+    batch_size = check_count("batch_size (predict.batch_size, clips per forward pass)", batch_size)
+    check_precision(precision, next(model.parameters()).device)
     out_dir = Path(out_dir)
     if isinstance(groundtruth, dict):
         check_keys(groundtruth, source="the ground truth")
         gt = groundtruth
     else:
         gt = load_groundtruth(groundtruth)  # checks the keys
-    info = {**(run_info or {}), "n_frames": n_frames, "hop_frames": hop_frames, "embed_dim": model.embed_dim, "n_classes": model.n_classes}
-    if kind == "embeddings":  # logits do not depend on the block: any value (e.g. the default 6 of a shallower model) is fine
-        block = model.block_index(block)
-        info["block"] = block
-    claim_out_dir(out_dir, info)
+    info = {**(run_info or {}), "n_frames": n_frames, "hop_frames": hop_frames, "embed_dim": model.embed_dim,
+            "n_classes": model.n_classes, "precision": precision}
+    if kind != "logits":  # logits do not depend on the block: any value (e.g. the default 6 of a shallower model) is fine
+        block, block_info = _blocks_info(model, block)
+        info.update(block_info)
+    ranks = Ranks()
+    ranks.on_first(lambda: claim_out_dir(out_dir, info))  # once, before any rank writes
 
-    report = ExtractionReport(out_dir=str(out_dir), kind=kind)
-    todo = []
-    for key in gt:
-        (report.skipped if output_path(out_dir, key, kind).is_file() else todo).append(key)
-    if report.skipped:
-        _logger.info("%d of %d files already extracted in %s: skipped", len(report.skipped), len(gt), out_dir)
-    loader = DataLoader(
-        FileClips(MelReader(base_dir), todo, n_frames, hop_frames),
-        batch_size=None,  # one file per item; its clips are batched below
-        num_workers=num_workers,
-        prefetch_factor=4 if num_workers else None,
+    # Every rank checks its share of the keys for earlier outputs; the keys still to do are then split
+    # again, so a resumed run stays balanced whatever each rank had finished.
+    keys = list(gt)
+    my_todo = [i for i in split_keys(len(keys), ranks.rank, ranks.world_size) if not is_done(out_dir, keys[i], kind)]
+    todo = sorted(i for share in ranks.gather(my_todo) for i in share)
+    mine = [keys[todo[i]] for i in split_keys(len(todo), ranks.rank, ranks.world_size)]
+    todo_keys = {keys[i] for i in todo}
+    skipped = [k for k in keys if k not in todo_keys]
+    if skipped and ranks.rank == 0:
+        _logger.info("%d of %d files already extracted in %s: skipped", len(skipped), len(keys), out_dir)
+
+    model = prepare_for_inference(model, precision=precision, compile=compile)
+    written, failed = _extract_files(
+        model, MelReader(base_dir), mine, out_dir, kind=kind, block=block, n_frames=n_frames, hop_frames=hop_frames,
+        batch_size=batch_size, num_workers=num_workers,
+        progress=progress and ranks.rank == 0, desc=f"extract {kind}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""),
     )
-    autocast = torch.autocast(device.type, dtype=autocast_dtype(device), enabled=bf16)
-    for key, clips, error in tqdm(loader, total=len(todo), desc=f"extract {kind}", unit="file", disable=not progress):
-        if error is not None:
-            _logger.warning("skipping %s: %s", key, error)
-            report.failed[key] = error
-            continue
-        try:
-            outputs = []
-            for start in range(0, clips.shape[0], batch_size):
-                x = clips[start : start + batch_size].to(device, non_blocking=True)
-                with autocast:
-                    y = model.embeddings(x, block=block) if kind == "embeddings" else model(x)
-                outputs.append(y.float().cpu())
-            _write_atomic(output_path(out_dir, key, kind), torch.cat(outputs).numpy().astype(np.float32))
-            report.written.append(key)
-        except (ValueError, RuntimeError, OSError) as e:  # one bad file never loses the others
-            _logger.warning("failed on %s: %s", key, e)
-            report.failed[key] = str(e)
-    with folder_lock(out_dir):  # runs sharing the folder (e.g. shards of one ground truth) merge in turn
-        update_failure_list(out_dir / f"failed-{kind}.txt", report.failed, succeeded=report.written + report.skipped)
+
+    shares = ranks.gather((written, failed))
+    done = {k for share, _ in shares for k in share}
+    failures = {k: v for _, share in shares for k, v in share.items()}
+    report = ExtractionReport(
+        out_dir=str(out_dir), kind=kind, written=[k for k in keys if k in done], skipped=skipped,
+        failed={k: failures[k] for k in keys if k in failures},
+    )
+    if ranks.rank == 0:
+        with folder_lock(out_dir):  # runs sharing the folder (e.g. shards of one ground truth) merge in turn
+            update_failure_list(out_dir / f"failed-{kind}.txt", report.failed, succeeded=report.written + report.skipped)
     return report
 
 
+def grid_hop_frames(model: MAEST, n_frames: int, hop_frames: int) -> int:
+    """The hop of frame-level extraction: ``hop_frames`` rounded down to whole time columns of patches.
+
+    Frame-level clips start on the column grid (``FileClips(grid_stride=...)``, as
+    ``models.encoder.frame_embeddings`` for the HEAR API and ``MAESTEncoder``), so the times of
+    a whole track step by ``stride_t`` frames (160 ms) across clip boundaries: ``"full"`` is a
+    clip's columns (1860 frames for 30 s clips), ``"half"`` half of them.
+    """
+    check_time_grid(model)
+    stride = model.config.stride_t
+    n_columns = model.config.patches(n_frames)[1]
+    return stride * min(n_columns, max(hop_frames // stride, 1))
+
+
+def _model_outputs(model: MAEST, x: torch.Tensor, kind: str, block) -> torch.Tensor:
+    if kind == "embeddings":
+        return model.embeddings(x, block=block)
+    if kind == "timestamps":
+        return model.timestamp_embeddings(x, block=block)
+    return model(x)
+
+
+def _extract_files(
+    model: MAEST, reader: MelReader, keys: list[str], out_dir: Path, *, kind: str, block, n_frames: int, hop_frames: int,
+    batch_size: int, num_workers: int, progress: bool, desc: str,
+) -> tuple[list[str], dict[str, str]]:
+    """Extract ``keys`` into ``out_dir``; returns (keys written, {key: reason} of the failed ones).
+
+    Worker processes read and cut the files ahead of the model (``prefetch_factor`` files each, in
+    pinned memory on CUDA); the clips of consecutive files are gathered until a batch is full.
+    """
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        FileClips(reader, keys, n_frames, hop_frames, grid_stride=model.config.stride_t if kind == "timestamps" else 0),
+        batch_size=None,  # one file per item; clips of several files are batched below
+        num_workers=num_workers,
+        prefetch_factor=4 if num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    written, failed = [], {}
+
+    def write(key: str, y: torch.Tensor) -> None:
+        array = y.float().cpu().numpy()
+        if kind == "timestamps":
+            total = reader.n_frames(key)
+            starts, padded = grid_clip_starts(total, n_frames, model.config.stride_t, hop_frames // model.config.stride_t)
+            values, times = stitch_on_grid(model, array, starts, padded, total, n_frames)
+            paths = output_paths(out_dir, key, kind)
+            _write_atomic(paths[0], times)  # the times first: a key is done only once its embeddings exist
+            _write_atomic(paths[1], np.ascontiguousarray(values, dtype=np.float32))
+        else:
+            _write_atomic(output_path(out_dir, key, kind), array.astype(np.float32))
+
+    def run(group: list[tuple[str, torch.Tensor]]) -> None:
+        """Forward the clips of ``group``'s files in batches and write each file."""
+        clips = torch.cat([c for _, c in group]) if len(group) > 1 else group[0][1]
+        try:
+            y = torch.cat([_model_outputs(model, clips[s : s + batch_size], kind, block) for s in range(0, clips.shape[0], batch_size)])
+        except (ValueError, RuntimeError) as e:
+            if len(group) > 1:  # find the file at fault: one at a time
+                for item in group:
+                    run([item])
+                return
+            _logger.warning("failed on %s: %s", group[0][0], e)
+            failed[group[0][0]] = str(e)
+            return
+        start = 0
+        for key, c in group:
+            try:
+                write(key, y[start : start + c.shape[0]])
+                written.append(key)
+            except (ValueError, RuntimeError, OSError) as e:  # one bad file never loses the others
+                _logger.warning("failed on %s: %s", key, e)
+                failed[key] = str(e)
+            start += c.shape[0]
+
+    group, n_clips = [], 0
+    for key, clips, error in tqdm(loader, total=len(keys), desc=desc, unit="file", disable=not progress):
+        if error is not None:
+            _logger.warning("skipping %s: %s", key, error)
+            failed[key] = error
+            continue
+        group.append((key, clips.to(device, non_blocking=True)))
+        n_clips += clips.shape[0]
+        if n_clips >= batch_size:
+            run(group)
+            group, n_clips = [], 0
+    if group:
+        run(group)
+    return written, failed
+
+
+def start_processes(device: str = "auto", devices: int = 1, num_nodes: int = 1):
+    """Start (or join) the processes of a multi-device extraction; returns the Lightning ``Fabric`` of this rank.
+
+    The same engine and launch as DDP training: with ``devices * num_nodes > 1`` the "ddp"
+    strategy starts the other local ranks by running the same command again (or joins the ranks
+    that ``torchrun`` or SLURM started, reading their environment), and initialises
+    ``torch.distributed`` (NCCL on GPUs, gloo on CPUs), which ``extract`` then uses.
+    ``fabric.device`` is this rank's device.
+    """
+    from lightning.fabric import Fabric
+
+    accelerator = {"auto": "cuda" if torch.cuda.is_available() else "cpu", "gpu": "cuda"}.get(device, device)
+    fabric = Fabric(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto", precision="32-true",  # precision: prepare_for_inference's
+    )
+    fabric.launch()
+    return fabric
+
+
 # ----------------------------------------------------------------------------------- prediction
+class AudioFiles(Dataset):
+    """One item per audio file for ``predict``: ``(path, audio (samples,) float32 at 16 kHz, None)``, or ``(path, None, reason)``.
+
+    Decoding and resampling (``helpers.audio.load_audio``) run here, in DataLoader worker processes,
+    while the model works on earlier files; errors are returned, not raised, so one bad file never
+    stops the workers.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [str(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .audio import AudioLoadError, load_audio
+
+        path = self.paths[i]
+        try:
+            return path, torch.from_numpy(load_audio(path)), None
+        except (AudioLoadError, OSError, ValueError) as e:
+            return path, None, str(e)
+
+
 def predict_files(
     model: MAEST,
     paths: str | os.PathLike | list[str | os.PathLike],
@@ -200,11 +425,19 @@ def predict_files(
     hop_frames: int | None = None,
     top_k: int = 5,
     batch_size: int = 16,
-    bf16: bool = False,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    compile: bool = False,
     progress: bool = True,
 ) -> tuple[list[dict], dict[str, str]]:
-    """Audio files or folders -> per-file top-k labels with probabilities; failures by path."""
-    from .audio import AUDIO_EXTENSIONS, AudioLoadError, list_audio_files, load_audio
+    """Audio files or folders -> per-file top-k labels with probabilities; failures by path.
+
+    Files are decoded in ``num_workers`` worker processes (``AudioFiles``); their mels are computed
+    on the model's device and the clips of several files share batches of ``batch_size``
+    (``models.inference.track_probabilities``), each file's probabilities averaged over its own
+    clips only. ``model`` is prepared in place (``prepare_for_inference``: ``precision``, ``compile``).
+    """
+    from .audio import AUDIO_EXTENSIONS, list_audio_files
 
     if len(labels) != model.n_classes:
         raise ValueError(f"{len(labels)} label names for a model with {model.n_classes} outputs: pass one name per output")
@@ -212,30 +445,53 @@ def predict_files(
     batch_size = check_count("batch_size (predict.batch_size, clips per forward pass)", batch_size)
     hop_frames = hop_frames or n_frames
     check_clip_frames(model, n_frames, hop_frames)
+    device = next(model.parameters()).device
+    check_precision(precision, device)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]  # one file or folder, not its characters
     files = list_audio_files(list(paths))
     if not files:
         raise FileNotFoundError(f"no audio files ({', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}) found in {list(paths)}")
-    model.eval()
-    device = next(model.parameters()).device
+    model = prepare_for_inference(model, precision=precision, compile=compile)
+    mel = MelSpectrogram().to(device)  # fp32 whatever the model's precision; built once, not per file
+    loader = DataLoader(
+        AudioFiles(files), batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
     results, failures = [], {}
-    for path in tqdm(files, desc="predict", unit="file", disable=not progress):
+
+    def run(group: list[tuple[str, torch.Tensor]]) -> None:
         try:
-            audio = torch.from_numpy(load_audio(path))
-            probs = track_probabilities(
-                model, [audio], n_frames, hop_frames, batch_size=batch_size, autocast_dtype=autocast_dtype(device) if bf16 else None
-            )[0]
-        except (AudioLoadError, ValueError, RuntimeError) as e:  # one bad file never loses the others
-            _logger.warning("failed on %s: %s", path, e)
-            failures[str(path)] = str(e)
+            probs = track_probabilities(model, [a for _, a in group], n_frames, hop_frames, batch_size=batch_size, mel=mel)
+        except (ValueError, RuntimeError) as e:
+            if len(group) > 1:  # find the file at fault: one at a time
+                for item in group:
+                    run([item])
+                return
+            _logger.warning("failed on %s: %s", group[0][0], e)
+            failures[group[0][0]] = str(e)
+            return
+        for (path, audio), p in zip(group, probs):
+            top = torch.topk(p, k=min(top_k, p.numel()))
+            results.append({
+                "file": path,
+                "seconds": round(audio.numel() / SAMPLE_RATE, 3),
+                "labels": [{"label": labels[i], "probability": round(float(q), 6)} for q, i in zip(top.values, top.indices)],
+            })
+
+    group, n_clips = [], 0
+    for path, audio, error in tqdm(loader, total=len(files), desc="predict", unit="file", disable=not progress):
+        if error is not None:  # one bad file never loses the others
+            _logger.warning("failed on %s: %s", path, error)
+            failures[path] = error
             continue
-        top = torch.topk(probs, k=min(top_k, probs.numel()))
-        results.append({
-            "file": str(path),
-            "seconds": round(audio.numel() / 16000, 3),
-            "labels": [{"label": labels[i], "probability": round(float(p), 6)} for p, i in zip(top.values, top.indices)],
-        })
+        group.append((path, audio))
+        n_clips += len(clip_starts(1 + audio.numel() // HOP_LENGTH, n_frames, hop_frames))  # the clips track_probabilities cuts
+        if n_clips >= batch_size:
+            run(group)
+            group, n_clips = [], 0
+    if group:
+        run(group)
     return results, failures
 
 

@@ -53,7 +53,7 @@ def grid_clip_starts(total_frames: int, n_frames: int, stride_t: int, n_columns:
     return starts, int(starts[-1] + n_frames)
 
 
-def _check_model(model: MAEST) -> None:
+def check_time_grid(model: MAEST) -> None:
     cfg = model.config
     if cfg.s_patchout_t_indices or cfg.s_patchout_t_interleaved:
         raise ValueError(
@@ -63,18 +63,23 @@ def _check_model(model: MAEST) -> None:
         )
 
 
-def _plan(model: MAEST, total_frames: int) -> tuple[np.ndarray, int, int, int]:
-    """(starts, padded frames, clip frames, columns per clip) of a ``total_frames`` track."""
-    _check_model(model)
+def _plan(model: MAEST, total_frames: int, hop_columns: int | None = None) -> tuple[np.ndarray, int, int]:
+    """(starts, padded frames, clip frames) of a ``total_frames`` track, clips ``hop_columns`` columns apart."""
+    check_time_grid(model)
     cfg = model.config
     n_frames = cfg.input_t  # the model's clip
     n_columns = cfg.patches(n_frames)[1]
-    starts, padded = grid_clip_starts(total_frames, n_frames, cfg.stride_t, n_columns)
-    return starts, padded, n_frames, n_columns
+    hop_columns = n_columns if hop_columns is None else check_count("hop_columns", hop_columns)
+    starts, padded = grid_clip_starts(total_frames, n_frames, cfg.stride_t, min(hop_columns, n_columns))
+    return starts, padded, n_frames
 
 
-def _stitch(model: MAEST, columns, starts: np.ndarray, padded: int, total_frames: int, n_frames: int):
-    """``stitch_columns`` on the grid; columns centred on the end padding are dropped."""
+def stitch_on_grid(model: MAEST, columns, starts: np.ndarray, padded: int, total_frames: int, n_frames: int):
+    """``stitch_columns`` for clips at ``grid_clip_starts``: columns centred on the end padding are dropped.
+
+    ``columns``: ``(n_clips, ..., T', D)`` (``MAEST.timestamp_embeddings`` of the clips of the track
+    zero-padded to ``padded`` frames); returns ``(values (..., n, D), times_ms (n,))``.
+    """
     values, times = stitch_columns(columns, starts, model.column_times_ms(n_frames), padded, n_frames)
     if padded > total_frames:  # multi-clip track, end-padded: keep the columns centred on the signal
         keep = np.flatnonzero(times <= (total_frames - 1) * FRAME_MS)
@@ -82,26 +87,31 @@ def _stitch(model: MAEST, columns, starts: np.ndarray, padded: int, total_frames
     return values, times
 
 
-def frame_times_ms(model: MAEST, total_frames: int) -> np.ndarray:
+def frame_times_ms(model: MAEST, total_frames: int, hop_columns: int | None = None) -> np.ndarray:
     """Centre times (ms, float64) of the frame-level embeddings of a ``total_frames`` track (no forward pass)."""
-    starts, padded, n_frames, n_columns = _plan(model, check_count("total_frames", total_frames))
+    starts, padded, n_frames = _plan(model, check_count("total_frames", total_frames), hop_columns)
+    n_columns = model.config.patches(n_frames)[1]
     dummy = np.zeros((len(starts), n_columns, 1), dtype=np.float32)
-    return _stitch(model, dummy, starts, padded, total_frames, n_frames)[1]
+    return stitch_on_grid(model, dummy, starts, padded, total_frames, n_frames)[1]
 
 
-def frame_embeddings(model: MAEST, mels: torch.Tensor, block: int | list[int] | str = 6, batch_size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+def frame_embeddings(
+    model: MAEST, mels: torch.Tensor, block: int | list[int] | str = 6, batch_size: int = 16, hop_columns: int | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
     """Compressed (not normalised) mels ``(B, n_mels, T)`` of equal-length tracks -> frame-level embeddings.
 
     Returns ``(values, times_ms)``: ``values`` ``(B, n, D)`` for an int ``block``, ``(B, n_blocks, n, D)``
     for a list or ``"all"`` (one forward pass per clip); ``times_ms`` ``(n,)`` float64, the centre
     of each embedding from the track's first frame, regular (``stride_t * 16`` ms apart). The clips
     of all tracks run through the model ``batch_size`` at a time. Gradients flow when enabled.
+    ``hop_columns``: clips start this many time columns apart (default: a clip's columns, so clips
+    overlap by less than a column; half of them gives half-overlapping clips).
     """
     batch_size = check_count("batch_size", batch_size)
     if mels.dim() != 3:
         raise ValueError(f"frame_embeddings expects compressed mels (B, n_mels, frames), got shape {tuple(mels.shape)}")
     B, _, total = mels.shape
-    starts, padded, n_frames, _ = _plan(model, total)
+    starts, padded, n_frames = _plan(model, total, hop_columns)
     if len(starts) == 1:  # a track no longer than a clip: centre-padded, as in training
         clips = pad_centre(mels.permute(2, 0, 1), n_frames).permute(1, 2, 0).unsqueeze(1)  # (B, 1, n_mels, n_frames)
     else:
@@ -111,7 +121,7 @@ def frame_embeddings(model: MAEST, mels: torch.Tensor, block: int | list[int] | 
     flat = normalize(clips.flatten(0, 1))  # clip-major per track: (B * n_clips, n_mels, n_frames)
     out = torch.cat([model.timestamp_embeddings(flat[i : i + batch_size], block) for i in range(0, flat.shape[0], batch_size)])
     columns = out.unflatten(0, (B, len(starts))).movedim(1, 0)  # (n_clips, B, [n_blocks,] T', D)
-    return _stitch(model, columns, starts, padded, total, n_frames)
+    return stitch_on_grid(model, columns, starts, padded, total, n_frames)
 
 
 class MAESTEncoder(nn.Module):
@@ -131,7 +141,7 @@ class MAESTEncoder(nn.Module):
         super().__init__()
         if not isinstance(model, MAEST):
             raise TypeError(f"MAESTEncoder wraps a models.MAEST (get_maest(...)), got {type(model).__name__}")
-        _check_model(model)
+        check_time_grid(model)
         self.model = model
         self.blocks = model.block_indices(block)
         self.batch_size = check_count("batch_size", batch_size)

@@ -9,6 +9,97 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# oneDNN's fused linear (matmul + bias, + GELU or + residual in one call; the op inductor emits on CPU).
+# F.linear on CPU first copies the bias into the output and then accumulates the matmul into it: an
+# extra pass over every activation that, with the separate GELU and residual adds, costs about a
+# fifth of a bf16 forward. The op has no autograd, so it only runs where no gradient is wanted.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# dtypes for which the fused op is faster than F.linear (measured: benchmarks/bench_speed.py; fp32
+# goes through MKL's sgemm, which oneDNN does not beat).
+FUSED_LINEAR_DTYPES = {torch.bfloat16}
+
+
+def use_fused_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where the oneDNN fused linear may replace ``F.linear``: CPU inference in a fused dtype.
+
+    Not while autocast casts for us, not when a gradient is needed, and not under ``torch.compile``
+    (inductor fuses the plain ops itself).
+    """
+    return (
+        _ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype in FUSED_LINEAR_DTYPES
+        and weight.dtype == x.dtype
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def fused_linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x)``, then exact (erf) GELU (``activation="gelu"``) or ``+ residual``, in one oneDNN call."""
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    if activation == "gelu":
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+
+
+class _CastLinear(torch.autograd.Function):
+    """``F.linear`` in a low-precision ``dtype`` of fp32 parameters (autocast's arithmetic), saving less for backward.
+
+    Under autocast, ``F.linear`` casts the weight, and autograd keeps that bf16 copy of every weight
+    until backward: 2 bytes per parameter on top of the fp32 ones. This saves the fp32 parameter
+    (already alive) and casts it again in backward. With ``gelu_input``, ``x`` is the MLP's hidden
+    pre-activation and GELU runs first; its output is recomputed in backward instead of saved.
+    The forward, the output and the gradients are those of autocast's ``F.linear`` (and
+    ``F.gelu``): the same ops in the same dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, gelu_input):
+        with torch.autocast(x.device.type, enabled=False):
+            h = x.to(dtype)
+            a = F.gelu(h) if gelu_input else h
+            out = F.linear(a, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(h, weight)
+        ctx.dtype, ctx.gelu_input, ctx.has_bias, ctx.x_dtype = dtype, gelu_input, bias is not None, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(ctx.dtype)
+            w = weight.to(ctx.dtype)
+            a = F.gelu(h) if ctx.gelu_input else h
+            grad_x = grad_w = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ w
+                if ctx.gelu_input:
+                    grad_x = torch.ops.aten.gelu_backward(grad_x, h)
+                grad_x = grad_x.to(ctx.x_dtype)
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = (flat_grad.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = flat_grad.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def autocast_linear(x: torch.Tensor, layer: nn.Linear, gelu_input: bool = False) -> torch.Tensor:
+    """``layer(gelu(x) if gelu_input else x)``; in autocast training through ``_CastLinear`` (less memory)."""
+    device = x.device.type
+    if (
+        torch.is_autocast_enabled(device)
+        and torch.is_grad_enabled()
+        and layer.weight.dtype == torch.float32
+        and layer.weight.requires_grad
+        and not torch.compiler.is_compiling()
+    ):
+        return _CastLinear.apply(x, layer.weight, layer.bias, torch.get_autocast_dtype(device), gelu_input)
+    return layer(F.gelu(x) if gelu_input else x)
+
 
 class PatchEmbed(nn.Module):
     """Overlapping 16x16 patches of a ``(B, 1, F, T)`` spectrogram -> ``(B, D, F', T')`` grid."""
@@ -44,9 +135,16 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        x, attn = self.attend(autocast_linear(x, self.qkv), return_attention)
+        x = self.proj_drop(autocast_linear(x, self.proj))
+        return (x, attn) if return_attention else x
+
+    def attend(self, qkv: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected ``qkv`` ``(B, N, 3 * C)`` -> attention output ``(B, N, C)`` before ``proj`` (and the maps)."""
+        B, N, C3 = qkv.shape
+        # Strided views, no copy: SDPA takes any strides, and its CPU kernel writes its output
+        # (B, N, heads, head_dim)-contiguous, so the transpose + reshape below is a view as well.
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
         dropout_p = self.attn_drop if self.training else 0.0
         attn = None
         if self.fused and not return_attention:
@@ -55,9 +153,7 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
             attn = attn.softmax(dim=-1)
             x = F.dropout(attn, dropout_p) @ v if dropout_p else attn @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
-        x = self.proj_drop(self.proj(x))
-        return (x, attn) if return_attention else x
+        return x.transpose(1, 2).reshape(B, N, C3 // 3), attn
 
 
 class Mlp(nn.Module):
@@ -69,7 +165,9 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if self.drop.p:  # dropout sits between GELU and fc2: the plain path
+            return self.drop(self.fc2(self.drop(self.act(autocast_linear(x, self.fc1)))))
+        return autocast_linear(autocast_linear(x, self.fc1), self.fc2, gelu_input=True)
 
 
 class DropPath(nn.Module):
@@ -110,6 +208,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if not return_attention and not self.training and self.attn.fused and use_fused_linear(x, self.attn.qkv.weight):
+            return self._forward_fused(x)
         if return_attention:
             y, attn = self.attn(self.norm1(x), return_attention=True)
         else:
@@ -117,3 +217,13 @@ class Block(nn.Module):
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, attn) if return_attention else x
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval forward with bias, GELU and both residual adds inside the matmuls (see ``fused_linear``).
+
+        The same arithmetic as ``forward`` in eval (dropout and drop-path are identities there).
+        """
+        attn, mlp = self.attn, self.mlp
+        y, _ = attn.attend(fused_linear(self.norm1(x), attn.qkv))
+        x = fused_linear(y, attn.proj, residual=x)  # x + proj(attention)
+        return fused_linear(fused_linear(self.norm2(x), mlp.fc1, "gelu"), mlp.fc2, residual=x)  # x + mlp(norm2(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -200,6 +201,7 @@ def test_config_json_records_the_setting(model, data, tmp_path):
         "hop_frames": 62,
         "embed_dim": EMBED_DIM,
         "n_classes": N_CLASSES,
+        "precision": "fp32",
     }
     # The same setting again (a Path compares equal to its stored text) resumes without complaint.
     report = run_extract(model, data, out, kind="embeddings", block=1, hop_frames=62, run_info=info)
@@ -228,7 +230,7 @@ def test_clip_settings_the_model_cannot_take_are_refused_up_front(model, data, t
         extract(model, base_dir=data[0], groundtruth=data[1], out_dir=tmp_path / "o", n_frames=200, progress=False)
     with pytest.raises(ValueError, match=r"hop_frames must be between 1 and the clip's 125 frames"):
         run_extract(model, data, tmp_path / "o", hop_frames=130)
-    with pytest.raises(ValueError, match=r"kind must be one of \['embeddings', 'logits'\]"):
+    with pytest.raises(ValueError, match=r"kind must be one of \['embeddings', 'logits', 'timestamps'\]"):
         run_extract(model, data, tmp_path / "o", kind="tokens")
     with pytest.raises(ValueError, match=r"block must be an integer in \[0, 1\]"):
         run_extract(model, data, tmp_path / "o", block=2)
@@ -237,9 +239,12 @@ def test_clip_settings_the_model_cannot_take_are_refused_up_front(model, data, t
 
 def test_bf16_runs_and_is_close_to_fp32(model, data, tmp_path):
     run_extract(model, data, tmp_path / "fp32", kind="embeddings", block=1)
-    report = run_extract(model, data, tmp_path / "bf16", kind="embeddings", block=1, bf16=True)
+    bf16_model = copy.deepcopy(model)  # prepared in place: its weights become bf16
+    report = run_extract(bf16_model, data, tmp_path / "bf16", kind="embeddings", block=1, precision="bf16")
 
     assert len(report.written) == len(LENGTHS)
+    assert next(bf16_model.parameters()).dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["precision"] == "bf16"
     for key in LENGTHS:
         a = np.load(tmp_path / "fp32" / f"{key}.embeddings.npy")
         b = np.load(tmp_path / "bf16" / f"{key}.embeddings.npy")
@@ -269,7 +274,7 @@ def sacred_updates(data, checkpoint, out_dir, **predict):
     return {
         "maest": {"arch": "maest-tiny", "checkpoint": str(checkpoint), "n_classes": N_CLASSES, "input_t": N_FRAMES},
         "datamodule": {"base_dir": str(base), "groundtruth_predict": str(gt), "clip_length": 2},
-        "predict": {"out_dir": str(out_dir), "transformer_block": 1, "num_workers": 0, "device": "cpu", **predict},
+        "predict": {"out_dir": str(out_dir), "transformer_block": 1, "num_workers": 0, "device": "cpu", "precision": "fp32", **predict},
     }
 
 
@@ -359,7 +364,7 @@ def test_target_mtt_extracts_the_shipped_magnatagatune_keys_where_target_mtt_tl_
         config_updates={
             "maest": {"arch": "maest-tiny", "checkpoint": str(checkpoint), "n_classes": N_CLASSES, "input_t": N_FRAMES},
             "datamodule": {"base_dir": str(tmp_path / "mels"), "groundtruth_predict": str(subset), "clip_length": 2},
-            "predict": {"out_dir": str(out), "transformer_block": 1, "num_workers": 0, "device": "cpu"},
+            "predict": {"out_dir": str(out), "transformer_block": 1, "num_workers": 0, "device": "cpu", "precision": "fp32"},
         },
         options={"--loglevel": "ERROR"},
     )

@@ -160,7 +160,7 @@ def command_updates(checkpoint, **predict):
     return {
         "maest": {"arch": "maest-tiny", "checkpoint": str(checkpoint), "n_classes": N_CLASSES, "input_t": N_FRAMES},
         "datamodule": {"clip_length": 2},
-        "predict": {"device": "cpu", **predict},
+        "predict": {"device": "cpu", "precision": "fp32", "num_workers": 0, **predict},
     }
 
 
@@ -216,3 +216,45 @@ def test_predict_command_configuration_errors(audio_dir, checkpoint, labels_file
         run(audio=[], labels_file=str(labels_file))
     with pytest.raises(ValueError, match="predict.hop must be 'full'"):
         run(audio=[str(audio_dir)], labels_file=str(labels_file), hop="third")
+
+
+# ----------------------------------------------------------------------------------- batching, workers, precision
+def test_clips_of_several_files_share_a_forward_pass_and_workers_decode(model, audio_dir):
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        results, failures = predict_files(model, audio_dir, LABELS, n_frames=N_FRAMES, top_k=5, num_workers=1, progress=False)
+    finally:
+        handle.remove()
+
+    assert failures == {}
+    assert calls == [2 + 4]  # 3 s: 2 clips, 7 s: 4 clips, one batch (per file it took two)
+    for result, path in zip(results, [audio_dir / "short.wav", audio_dir / "sub" / "long.flac"]):
+        check_result(model, result, path, top_k=5)  # equal to the per-file path (atol 1e-6)
+
+
+def test_a_bad_file_among_batched_ones_is_listed_and_the_others_predicted(model, audio_dir):
+    broken = audio_dir / "a-broken.wav"  # first in order: the batch after it still runs
+    broken.write_bytes(b"RIFF" + bytes(range(200)))
+    sf.write(audio_dir / "z-tiny.wav", np.zeros(8, dtype=np.float32), 16000)  # 8 samples: one centre-padded clip
+    results, failures = predict_files(model, audio_dir, LABELS, n_frames=N_FRAMES, batch_size=3, num_workers=1, progress=False)
+
+    assert list(failures) == [str(broken)] and "cannot decode audio file" in failures[str(broken)]
+    assert [r["file"] for r in results] == [str(audio_dir / p) for p in ("short.wav", "sub/long.flac", "z-tiny.wav")]
+    for result in results:
+        check_result(model, result, result["file"], top_k=5)
+
+
+def test_bf16_prediction_is_close_to_fp32(model, audio_dir):
+    import copy
+
+    bf16 = copy.deepcopy(model)  # prepared in place
+    results, _ = predict_files(bf16, audio_dir, LABELS, n_frames=N_FRAMES, top_k=5, precision="bf16", progress=False)
+
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    for result in results:
+        expected = expected_probabilities(model, result["file"])
+        got = {item["label"]: item["probability"] for item in result["labels"]}
+        np.testing.assert_allclose([got[label] for label in LABELS], expected.numpy(), atol=2e-2)
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
+        predict_files(model, audio_dir, LABELS, n_frames=N_FRAMES, precision="fp16", progress=False)

@@ -1,0 +1,264 @@
+"""Issue 10's table for this machine: MAEST against upstream's code and against the matmul ceiling.
+
+    python benchmarks/bench_speed.py                          # the full table (several minutes on 2 cores)
+    python benchmarks/bench_speed.py --rounds 3 --out benchmarks/results/speed_cpu.json
+    python benchmarks/bench_speed.py --upstream-dir ~/src/MAEST   # upstream's own code where it imports
+    python benchmarks/bench_speed.py --quick                  # tiny model, 1 iteration (tests)
+
+Rows:
+- 30 s forward, batch 2 (1876 frames, ViT-B, random weights): upstream fp32; ours fp32 and bf16
+  through ``models.precision.prepare_for_inference`` (the path extraction and ``predict`` use).
+- 10 s training step, batch 4, time patchout 30: forward, BCE, backward, AdamW. Upstream fp32
+  (its AdamW: the per-parameter loop); ours fp32 and bf16 autocast (Lightning's ``bf16-mixed``),
+  with ``helpers.module.adamw``'s fused AdamW.
+
+Columns: seconds (the minimum over rounds x iterations), peak memory (the variant process's max
+RSS on CPU, max allocated on CUDA), speed-up against upstream's fp32 of the same row, GFLOP/s from
+the FLOP counts of ``models.precision.forward_flops`` / ``training_step_flops``, and that as a share
+of this machine's ceiling (a large ``torch.matmul`` in the row's dtype, measured here first).
+
+"Upstream" is ``benchmarks/upstream_passt.py``, a transcription of palonso/MAEST's network
+(timm 0.4 ViT with explicit attention, its patchout indexing); ``--upstream-dir`` uses a real
+checkout instead when its ``models.maest`` imports (needs timm 0.4.12 and torchaudio).
+
+Each variant runs in its own process so that its peak memory is its own; rounds alternate the
+variants, so that a machine shared with other work slows all of them alike. Take figures from an
+idle machine; the minimum over rounds is the least disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # upstream_passt
+
+# name -> (work, implementation, precision)
+VARIANTS = {
+    "forward-upstream-fp32": ("forward", "upstream", "fp32"),
+    "forward-ours-fp32": ("forward", "ours", "fp32"),
+    "forward-ours-bf16": ("forward", "ours", "bf16"),
+    "train-upstream-fp32": ("train", "upstream", "fp32"),
+    "train-ours-fp32": ("train", "ours", "fp32"),
+    "train-ours-bf16": ("train", "ours", "bf16"),
+}
+WORK = {
+    # work -> seconds of audio, frames, batch, training time patchout
+    "forward": dict(seconds=30, n_frames=1876, batch=2, s_patchout_t=0),
+    "train": dict(seconds=10, n_frames=625, batch=4, s_patchout_t=30),
+}
+# --quick: the same rows for a tiny network on short inputs (seconds, not minutes).
+QUICK_WORK = {
+    "forward": dict(seconds=5, n_frames=316, batch=2, s_patchout_t=0),
+    "train": dict(seconds=5, n_frames=316, batch=2, s_patchout_t=10),
+}
+VIT_B = dict(embed_dim=768, depth=12, num_heads=12, n_classes=400)
+TINY = dict(embed_dim=64, depth=2, num_heads=4, n_classes=10)
+COLUMNS = ("work", "impl", "precision", "seconds", "peak_mb", "speedup_vs_upstream_fp32", "gflops", "ceiling_gflops", "share_of_ceiling")
+
+
+def _input_t(w: dict) -> int:
+    # input_t sizes the time embedding: 1875 frames (30 s) give 187 columns, as the released 30 s models.
+    return w["seconds"] * 16000 // 256
+
+
+def _config(w: dict, arch: dict):
+    from models import MAESTConfig
+
+    return MAESTConfig(input_t=_input_t(w), s_patchout_t=w["s_patchout_t"], **arch)
+
+
+def flops(work: str, arch: dict, works: dict = WORK) -> float:
+    from models.precision import forward_flops, training_step_flops
+
+    w = works[work]
+    config = _config(w, arch)
+    if work == "forward":
+        return forward_flops(config, w["n_frames"], w["batch"])
+    return training_step_flops(config, w["n_frames"], w["batch"])
+
+
+def run_variant(name: str, arch: dict, iterations: int, threads: int | None, upstream_dir: str | None, device: str, works: dict = WORK) -> dict:
+    """One variant, timed in this process (called in a child process by ``main``)."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads:
+        torch.set_num_threads(threads)
+    work, impl, precision = VARIANTS[name]
+    w = works[work]
+    torch.manual_seed(0)
+    train = work == "train"
+    if impl == "upstream":
+        from upstream_passt import build_upstream
+
+        model = build_upstream(_input_t(w), arch["n_classes"], arch["embed_dim"], arch["depth"],
+                               arch["num_heads"], s_patchout_t=w["s_patchout_t"], upstream_dir=upstream_dir)
+        model = model.to(device)
+
+        def net(x):
+            return model(x)[0]  # upstream returns (logits, features)
+    else:
+        from models import MAEST
+
+        model = MAEST(_config(w, arch).replace(check_finite=not train)).to(device)  # training checks its input in the data module
+        if not train:
+            from models.precision import prepare_for_inference
+
+            model = prepare_for_inference(model, precision)
+        net = model
+    x = torch.randn(w["batch"], 1, 96, w["n_frames"], device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=train and precision == "bf16")
+
+    if train:
+        model.train()
+        y = (torch.rand(w["batch"], arch["n_classes"], device=device) < 0.05).float()
+        if impl == "upstream":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-4)  # upstream's get_optimizer
+        else:
+            # helpers.module.adamw's choice on CPU and CUDA (tests/test_precision.py checks it), built here
+            # without importing Lightning, whose import would count in this process's peak memory.
+            optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-4, fused=True)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
+            loss.backward()
+            optimizer.step()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                net(x)
+
+    def timed() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed()  # warm-up: kernel selection, allocator, optimizer state
+    times = [timed() for _ in range(iterations)]
+    out = {"variant": name, "seconds": min(times), "times": times}
+    if device == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def ceilings(quick: bool, device: str) -> dict:
+    from models.precision import matmul_gflops
+
+    size, repeats = (512, 2) if quick else (4096, 3)
+    return {p: matmul_gflops(p, size=size, repeats=repeats, device=device) for p in ("fp32", "bf16")}
+
+
+def table(results: dict[str, dict], ceiling: dict[str, float], arch: dict, works: dict = WORK) -> list[dict]:
+    """One row per variant with every COLUMNS entry; speed-ups against the upstream fp32 row of the same work."""
+    rows = []
+    for name, (work, impl, precision) in VARIANTS.items():
+        if name not in results:
+            continue
+        r = results[name]
+        base = results.get(f"{work}-upstream-fp32")
+        gflops = flops(work, arch, works) / r["seconds"] / 1e9
+        rows.append({
+            "work": work, "impl": impl, "precision": precision, "seconds": r["seconds"], "peak_mb": r["peak_mb"],
+            "speedup_vs_upstream_fp32": base["seconds"] / r["seconds"] if base else None,
+            "gflops": gflops, "ceiling_gflops": ceiling[precision], "share_of_ceiling": gflops / ceiling[precision],
+        })
+    return rows
+
+
+def format_table(rows: list[dict], works: dict = WORK) -> str:
+    f, t = works["forward"], works["train"]
+    label = {"forward": f"{f['seconds']} s forward, batch {f['batch']}",
+             "train": f"{t['seconds']} s train step, batch {t['batch']}, patchout {t['s_patchout_t']}"}
+    lines = [f"| work | code | precision | seconds | peak MB | vs upstream fp32 | GFLOP/s | share of {{fp32, bf16}} ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['speedup_vs_upstream_fp32']:.2f}x" if r["speedup_vs_upstream_fp32"] else "-"
+        lines.append(f"| {label[r['work']]} | {r['impl']} | {r['precision']} | {r['seconds']:.3f} | {r['peak_mb']:.0f} | {speed} | "
+                     f"{r['gflops']:.1f} | {100 * r['share_of_ceiling']:.0f}% of {r['ceiling_gflops']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="passes over all variants, alternating them (default 2)")
+    parser.add_argument("--iterations", type=int, default=2, help="timed iterations per variant process (after one warm-up)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--upstream-dir", default=None, help="a palonso/MAEST checkout to time instead of the transcription")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 round, 1 iteration, one process: checks the machinery in seconds")
+    parser.add_argument("--in-process", action="store_true", help="run the variants in this process (faster; peak memory is then the largest so far)")
+    parser.add_argument("--out", type=Path, default=None, help="write the table and the raw timings as JSON here")
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    args = parser.parse_args(argv)
+    arch, works = (TINY, QUICK_WORK) if args.quick else (VIT_B, WORK)
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, arch, args.iterations, args.threads, args.upstream_dir, args.device, works)))
+        return {}
+    if args.quick:
+        args.rounds, args.iterations, args.in_process = 1, 1, True
+
+    import torch
+
+    ceiling = ceilings(args.quick, args.device)
+    print(f"matmul ceiling on {args.device}: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s", flush=True)
+    results: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+        for name in args.variants:
+            if args.in_process:
+                r = run_variant(name, arch, args.iterations, args.threads, args.upstream_dir, args.device, works)
+            else:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", name, "--iterations", str(args.iterations),
+                       "--device", args.device] + (["--quick"] if args.quick else [])
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                cmd += ["--upstream-dir", args.upstream_dir] if args.upstream_dir else []
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode:
+                    raise RuntimeError(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"round {round_ + 1}/{args.rounds} {name:24s} {r['seconds']:8.3f} s  peak {r['peak_mb']:6.0f} MB", flush=True)
+            best = results.setdefault(name, {"variant": name, "seconds": float("inf"), "peak_mb": 0.0, "times": []})
+            best["seconds"] = min(best["seconds"], r["seconds"])
+            best["peak_mb"] = max(best["peak_mb"], r["peak_mb"])  # peak RSS hardly varies between rounds: the larger
+            best["times"] += r["times"]
+    rows = table(results, ceiling, arch, works)
+    print(format_table(rows, works))
+    report = {
+        "meta": {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+                 "threads": args.threads or torch.get_num_threads(), "device": args.device, "quick": args.quick,
+                 "rounds": args.rounds, "iterations": args.iterations,
+                 "upstream": args.upstream_dir or "benchmarks/upstream_passt.py (transcription)",
+                 "forward_flops": flops("forward", arch, works), "train_flops": flops("train", arch, works), "work": works},
+        "ceiling_gflops": ceiling,
+        "columns": list(COLUMNS),
+        "rows": rows,
+        "raw": results,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"written {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

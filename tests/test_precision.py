@@ -1,0 +1,151 @@
+"""Inference precision (models.precision), the fused bf16 CPU block, FLOP counts and the fused AdamW."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.layers as layers
+from models import MAEST, MAESTConfig
+from models.precision import PRECISIONS, check_precision, forward_flops, prepare_for_inference, training_step_flops
+
+TINY = MAESTConfig(n_classes=5, input_t=200, embed_dim=64, depth=2, num_heads=4)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI and the development machines have none")
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MAEST(TINY).eval()
+
+
+def test_precisions_are_the_three_names():
+    assert PRECISIONS == ("fp32", "bf16", "fp16")
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'fp16'\), got 'half'"):
+        check_precision("half", "cpu")
+
+
+def test_bf16_is_the_same_model_in_bf16_close_to_fp32(model):
+    x = torch.randn(3, 96, 150)  # fp32 input: cast inside
+    with torch.no_grad():
+        ref_logits, ref_emb = model(x), model.embeddings(x, block=[0, 1])
+    fast = prepare_for_inference(copy.deepcopy(model), "bf16")
+    assert isinstance(fast, MAEST) and not fast.training
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in fast.parameters())
+    with torch.no_grad():
+        logits, emb = fast(x), fast.embeddings(x, block=[0, 1])
+        frames = fast.timestamp_embeddings(x, block=1)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (3, 5)
+    assert (logits.float() - ref_logits).abs().max() < 0.05
+    assert F.cosine_similarity(emb.float(), ref_emb, dim=-1).min() > 0.999
+    assert frames.shape == (3, len(fast.column_times_ms(150)), 64)
+    assert fast.block_indices("all") == [0, 1] and fast.n_classes == 5 and fast.embed_dim == 64
+    assert set(fast.state_dict()) == set(model.state_dict())
+
+
+def test_fp32_keeps_the_model_exact(model):
+    x = torch.randn(2, 96, 150)
+    with torch.no_grad():
+        ref = model(x)
+        out = prepare_for_inference(copy.deepcopy(model), "fp32")(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_fp16_needs_cuda_and_nan_input_is_still_refused(model):
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device; this model is on cpu: use 'bf16'"):
+        prepare_for_inference(model, "fp16")
+    fast = prepare_for_inference(model, "bf16")
+    x = torch.randn(1, 96, 150)
+    x[0, 3, 7] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        fast(x)
+    with pytest.raises(TypeError, match="expects a models.MAEST"):
+        prepare_for_inference(torch.nn.Linear(2, 2))
+
+
+def test_the_fused_bf16_block_computes_the_plain_block(model, monkeypatch):
+    """oneDNN's fused linear (bias, GELU, residual inside the matmul) equals the separate bf16 ops to bf16 rounding."""
+    if not layers._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN (mkldnn) linear: the plain path is the only one")
+    block = copy.deepcopy(model.blocks[0]).to(torch.bfloat16)
+    x = torch.randn(2, 50, 64, dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(block, "_forward_fused", lambda x, f=block._forward_fused: calls.append(1) or f(x))
+    with torch.no_grad():
+        fused = block(x)
+        assert calls == [1]
+        monkeypatch.setattr(layers, "_ONEDNN_LINEAR", False)
+        plain = block(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.02, atol=0.05)
+
+
+def test_the_fused_path_is_left_out_where_gradients_flow(model):
+    """Training and autograd in eval go through F.linear: the fused op has no backward."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    x = torch.randn(2, 96, 150)
+    bf16(x).float().sum().backward()  # eval mode, gradients on: the plain path
+    assert all(p.grad is not None for p in bf16.blocks.parameters())
+    assert not layers.use_fused_linear(torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=torch.float32))  # fp32: MKL's sgemm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers.use_fused_linear(torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16))
+
+
+def test_compile_compiles_each_block_in_place_keeping_the_api(model):
+    fast = prepare_for_inference(model, "fp32", compile=True)
+    assert fast is model
+    assert all(block._compiled_call_impl is not None for block in fast.blocks)
+    assert set(fast.state_dict()) == set(MAEST(TINY).state_dict())  # no _orig_mod prefixes
+
+
+def test_flop_counts_match_the_issue():
+    vit_b_30s = MAESTConfig(input_t=1875, embed_dim=768, depth=12, num_heads=12)
+    assert forward_flops(vit_b_30s, 1876) == pytest.approx(0.3916e12, rel=1e-3)  # 1685 tokens
+    vit_b_10s = MAESTConfig(input_t=625, s_patchout_t=30, embed_dim=768, depth=12, num_heads=12)
+    assert training_step_flops(vit_b_10s, 625, 4) == pytest.approx(0.610e12, rel=1e-3)  # 9 x 31 + 2 tokens, x3
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_loop():
+    from helpers.module import adamw
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = copy.deepcopy(a)
+    fused = adamw([{"params": list(a.parameters())}], lr=1e-2, weight_decay=1e-4)
+    loop = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=1e-4, foreach=False)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for net, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_half_precisions_are_close_to_fp32(model, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    x = torch.randn(2, 96, 150)
+    with torch.no_grad():
+        ref = model(x)
+        fast = prepare_for_inference(copy.deepcopy(model).cuda(), precision)
+        out = fast(x.cuda()).float().cpu()
+        emb = fast.embeddings(x.cuda(), block=1).float().cpu()
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.05
+    assert F.cosine_similarity(emb, model.embeddings(x, block=1), dim=-1).min() > 0.999
+
+
+@needs_cuda
+def test_cuda_compiled_bf16_equals_eager(model):
+    x = torch.randn(2, 96, 150, device="cuda")
+    eager = prepare_for_inference(copy.deepcopy(model).cuda(), "fp16")
+    compiled = prepare_for_inference(copy.deepcopy(model).cuda(), "fp16", compile=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).float(), eager(x).float(), rtol=0.02, atol=0.02)

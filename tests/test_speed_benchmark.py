@@ -1,0 +1,57 @@
+"""benchmarks/bench_speed.py (issue 10's table) and its transcription of upstream's network."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import MAEST, MAESTConfig
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_speed  # noqa: E402
+from upstream_passt import UpstreamMAEST  # noqa: E402
+
+
+def test_the_upstream_transcription_computes_our_logits_from_our_weights():
+    """The "upstream" timing is of the same computation: same state dict, same logits."""
+    torch.manual_seed(0)
+    ours = MAEST(MAESTConfig(n_classes=7, input_t=200, embed_dim=64, depth=2, num_heads=4)).eval()
+    upstream = UpstreamMAEST(img_size=(96, 200), num_classes=7, embed_dim=64, depth=2, num_heads=4).eval()
+    upstream.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 96, 180)
+    with torch.no_grad():
+        logits, features = upstream(x)
+        torch.testing.assert_close(logits, ours(x), rtol=1e-5, atol=1e-5)
+        tokens = ours.forward_features(x)
+        torch.testing.assert_close(features, (tokens[:, 0] + tokens[:, 1]) / 2, rtol=1e-5, atol=1e-5)
+    upstream.s_patchout_t = 5
+    upstream.train()
+    assert upstream(x)[0].shape == (2, 7)  # its training patchout runs
+
+
+def test_quick_run_prints_and_writes_the_table_with_shares_of_the_measured_ceiling(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    report = bench_speed.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["rows"]
+    assert [(r["work"], r["impl"], r["precision"]) for r in rows] == list(bench_speed.VARIANTS.values())
+    ceiling = report["ceiling_gflops"]
+    assert set(ceiling) == {"fp32", "bf16"} and min(ceiling.values()) > 0
+    for r in rows:
+        assert set(r) == set(report["columns"])
+        assert r["seconds"] > 0 and r["peak_mb"] > 0
+        flops = report["meta"]["forward_flops" if r["work"] == "forward" else "train_flops"]
+        assert r["gflops"] == pytest.approx(flops / r["seconds"] / 1e9)
+        assert r["ceiling_gflops"] == ceiling[r["precision"]]
+        assert r["share_of_ceiling"] == pytest.approx(r["gflops"] / ceiling[r["precision"]])
+        upstream = next(u for u in rows if u["work"] == r["work"] and u["impl"] == "upstream")
+        assert r["speedup_vs_upstream_fp32"] == pytest.approx(upstream["seconds"] / r["seconds"])
+    printed = capsys.readouterr().out
+    assert "| work | code | precision | seconds | peak MB | vs upstream fp32 |" in printed
+    assert printed.count("| ours |") == 4 and "matmul ceiling on cpu" in printed
