@@ -4,11 +4,18 @@
     python ex_tl.py with target_mtt_tl
     python ex_tl.py with demo                       # tiny synthetic run on CPU
     python ex_tl.py with target_mtt_tl token=c combine=mean hidden_size=0 -F runs/   # linear probe on CLS
+    python ex_tl.py with target_mtt_tl probe_search    # grid search on validation, best setting tested with 5 seeds
+    python ex_tl.py with target_mtt_tl layers=all layer_combine=weighted   # learned weights over every extracted block
 
 Reads ``<embeddings_dir>/<key>.embeddings.npy`` for every key of the three ground truths
-(SPEC §7), trains on train, keeps the checkpoint of best validation ROC-AUC, tests it, and
-writes the validation and test macro ROC-AUC / PR-AUC, with the number of classes they average
-over (``n_classes_scored``), to ``<out_dir>/results.json``.
+(SPEC §7; one block ``(n_clips, 3, D)`` or several ``(n_clips, n_blocks, 3, D)``), trains on
+train, keeps the checkpoint of best validation score (``selection_metric``: ROC-AUC, or r2 for
+regression), tests it, and writes the validation and test metrics of ``task`` (multi-label:
+macro ROC-AUC / PR-AUC with the number of classes they average over, ``n_classes_scored``) to
+``<out_dir>/results.json``. With ``search=True`` (the ``probe_search`` named config) it runs the
+grid ``search_grid`` instead (``helpers.probe_search``): every trial, the chosen setting, the
+test mean and standard deviation over ``search_seeds`` seeds in ``results.json``, every finished
+training in ``trials.jsonl`` (a rerun resumes from it) and the plot ``search.png``.
 Observers are added on the command line only (``-F dir``).
 """
 
@@ -20,14 +27,16 @@ import os
 from pathlib import Path
 
 import lightning as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from sacred import Experiment
 
 from configs.tl import register
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
-from helpers.probe import EmbeddingDataModule, ProbeModule, ProbeNet
+from helpers.probe import LOWER_IS_BETTER, EmbeddingDataModule, ProbeModule, ProbeNet, ProbeTask
+from helpers.probe_search import ProbeSettings, finite_or_none, plot_search, run_search
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +47,8 @@ ex = Experiment("maest_tl")
 def default_config():
     """Probe defaults (paper settings); pick a target with a named config: target_mtt_tl or demo."""
     embeddings_dir = None  # directory written by `python ex_maest.py extract_embeddings` (<key>.embeddings.npy files)
-    groundtruth_train = None  # ground-truth pickle (mel path -> multi-hot vector) of the training tracks
+    # ground-truth pickle of the training tracks: mel path -> label vector (multi-hot, one-hot or class index, or values: see task)
+    groundtruth_train = None
     groundtruth_val = None  # ground-truth pickle of the validation tracks (selects the best epoch)
     groundtruth_test = None  # ground-truth pickle of the test tracks (reported once, on the best checkpoint)
     # checkpoints, TensorBoard logs and results.json go here: beside the embeddings (outputs/<run>/probe)
@@ -46,8 +56,19 @@ def default_config():
 
     token = "c"  # tokens to probe: c (CLS), d (DIST), t (mean of patch tokens), or a combination like "cdt"
     combine = "mean"  # how several tokens are combined: "mean" (input size D) or "concat" (len(token) * D)
-    hidden_size = 512  # units of the probe's hidden layer; 0 makes it a linear probe
-    dropout = 0.5  # dropout after the hidden layer (unused by a linear probe)
+    # blocks to probe, 0-based as the embeddings' config.json names them:
+    # None or "all" (every block in the files), 6 or [3, 6, 11]
+    layers = None
+    # how the chosen blocks are combined: "single" (exactly one block), "concat" (side by side)
+    # or "weighted" (learned softmax weights over them, as MARBLE's weighted-sum probes)
+    layer_combine = "single"
+    # "multilabel" (multi-hot labels: sigmoid, BCE, ROC-AUC/PR-AUC), "multiclass" (one-hot or class-index
+    # labels: softmax, cross-entropy, accuracy) or "regression" (real values: MSE, r2)
+    task = "multilabel"
+    selection_metric = None  # validation metric that picks the best epoch and search trial; None: roc_auc, or r2 for regression
+    hidden_size = 512  # units of each hidden layer of the probe; 0 makes it a linear probe
+    hidden_layers = 1  # hidden layers of the probe (ReLU, dropout each); 0 makes it a linear probe
+    dropout = 0.5  # dropout after each hidden layer (unused by a linear probe)
 
     lr = 1e-4  # peak learning rate of AdamW
     weight_decay = 1e-3  # AdamW weight decay
@@ -58,8 +79,20 @@ def default_config():
     ramp_down_len = max_epochs - ramp_down_start  # epochs of ramp-down (default: until the last epoch)
     last_lr_value = 0.01  # lr factor reached at the end of the ramp-down (fraction of lr)
     num_workers = 0  # DataLoader workers; the embeddings are in memory, so 0 is usually fastest
+    patience = None  # stop after this many epochs without a better validation score; None trains max_epochs
+
+    search = False  # run the hyper-parameter search (named config probe_search) instead of one probe
+    # values the search tries, every combination (keys: any of lr, hidden_layers, hidden_size, dropout, weight_decay, batch_size)
+    search_grid = {
+        "lr": [1e-4, 3.2e-4, 1e-3, 3.2e-3],  # hear-eval-kit's learning rates
+        "hidden_layers": [0, 1, 2],  # linear probe, one or two hidden layers
+        "hidden_size": [512],  # units per hidden layer
+        "dropout": [0.1, 0.5],  # dropout after each hidden layer
+    }
+    search_seeds = 5  # the best setting is retrained and tested with seeds seed, seed + 1, ..., seed + search_seeds - 1
 
     seed = 42  # seeds torch, numpy and Python (weights init, shuffling, dropout)
+    threads = None  # torch CPU threads while probing; None keeps torch's default (one per core); 1 is fastest on a busy machine
     trainer = {  # any other Lightning Trainer argument, e.g. trainer.accelerator=cpu
         "accelerator": "auto",
         "devices": 1,  # metrics are computed over the whole split on one device
@@ -71,7 +104,8 @@ register(ex)
 
 @ex.capture
 def make_datamodule(
-    embeddings_dir, groundtruth_train, groundtruth_val, groundtruth_test, token, combine, batch_size, num_workers
+    embeddings_dir, groundtruth_train, groundtruth_val, groundtruth_test, token, combine, layers, layer_combine, task,
+    batch_size, num_workers,
 ) -> EmbeddingDataModule:
     unset = [
         name
@@ -95,22 +129,29 @@ def make_datamodule(
         groundtruth_test=groundtruth_test,
         token=token,
         combine=combine,
+        layers=layers,
+        layer_combine=layer_combine,
+        task=task,
         batch_size=batch_size,
         num_workers=num_workers,
     )
 
 
 @ex.capture
-def make_probe(input_dim: int, n_classes: int, hidden_size, dropout) -> ProbeNet:
-    return ProbeNet(input_dim=input_dim, n_classes=n_classes, hidden_size=hidden_size, dropout=dropout)
+def make_probe(input_dim: int, n_classes: int, weighted_layers: int, hidden_size, hidden_layers, dropout) -> ProbeNet:
+    return ProbeNet(
+        input_dim=input_dim, n_classes=n_classes, hidden_size=hidden_size, hidden_layers=hidden_layers,
+        dropout=dropout, weighted_layers=weighted_layers,
+    )
 
 
 @ex.capture
 def make_module(
-    net, lr, weight_decay, warm_up_len, ramp_down_start, ramp_down_len, last_lr_value
+    net, task: ProbeTask, lr, weight_decay, warm_up_len, ramp_down_start, ramp_down_len, last_lr_value
 ) -> ProbeModule:
     return ProbeModule(
         net=net,
+        task=task,
         lr=lr,
         weight_decay=weight_decay,
         warm_up_len=warm_up_len,
@@ -121,19 +162,32 @@ def make_module(
 
 
 @ex.capture
-def make_trainer(out_dir, max_epochs, trainer, _run) -> tuple[pl.Trainer, ModelCheckpoint]:
-    """A Trainer that keeps the checkpoint of best validation ROC-AUC under ``out_dir/checkpoints``.
+def make_settings(task: ProbeTask, lr, weight_decay, hidden_layers, hidden_size, dropout, batch_size, max_epochs,
+                  warm_up_len, ramp_down_start, ramp_down_len, last_lr_value, patience, selection_metric) -> ProbeSettings:
+    """The fixed training settings of a search (its grid replaces some)."""
+    return ProbeSettings(
+        lr=lr, weight_decay=weight_decay, hidden_layers=hidden_layers, hidden_size=hidden_size, dropout=dropout,
+        batch_size=batch_size, max_epochs=max_epochs, warm_up_len=warm_up_len, ramp_down_start=ramp_down_start,
+        ramp_down_len=ramp_down_len, last_lr_value=last_lr_value, patience=patience,
+        selection_metric=task.selection_metric(selection_metric),
+    )
+
+
+@ex.capture
+def make_trainer(metric: str, out_dir, max_epochs, patience, trainer, _run) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """A Trainer that keeps the checkpoint of best validation ``metric`` under ``out_dir/checkpoints``.
 
     Every epoch's metrics also go to the Sacred run record (``metrics.json`` of ``-F DIR``).
     """
     for key in ("max_epochs", "callbacks"):
         if key in trainer:
             raise ValueError(f"trainer.{key} is set by ex_tl.py itself: use `{key}=...`, not `trainer.{key}=...`")
+    mode = "min" if metric in LOWER_IS_BETTER else "max"
     checkpoint = ModelCheckpoint(
         dirpath=Path(out_dir) / "checkpoints",
         filename="best",
-        monitor="val_roc_auc",
-        mode="max",
+        monitor=f"val_{metric}",
+        mode=mode,
         save_top_k=1,
         save_weights_only=True,
         enable_version_counter=False,  # a rerun in the same out_dir replaces best.ckpt
@@ -141,6 +195,8 @@ def make_trainer(out_dir, max_epochs, trainer, _run) -> tuple[pl.Trainer, ModelC
     kwargs = {"logger": TensorBoardLogger(save_dir=out_dir, name="tensorboard"), "default_root_dir": out_dir}
     kwargs.update(trainer)
     callbacks = [checkpoint]
+    if patience is not None:
+        callbacks.append(EarlyStopping(monitor=f"val_{metric}", mode=mode, patience=patience))
     if kwargs["logger"]:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
@@ -152,14 +208,72 @@ def _write_json(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+def _scores(metrics: dict, stage: str, task: ProbeTask) -> dict:
+    """``{"roc_auc": ..., ...}`` of the task from Lightning's ``{stage}_<metric>`` values."""
+    names = [*task.metric_names, *(["n_classes_scored"] if task.kind != "regression" else [])]
+    out = {name: metrics[f"{stage}_{name}"] for name in names}
+    if "n_classes_scored" in out:  # the classes in the macro averages (the others have no positive or no negative track)
+        out["n_classes_scored"] = int(out["n_classes_scored"])
+    return out
+
+
+def _search_device(trainer: dict) -> str:
+    """The search loop runs where the Trainer would: a GPU when trainer.accelerator allows it and one is there."""
+    wants_gpu = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+@ex.capture
+def probe_search(datamodule: EmbeddingDataModule, _config, out_dir, seed, search_grid, search_seeds, trainer) -> dict:
+    """The grid search (helpers.probe_search.run_search) on data loaded once; writes results.json and search.png."""
+    data = datamodule.data
+    out_dir = Path(out_dir)
+    results = run_search(
+        data, base=make_settings(task=data.task), grid=search_grid, seed=seed, n_seeds=search_seeds,
+        journal_path=out_dir / "trials.jsonl", device=_search_device(trainer),
+    )
+    plot = plot_search(results, out_dir / "search.png")
+    results = finite_or_none({
+        **results,
+        "n_tracks": dict(datamodule.n_tracks),
+        "input_dim": datamodule.input_dim,
+        "n_classes": datamodule.n_classes,
+        "blocks": data.blocks,
+        "layer_combine": data.layer_combine,
+        "plot": str(plot),
+        "trials_file": str(out_dir / "trials.jsonl"),
+        "config": {k: v for k, v in _config.items() if not k.startswith("__")},
+    })
+    path = out_dir / "results.json"
+    _write_json(path, results)
+    summary = ", ".join(
+        f"{m} {s['mean']:.4f} ± {s['std'] if s['std'] is not None else float('nan'):.4f}" for m, s in results["test"].items()
+    )
+    logger.info("best setting %s; test over %d seed(s): %s; results in %s", results["best"]["setting"], search_seeds, summary, path)
+    # the run's result (Sacred logs it): the outcome only; every trial is in results.json
+    return {k: results[k] for k in ("task", "selection_metric", "best", "val", "test", "plot")} | {"results": str(path)}
+
+
 @ex.main
-def main(_config, out_dir, seed) -> dict:
-    """Train the probe, test its best-validation checkpoint, write and return the results."""
+def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dict:
+    """Train the probe (or run the search), test its best-validation checkpoint, write and return the results."""
+    ProbeTask(task).selection_metric(selection_metric)  # a bad name fails before minutes of loading
     pl.seed_everything(seed, workers=True)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads}: give a number of CPU threads >= 1, or None for torch's default")
+        torch.set_num_threads(threads)
     datamodule = make_datamodule()
     datamodule.setup("fit")  # loads every split: the input size comes from the files
-    module = make_module(net=make_probe(input_dim=datamodule.input_dim, n_classes=datamodule.n_classes))
-    trainer, checkpoint = make_trainer()
+    task = datamodule.data.task  # with the number of outputs and the regression scale
+    metric = task.selection_metric(selection_metric)
+    if search:
+        return probe_search(datamodule)
+    net = make_probe(
+        input_dim=datamodule.input_dim, n_classes=datamodule.n_classes, weighted_layers=datamodule.data.weighted_layers
+    )
+    module = make_module(net=net, task=task)
+    trainer, checkpoint = make_trainer(metric=metric)
 
     trainer.fit(module, datamodule=datamodule)
     best = checkpoint.best_model_path
@@ -167,24 +281,29 @@ def main(_config, out_dir, seed) -> dict:
         raise RuntimeError(
             "no checkpoint was saved: validation never ran (check trainer.limit_val_batches / check_val_every_n_epoch)"
         )
-    logger.info("best validation ROC-AUC %.4f in %s", float(checkpoint.best_model_score), best)
+    logger.info("best validation %s %.4f in %s", metric, float(checkpoint.best_model_score), best)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = {
-        # n_classes_scored: the classes in the macro averages (the others have no positive or no negative track)
-        "val": {"roc_auc": val["val_roc_auc"], "pr_auc": val["val_pr_auc"], "n_classes_scored": int(val["val_n_classes_scored"])},
-        "test": {"roc_auc": test["test_roc_auc"], "pr_auc": test["test_pr_auc"], "n_classes_scored": int(test["test_n_classes_scored"])},
+        "val": _scores(val, "val", task),
+        "test": _scores(test, "test", task),
+        "task": task.kind,
+        "selection_metric": metric,
+        "blocks": datamodule.data.blocks,  # the probed blocks, in input order (None: the files do not say)
+        "layer_combine": datamodule.data.layer_combine,
         "n_tracks": dict(datamodule.n_tracks),
         "input_dim": datamodule.input_dim,
         "n_classes": datamodule.n_classes,
         "checkpoint": str(best),
         "config": {k: v for k, v in _config.items() if not k.startswith("__")},  # drops Sacred's __doc__
     }
+    if net.layer_weights is not None:  # the best checkpoint's weights (validate loaded them)
+        results["layer_weights"] = [round(w, 6) for w in net.layer_weights.weights().tolist()]
     path = Path(out_dir) / "results.json"
     _write_json(path, results)
     logger.info(
-        "test ROC-AUC %.4f, PR-AUC %.4f; results in %s", results["test"]["roc_auc"], results["test"]["pr_auc"], path
+        "test %s; results in %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k in task.metric_names), path
     )
     return results
 

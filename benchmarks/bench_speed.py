@@ -10,7 +10,8 @@ Rows:
   through ``models.precision.prepare_for_inference`` (the path extraction and ``predict`` use).
 - 10 s training step, batch 4, time patchout 30: forward, BCE, backward, AdamW. Upstream fp32
   (its AdamW: the per-parameter loop); ours fp32 and bf16 autocast (Lightning's ``bf16-mixed``),
-  with ``helpers.module.adamw``'s fused AdamW.
+  with ``helpers.module.adamw``'s fused AdamW, and on CPU glibc's mmap threshold fixed as training
+  does (``helpers.memory``; the ``-heap`` row: without it).
 
 Columns: seconds (the minimum over rounds x iterations), peak memory (the variant process's max
 RSS on CPU, max allocated on CUDA), speed-up against upstream's fp32 of the same row, GFLOP/s from
@@ -49,6 +50,8 @@ VARIANTS = {
     "train-upstream-fp32": ("train", "upstream", "fp32"),
     "train-ours-fp32": ("train", "ours", "fp32"),
     "train-ours-bf16": ("train", "ours", "bf16"),
+    # the same step without helpers.memory.release_freed_memory (glibc's default heap behaviour)
+    "train-ours-bf16-heap": ("train", "ours, default malloc", "bf16"),
 }
 WORK = {
     # work -> seconds of audio, frames, batch, training time patchout
@@ -110,6 +113,10 @@ def run_variant(name: str, arch: dict, iterations: int, threads: int | None, ups
         from models import MAEST
 
         model = MAEST(_config(w, arch).replace(check_finite=not train)).to(device)  # training checks its input in the data module
+        if train and device == "cpu" and impl == "ours":
+            from helpers.memory import release_freed_memory
+
+            release_freed_memory()  # as MAESTModule.on_fit_start does (module.release_freed_memory=True)
         if not train:
             from models.precision import prepare_for_inference
 

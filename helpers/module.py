@@ -19,6 +19,7 @@ from models.checkpoints import MODEL_RECORD_KEY, model_record
 
 from .augment import mixup, roll, spec_mask
 from .metrics import macro_metrics
+from .memory import release_freed_memory
 from .schedules import exp_warmup_linear_down, with_swa_phase
 
 _logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class MAESTModule(pl.LightningModule):
         teacher_student: bool,
         freeze_blocks: int,
         layer_decay: float,
+        release_freed_memory: bool,
         arch: str | None = None,
         labels: list[str] | None = None,
     ):
@@ -101,6 +103,8 @@ class MAESTModule(pl.LightningModule):
             layer_decay: layer-wise learning-rate decay (BEiT, MAE fine-tuning): block ``i``
                 (0-based) trains with ``lr * layer_decay ** (depth - i)``, the embeddings with
                 ``lr * layer_decay ** (depth + 1)``, the final norm and the heads with ``lr``; 1.0: off.
+            release_freed_memory: on CPU, fix glibc's mmap threshold when training starts, so that
+                activations freed in backward return to the system (``helpers.memory``).
             arch, labels: the registry name of ``net`` and its label names, recorded in every
                 checkpoint with ``net``'s architecture (SPEC §5.6) so that commands rebuild it from the file.
         """
@@ -125,6 +129,7 @@ class MAESTModule(pl.LightningModule):
                     p.requires_grad_(False)
             _logger.info("frozen: patch embedding, tokens, position embeddings and blocks 0-%d", freeze_blocks - 1)
         self.layer_decay = layer_decay
+        self.release_freed_memory = release_freed_memory
         self.record = model_record(arch, net.config, labels)  # checks len(labels) == n_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -170,6 +175,10 @@ class MAESTModule(pl.LightningModule):
                 group["lr"] = self.lr * self.layer_decay ** (depth + 1 - layer)
             out.append(group)
         return out
+
+    def on_fit_start(self) -> None:
+        if self.release_freed_memory and self.device.type == "cpu":
+            release_freed_memory()  # helpers/memory.py: the heap would keep activations freed in backward
 
     def configure_optimizers(self):
         optimizer = adamw(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)

@@ -126,6 +126,14 @@ def test_named_configs_point_at_their_data():
     assert demo["trainer"]["accelerator"] == "cpu"
     assert ex.named_configs["demo"].__doc__ and ex.named_configs["target_mtt_tl"].__doc__
 
+    # GTZAN: the probe reads what `ex_maest.py extract_embeddings with target_gtzan` writes, as multiclass
+    import ex_maest
+
+    gtzan = run(["target_gtzan_tl"], {}, command="print_config").config
+    extraction = ex_maest.ex.named_configs["target_gtzan"]()
+    assert gtzan["task"] == "multiclass" and gtzan["embeddings_dir"] == extraction["predict"]["out_dir"]
+    assert gtzan["groundtruth_test"].startswith(extraction["datamodule"]["base_dir"])
+
 
 def test_probe_results_go_beside_the_embeddings_by_default():
     from ex_tl import ex
@@ -134,3 +142,117 @@ def test_probe_results_go_beside_the_embeddings_by_default():
     assert run.config["out_dir"] == os.path.join("outputs", "my_run", "probe")
     run = ex.run("print_config", config_updates={"embeddings_dir": "e", "out_dir": "elsewhere"}, options={"--loglevel": "ERROR"})
     assert run.config["out_dir"] == "elsewhere"
+
+
+# ---- search, layers and tasks ----------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SEARCH = {
+    "search_grid": {"lr": [1e-3, 1e-2], "hidden_layers": [0, 1], "hidden_size": [16], "dropout": [0.1]},
+    "search_seeds": 2,
+    "max_epochs": 4,
+    "ramp_down_start": 2,
+}
+
+
+def test_probe_search_writes_every_trial_mean_std_and_plot_deterministically_and_resumes(dataset, tmp_path):
+    r = run(["demo", "probe_search"], {**dataset, **SEARCH})
+
+    out = tmp_path / "probe"
+    results = json.loads((out / "results.json").read_text())
+    assert r.result == {**{k: results[k] for k in ("task", "selection_metric", "best", "val", "test", "plot")},
+                        "results": str(out / "results.json")}  # the outcome; the trials are in the file
+    assert results["config"]["search"] is True and results["selection_metric"] == "roc_auc"
+    trials = results["trials"]
+    assert [t["setting"] for t in trials] == [
+        {"lr": lr, "hidden_layers": h, "hidden_size": 16, "dropout": 0.1} for lr in (1e-3, 1e-2) for h in (0, 1)
+    ]
+    for t in trials:
+        assert t["epochs"] == 4 and 0 <= t["best_epoch"] < 4 and t["seconds"] >= 0
+        assert set(t["val"]) == {"roc_auc", "pr_auc", "n_classes_scored"} and t["score"] == t["val"]["roc_auc"]
+    best = max(range(4), key=lambda i: (trials[i]["score"], -i))
+    assert results["best"]["trial"] == best and results["best"]["setting"] == trials[best]["setting"]
+    assert [s["seed"] for s in results["seeds"]] == [42, 43]
+    for metric in ("roc_auc", "pr_auc"):
+        values = [s["test"][metric] for s in results["seeds"]]
+        summary = results["test"][metric]
+        assert summary["values"] == values and summary["mean"] == pytest.approx(np.mean(values))
+        assert summary["std"] == pytest.approx(np.std(values, ddof=1))  # the sample standard deviation
+    assert results["test"]["roc_auc"]["mean"] > 0.9
+    png = (out / "search.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000 and results["plot"] == str(out / "search.png")
+    assert len((out / "trials.jsonl").read_text().splitlines()) == 4 + 2
+
+    def comparable(res):  # everything but the wall-clock times and the resume flags
+        drop = {"seconds", "resumed"}
+        return [{k: v for k, v in e.items() if k not in drop} for e in res["trials"] + res["seeds"]], res["test"]
+
+    run(["demo", "probe_search"], {**dataset, **SEARCH, "out_dir": str(tmp_path / "other")})
+    again = json.loads((tmp_path / "other" / "results.json").read_text())
+    assert comparable(again) == comparable(results)  # same config, fresh folder: the same numbers
+
+    run(["demo", "probe_search"], {**dataset, **SEARCH})  # same folder: nothing trained again
+    resumed = json.loads((out / "results.json").read_text())
+    assert all(t.get("resumed", True) for t in resumed["trials"]) and all(s["resumed"] for s in resumed["seeds"])
+    assert comparable(resumed) == comparable(results)
+
+
+def write_task_split(root, split, n_tracks, rng, task):
+    """(n_clips, 2 blocks, 3, D) files of blocks [1, 3]; only block 3's CLS token carries the target."""
+    gt = {}
+    for i in range(n_tracks):
+        key = f"{split}/{i}.mmap"
+        clips = rng.normal(0.0, 1.0, size=(1 + i % 2, 2, 3, TOKEN_SIZE)).astype(np.float32)
+        if task == "multiclass":
+            clips[:, 1, 0, i % N_CLASSES] += 2.5
+            gt[key] = np.eye(N_CLASSES, dtype=bool)[i % N_CLASSES]  # one-hot, as GTZAN's ground truth
+        else:
+            gt[key] = np.array([50.0 + 10.0 * clips[:, 1, 0, 0].mean()])
+        path = embedding_path(root / "embeddings", key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, clips)
+    (root / "embeddings" / "config.json").write_text(json.dumps({"blocks": [1, 3], "n_frames": 312}))
+    return str(save_groundtruth(root / "data" / f"groundtruth-{split}.pk", gt))
+
+
+def task_dataset(tmp_path, task):
+    rng = np.random.default_rng(1)
+    gts = {split: write_task_split(tmp_path, split, n, rng, task) for split, n in [("train", 60), ("val", 24), ("test", 24)]}
+    return {
+        "embeddings_dir": str(tmp_path / "embeddings"), "groundtruth_train": gts["train"],
+        "groundtruth_val": gts["val"], "groundtruth_test": gts["test"], "out_dir": str(tmp_path / "probe"), "task": task,
+    }
+
+
+def test_multiclass_probe_with_weighted_blocks_reports_accuracy_and_the_weights(tmp_path):
+    updates = {**task_dataset(tmp_path, "multiclass"), **FAST, "token": "c", "layers": "all", "layer_combine": "weighted",
+               "hidden_size": 0, "lr": 5e-2, "warm_up_len": 0}
+
+    results = run([], updates).result
+
+    assert results["task"] == "multiclass" and results["selection_metric"] == "roc_auc"
+    assert set(results["test"]) == {"accuracy", "roc_auc", "pr_auc", "n_classes_scored"}
+    assert results["test"]["accuracy"] > 0.8 and results["n_classes"] == N_CLASSES, results["test"]  # chance: 1/3
+    assert results["blocks"] == [1, 3] and results["input_dim"] == TOKEN_SIZE
+    weights = results["layer_weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0, abs=1e-5) and weights[1] > weights[0], weights
+
+    single = run([], {**updates, "layers": [3], "layer_combine": "single", "selection_metric": "accuracy",
+                      "out_dir": str(tmp_path / "single")}).result
+    assert single["blocks"] == [3] and "layer_weights" not in single and single["test"]["accuracy"] > 0.8
+    with pytest.raises(ValueError, match=r"layers=\[2\]: block\(s\) \[2\] not in the embeddings under .*lists blocks \[1, 3\]"):
+        run([], {**updates, "layers": [2]})
+
+
+def test_regression_search_selects_on_r2(tmp_path):
+    updates = {**task_dataset(tmp_path, "regression"), **SEARCH, "token": "c", "layers": [3],
+               "search_grid": {"lr": [3e-2, 1e-1], "hidden_layers": [0], "hidden_size": [16], "dropout": [0.1]},
+               "max_epochs": 12, "ramp_down_start": 8, "warm_up_len": 0}
+
+    run(["probe_search"], updates)
+
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert results["task"] == "regression" and results["selection_metric"] == "r2" and "best" in results
+    assert set(results["test"]) == {"r2", "mse"} and set(results["seeds"][0]["test"]) == {"r2", "mse"}
+    assert results["test"]["r2"]["mean"] > 0.8
+    assert results["trials"][0]["score"] == results["trials"][0]["val"]["r2"]
