@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import time
 import typing
 from pathlib import Path
 

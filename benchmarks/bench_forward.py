@@ -4,7 +4,8 @@
     python benchmarks/bench_forward.py --device cpu --batch-sizes 1 --iterations 3
     python benchmarks/bench_forward.py --out benchmarks/results/forward_cpu.json
 
-Variants: batch 1 and 8; fp32 and bf16 autocast (fp16 on CUDA as well); fused
+Variants: batch 1 and 8; fp32 and bf16 (fp16 on CUDA as well: weights in that precision,
+``models.precision.prepare_for_inference``, the path of extraction and predict); fused
 (F.scaled_dot_product_attention) vs explicit attention; with and without inference patchout
 (keep every 2nd time column: half the tokens). Each variant runs in its own process so that
 peak memory (max RSS on CPU, max allocated on CUDA) belongs to that variant alone. Input is
@@ -32,6 +33,7 @@ def run_variant(device: str, batch: int, dtype: str, fused: bool, patchout: bool
     import torch
 
     from models import get_maest
+    from models.precision import prepare_for_inference
 
     if threads:
         torch.set_num_threads(threads)
@@ -39,13 +41,13 @@ def run_variant(device: str, batch: int, dtype: str, fused: bool, patchout: bool
     model = get_maest("discogs-maest-30s-pw-129e", fused_attention=fused, check_finite=False)
     if patchout:
         model.set_inference_patchout(t_interleaved=2)
-    model = model.to(device)
+    # the inference path of extraction and predict: weights in the precision (models.precision)
+    model = prepare_for_inference(model.to(device), dtype)
     x = torch.randn(batch, 1, 96, 1876, device=device)
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        with torch.no_grad():
             model(x)
         if device == "cuda":
             torch.cuda.synchronize()

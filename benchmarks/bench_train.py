@@ -37,7 +37,14 @@ def run_train_variant(device: str, seconds: int, dtype: str, batch: int, steps: 
     patchout = {10: 30, 30: 90}[seconds]
     model = get_maest("maest-vit-b", n_classes=400, input_t=seconds * 16000 // 256, s_patchout_t=patchout, check_finite=False)
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-4)
+    # as training builds it: fused AdamW (helpers.module.adamw) and, on CPU, freed activations
+    # returned to the system (helpers.memory, module.release_freed_memory); helpers.module itself is
+    # not imported, since Lightning's import would count in this process's peak memory
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-4, fused=True)
+    if device == "cpu":
+        from helpers.memory import release_freed_memory
+
+        release_freed_memory()
     scaler = torch.amp.GradScaler(device, enabled=dtype == "fp16")
     x = torch.randn(batch, 1, 96, seconds * 16000 // 256, device=device)
     y = (torch.rand(batch, 400, device=device) < 0.01).float()

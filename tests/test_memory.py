@@ -11,9 +11,10 @@ import pytest
 import helpers.module
 from helpers.memory import release_freed_memory
 
-# Frees 60 tensors of 2 MiB that sit between small long-lived ones (so the heap cannot shrink from
-# its top), after an 8 MiB tensor was freed (which raises glibc's dynamic mmap threshold to 8 MiB,
-# as the first training step does); prints how many MiB the process gave back.
+# Frees 20 tensors of 6 MiB (the size of a ViT-B batch's MLP hidden state) that sit between small
+# long-lived ones (so the heap cannot shrink from its top), after a 16 MiB tensor was freed (which
+# raises glibc's dynamic mmap threshold to 16 MiB, as the first training step does); prints how
+# many MiB the process gave back.
 _PROBE = textwrap.dedent(
     """
     import sys, torch
@@ -22,11 +23,11 @@ _PROBE = textwrap.dedent(
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
     if sys.argv[1] == "fixed":
         assert release_freed_memory()
-    del_me = torch.ones(8 << 18)  # 8 MiB, mmapped, freed
+    del_me = torch.ones(16 << 18)  # 16 MiB, mmapped, freed
     del del_me
     big, small = [], []
-    for _ in range(60):
-        big.append(torch.ones(1 << 19))  # 2 MiB
+    for _ in range(20):
+        big.append(torch.ones(6 << 18))  # 6 MiB
         small.append(torch.ones(1 << 14))  # 64 KiB, kept
     before = rss()
     big.clear()
