@@ -293,6 +293,25 @@ def grid_hop_frames(model: MAEST, n_frames: int, hop_frames: int) -> int:
     return stride * min(n_columns, max(hop_frames // stride, 1))
 
 
+def run_isolating_failures(group: list[tuple], forward, failed: dict[str, str]) -> None:
+    """``forward(group)`` for a batch of files ``(name, data)``; when it raises, each file alone.
+
+    Files share forward passes for speed, so one file that cannot be processed (a NaN, a wrong
+    shape) would fail the batch: the batch is then retried one file at a time, and only the files
+    that fail alone are recorded in ``failed`` (name -> reason). ``forward`` handles its own
+    per-file errors after the shared pass (e.g. writing).
+    """
+    try:
+        forward(group)
+    except (ValueError, RuntimeError) as e:
+        if len(group) > 1:
+            for item in group:
+                run_isolating_failures([item], forward, failed)
+            return
+        _logger.warning("failed on %s: %s", group[0][0], e)
+        failed[group[0][0]] = str(e)
+
+
 def _model_outputs(model: MAEST, x: torch.Tensor, kind: str, block) -> torch.Tensor:
     if kind == "embeddings":
         return model.embeddings(x, block=block)
@@ -332,19 +351,10 @@ def _extract_files(
         else:
             _write_atomic(output_path(out_dir, key, kind), array.astype(np.float32))
 
-    def run(group: list[tuple[str, torch.Tensor]]) -> None:
+    def forward(group: list[tuple[str, torch.Tensor]]) -> None:
         """Forward the clips of ``group``'s files in batches and write each file."""
         clips = torch.cat([c for _, c in group]) if len(group) > 1 else group[0][1]
-        try:
-            y = torch.cat([_model_outputs(model, clips[s : s + batch_size], kind, block) for s in range(0, clips.shape[0], batch_size)])
-        except (ValueError, RuntimeError) as e:
-            if len(group) > 1:  # find the file at fault: one at a time
-                for item in group:
-                    run([item])
-                return
-            _logger.warning("failed on %s: %s", group[0][0], e)
-            failed[group[0][0]] = str(e)
-            return
+        y = torch.cat([_model_outputs(model, clips[s : s + batch_size], kind, block) for s in range(0, clips.shape[0], batch_size)])
         start = 0
         for key, c in group:
             try:
@@ -364,10 +374,10 @@ def _extract_files(
         group.append((key, clips.to(device, non_blocking=True)))
         n_clips += clips.shape[0]
         if n_clips >= batch_size:
-            run(group)
+            run_isolating_failures(group, forward, failed)
             group, n_clips = [], 0
     if group:
-        run(group)
+        run_isolating_failures(group, forward, failed)
     return written, failed
 
 
@@ -460,17 +470,8 @@ def predict_files(
     )
     results, failures = [], {}
 
-    def run(group: list[tuple[str, torch.Tensor]]) -> None:
-        try:
-            probs = track_probabilities(model, [a for _, a in group], n_frames, hop_frames, batch_size=batch_size, mel=mel)
-        except (ValueError, RuntimeError) as e:
-            if len(group) > 1:  # find the file at fault: one at a time
-                for item in group:
-                    run([item])
-                return
-            _logger.warning("failed on %s: %s", group[0][0], e)
-            failures[group[0][0]] = str(e)
-            return
+    def forward(group: list[tuple[str, torch.Tensor]]) -> None:
+        probs = track_probabilities(model, [a for _, a in group], n_frames, hop_frames, batch_size=batch_size, mel=mel)
         for (path, audio), p in zip(group, probs):
             top = torch.topk(p, k=min(top_k, p.numel()))
             results.append({
@@ -488,10 +489,10 @@ def predict_files(
         group.append((path, audio))
         n_clips += len(clip_starts(1 + audio.numel() // HOP_LENGTH, n_frames, hop_frames))  # the clips track_probabilities cuts
         if n_clips >= batch_size:
-            run(group)
+            run_isolating_failures(group, forward, failures)
             group, n_clips = [], 0
     if group:
-        run(group)
+        run_isolating_failures(group, forward, failures)
     return results, failures
 
 

@@ -371,3 +371,23 @@ def test_target_mtt_extracts_the_shipped_magnatagatune_keys_where_target_mtt_tl_
     assert run.result["written"] == 3
     assert np.load(output_path(out, keys[0], "embeddings")).shape == (len(range(0, 1820 - 125 + 1, 125)) + 1, 3, EMBED_DIM)
     check_embeddings_exist(out, keys)  # raises if ex_tl would not find a file
+
+
+def test_a_file_that_fails_a_shared_forward_pass_fails_alone():
+    from helpers.extract import run_isolating_failures
+
+    done, calls, failed = [], [], {}
+
+    def forward(group):
+        calls.append([name for name, _ in group])
+        if any(data is None for _, data in group):
+            raise ValueError("MAEST input contains NaN or inf values")
+        done.extend(name for name, _ in group)
+
+    group = [("a", 1), ("bad", None), ("c", 3)]
+    run_isolating_failures(group, forward, failed)
+    assert done == ["a", "c"]
+    assert failed == {"bad": "MAEST input contains NaN or inf values"}
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]  # the batch once, then each file alone
+    with pytest.raises(TypeError):  # anything but a data error is a bug: raised, not recorded
+        run_isolating_failures([("x", 1)], lambda group: 1 + "a", failed)
