@@ -10,7 +10,7 @@
 bf16 runs the whole network in bf16 weights (no autocast: autocast casts every weight on every
 call); the kernels that need it accumulate in fp32 (LayerNorm statistics, the softmax of
 ``scaled_dot_product_attention``, matmul sums), so the error against fp32 stays small (see
-README "Speed" for the measured logits and embedding errors). fp16 is for CUDA only: CPUs have no
+README "Performance" for the measured logits and embedding errors). fp16 is for CUDA only: CPUs have no
 fast fp16 matmul.
 """
 
