@@ -312,6 +312,28 @@ def run_isolating_failures(group: list[tuple], forward, failed: dict[str, str]) 
         failed[group[0][0]] = str(e)
 
 
+def run_in_groups(items, forward, failed: dict[str, str], batch_size: int, n_clips) -> None:
+    """Files ``(name, data, read error or None)`` -> ``forward`` on groups of consecutive files.
+
+    A group closes once it holds ``batch_size`` clips (``n_clips(data)`` each), so short files
+    share forward passes; files that could not be read, and files that fail a pass alone
+    (``run_isolating_failures``), are recorded in ``failed`` and never stop the others.
+    """
+    group, count = [], 0
+    for name, data, error in items:
+        if error is not None:
+            _logger.warning("skipping %s: %s", name, error)
+            failed[name] = error
+            continue
+        group.append((name, data))
+        count += n_clips(data)
+        if count >= batch_size:
+            run_isolating_failures(group, forward, failed)
+            group, count = [], 0
+    if group:
+        run_isolating_failures(group, forward, failed)
+
+
 def _model_outputs(model: MAEST, x: torch.Tensor, kind: str, block) -> torch.Tensor:
     if kind == "embeddings":
         return model.embeddings(x, block=block)
@@ -365,19 +387,9 @@ def _extract_files(
                 failed[key] = str(e)
             start += c.shape[0]
 
-    group, n_clips = [], 0
-    for key, clips, error in tqdm(loader, total=len(keys), desc=desc, unit="file", disable=not progress):
-        if error is not None:
-            _logger.warning("skipping %s: %s", key, error)
-            failed[key] = error
-            continue
-        group.append((key, clips.to(device, non_blocking=True)))
-        n_clips += clips.shape[0]
-        if n_clips >= batch_size:
-            run_isolating_failures(group, forward, failed)
-            group, n_clips = [], 0
-    if group:
-        run_isolating_failures(group, forward, failed)
+    files = tqdm(loader, total=len(keys), desc=desc, unit="file", disable=not progress)
+    on_device = ((key, None if clips is None else clips.to(device, non_blocking=True), error) for key, clips, error in files)
+    run_in_groups(on_device, forward, failed, batch_size, n_clips=lambda clips: clips.shape[0])
     return written, failed
 
 
@@ -480,19 +492,10 @@ def predict_files(
                 "labels": [{"label": labels[i], "probability": round(float(q), 6)} for q, i in zip(top.values, top.indices)],
             })
 
-    group, n_clips = [], 0
-    for path, audio, error in tqdm(loader, total=len(files), desc="predict", unit="file", disable=not progress):
-        if error is not None:  # one bad file never loses the others
-            _logger.warning("failed on %s: %s", path, error)
-            failures[path] = error
-            continue
-        group.append((path, audio))
-        n_clips += len(clip_starts(1 + audio.numel() // HOP_LENGTH, n_frames, hop_frames))  # the clips track_probabilities cuts
-        if n_clips >= batch_size:
-            run_isolating_failures(group, forward, failures)
-            group, n_clips = [], 0
-    if group:
-        run_isolating_failures(group, forward, failures)
+    run_in_groups(
+        tqdm(loader, total=len(files), desc="predict", unit="file", disable=not progress), forward, failures, batch_size,
+        n_clips=lambda audio: len(clip_starts(1 + audio.numel() // HOP_LENGTH, n_frames, hop_frames)),  # as track_probabilities cuts
+    )
     return results, failures
 
 
