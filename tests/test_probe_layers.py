@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers.melfiles import save_groundtruth
-from helpers.metrics import macro_metrics
+from helpers.metrics import macro_metrics, macro_roc_auc
 from helpers.probe import (
     EmbeddingFileError,
     LayerSelectionError,
@@ -19,7 +19,6 @@ from helpers.probe import (
     embedding_path,
     load_probe_data,
     load_track_embeddings,
-    macro_roc_auc,
 )
 from helpers.probe_search import ProbeSettings, fit_probe, to_tensors
 
