@@ -331,7 +331,7 @@ def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_che
         net = prepare_for_inference(net, precision, compile=predict["compile"])
         n_frames = min(net.config.input_t + 1, net.config.max_frames)
         seconds = time_forward(net, torch.randn(batch, 1, net.config.input_f, n_frames, device=device), speed_test_iterations)
-        n_f, n_t = net._grid(n_frames)  # after inference patchout
+        n_f, n_t = net.patch_grid(n_frames)  # after inference patchout
         gflops = forward_flops(net.config, n_frames, batch, n_tokens=n_f * n_t + 2) / seconds / 1e9
         ceiling = matmul_gflops(precision, size=2048, repeats=2, device=device.type)
         rows.append({"precision": precision, "batch_seconds": seconds, "clips_per_s": batch / seconds, "gflops": gflops,

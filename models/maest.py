@@ -383,12 +383,12 @@ class MAEST(nn.Module):
         cfg = self.config
         if self.training and (cfg.u_patchout or cfg.s_patchout_t or cfg.s_patchout_f):
             raise ValueError("timestamp_embeddings needs every patch of the grid: training patchout is on; call model.eval() first")
-        n_f, n_t = self._grid(x.shape[-1])
+        n_f, n_t = self.patch_grid(x.shape[-1])
         states = self.hidden_states(x, self.block_indices(block))
         out = torch.stack([h[:, 2:].unflatten(1, (n_f, n_t)).mean(dim=1) for h in states], dim=1)  # (B, n_blocks, T', D)
         return out if isinstance(block, (list, tuple, str)) else out[:, 0]
 
-    def _grid(self, n_frames: int) -> tuple[int, int]:
+    def patch_grid(self, n_frames: int) -> tuple[int, int]:
         """Frequency rows and time columns of an ``n_frames`` input after inference patchout."""
         cfg = self.config
         n_f, n_t = cfg.patches(n_frames)
