@@ -149,3 +149,27 @@ def test_cuda_compiled_bf16_equals_eager(model):
     compiled = prepare_for_inference(copy.deepcopy(model).cuda(), "fp16", compile=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).float(), eager(x).float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("gelu_input", [False, True])
+def test_lean_autocast_linear_gives_autocasts_outputs_and_gradients_bit_for_bit(gelu_input):
+    """models.layers.autocast_linear saves the fp32 weight (not a bf16 copy) and recomputes GELU: same arithmetic."""
+    import torch.nn.functional as F
+
+    from models.layers import autocast_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 32)
+    # as in the MLP: fc1 and qkv/proj take a LayerNorm's fp32 output; fc2 (gelu_input) fc1's bf16 output
+    x0 = torch.randn(3, 7, 48, dtype=torch.bfloat16 if gelu_input else torch.float32)
+    grad = torch.randn(3, 7, 32)
+    results = []
+    for lean in (True, False):
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = autocast_linear(x, layer, gelu_input=gelu_input) if lean else layer(F.gelu(x) if gelu_input else x)
+        out.backward(grad.to(out.dtype))
+        results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
+    for lean, plain in zip(*results):
+        assert lean.dtype == plain.dtype and torch.equal(lean, plain)
