@@ -44,7 +44,7 @@ def run_train_variant(device: str, seconds: int, dtype: str, batch: int, steps: 
     if device == "cpu":
         from helpers.memory import release_freed_memory
 
-        release_freed_memory()
+        release_freed_memory(model.blocks)
     scaler = torch.amp.GradScaler(device, enabled=dtype == "fp16")
     x = torch.randn(batch, 1, 96, seconds * 16000 // 256, device=device)
     y = (torch.rand(batch, 400, device=device) < 0.01).float()

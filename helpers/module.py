@@ -103,8 +103,9 @@ class MAESTModule(pl.LightningModule):
             layer_decay: layer-wise learning-rate decay (BEiT, MAE fine-tuning): block ``i``
                 (0-based) trains with ``lr * layer_decay ** (depth - i)``, the embeddings with
                 ``lr * layer_decay ** (depth + 1)``, the final norm and the heads with ``lr``; 1.0: off.
-            release_freed_memory: on CPU, fix glibc's mmap threshold when training starts, so that
-                activations freed in backward return to the system (``helpers.memory``).
+            release_freed_memory: on CPU, hand the heap memory a training step frees (the forward's
+                temporaries, the activations freed in backward) back to the system during the step
+                (``helpers.memory``): a lower peak.
             arch, labels: the registry name of ``net`` and its label names, recorded in every
                 checkpoint with ``net``'s architecture (SPEC §5.6) so that commands rebuild it from the file.
         """
@@ -130,6 +131,7 @@ class MAESTModule(pl.LightningModule):
             _logger.info("frozen: patch embedding, tokens, position embeddings and blocks 0-%d", freeze_blocks - 1)
         self.layer_decay = layer_decay
         self.release_freed_memory = release_freed_memory
+        self._releaser = None
         self.record = model_record(arch, net.config, labels)  # checks len(labels) == n_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -177,8 +179,13 @@ class MAESTModule(pl.LightningModule):
         return out
 
     def on_fit_start(self) -> None:
-        if self.release_freed_memory and self.device.type == "cpu":
-            release_freed_memory()  # helpers/memory.py: the heap would keep activations freed in backward
+        if self.release_freed_memory and self.device.type == "cpu" and self._releaser is None:
+            self._releaser = release_freed_memory(self.net.blocks)  # helpers/memory.py: the heap would keep activations freed in backward
+
+    def on_fit_end(self) -> None:
+        if self._releaser is not None:
+            self._releaser.remove()
+            self._releaser = None
 
     def configure_optimizers(self):
         optimizer = adamw(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)

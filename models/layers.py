@@ -5,6 +5,8 @@ Parameter names equal timm's and PaSST's, so published state dicts load without 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,16 +16,17 @@ from torch import nn
 # extra pass over every activation that, with the separate GELU and residual adds, costs about a
 # fifth of a bf16 forward. The op has no autograd, so it only runs where no gradient is wanted.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# dtypes for which the fused op is faster than F.linear (measured: benchmarks/bench_speed.py; fp32
-# goes through MKL's sgemm, which oneDNN does not beat).
-FUSED_LINEAR_DTYPES = {torch.bfloat16}
+# dtypes for which the fused op is faster than F.linear (measured with benchmarks/bench_speed.py: the
+# bf16 forward by about a fifth; the fp32 one by about 5 %, where oneDNN's and MKL's sgemm are on a
+# par and the saving is the separate bias, GELU and residual passes).
+FUSED_LINEAR_DTYPES = {torch.bfloat16, torch.float32}
 
 
 def use_fused_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where the oneDNN fused linear may replace ``F.linear``: CPU inference in a fused dtype.
 
-    Not while autocast casts for us, not when a gradient is needed, and not under ``torch.compile``
-    (inductor fuses the plain ops itself).
+    Not while autocast casts for us, not when a gradient is needed, not under ``torch.compile``
+    (inductor fuses the plain ops itself), and not while tracing or exporting (ONNX has no such op).
     """
     return (
         _ONEDNN_LINEAR
@@ -33,6 +36,9 @@ def use_fused_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
     )
 
 
@@ -43,6 +49,47 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none", re
     if activation == "gelu":
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+
+
+class _ScratchBuffers(threading.local):
+    """Per-thread reusable buffers for the low-precision copies of weights that ``_CastLinear`` makes.
+
+    Every training step casts each weight to bf16 twice (forward, backward) and computes each
+    weight gradient in bf16 before autograd makes it fp32: 3 x 2 bytes per parameter of short-lived
+    tensors. Fresh, they are fresh memory: under ``helpers.memory``'s fixed mmap threshold each one
+    above 4 MiB is a new mapping whose pages the kernel faults in and zeroes, which on the ViT-B
+    step costs more than the copy itself. One buffer per (use, shape, dtype) is reused by every
+    block instead: a few MiB for a whole ViT, and the same arithmetic. CPU only: CUDA's caching
+    allocator already reuses its blocks.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_SCRATCH = _ScratchBuffers()
+SCRATCH_CASTS = True  # benchmarks switch it off to measure what it saves
+UNFOLD_PATCHES = True  # PatchEmbed's training path (benchmarks switch it off)
+
+
+def _scratch(like: torch.Tensor, dtype: torch.dtype, use: str) -> torch.Tensor | None:
+    """A reusable ``like``-shaped ``dtype`` buffer for ``use`` (None off CPU, or in ``like``'s own dtype)."""
+    if not SCRATCH_CASTS or like.device.type != "cpu" or like.dtype == dtype:
+        return None
+    key = (use, tuple(like.shape), dtype)
+    buffer = _SCRATCH.buffers.get(key)
+    if buffer is None:
+        buffer = _SCRATCH.buffers[key] = torch.empty(like.shape, dtype=dtype)
+    return buffer
+
+
+def _scratch_cast(weight: torch.Tensor, dtype: torch.dtype, use: str) -> torch.Tensor:
+    """``weight.to(dtype)``, written into a reused buffer where ``_scratch`` gives one.
+
+    The result is only read by the one matmul that follows it; nothing may keep it.
+    """
+    buffer = _scratch(weight, dtype, use)
+    return weight.to(dtype) if buffer is None else buffer.copy_(weight)
 
 
 class _CastLinear(torch.autograd.Function):
@@ -61,7 +108,7 @@ class _CastLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             h = x.to(dtype)
             a = F.gelu(h) if gelu_input else h
-            out = F.linear(a, weight.to(dtype), None if bias is None else bias.to(dtype))
+            out = F.linear(a, _scratch_cast(weight, dtype, "weight"), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(h, weight)
         ctx.dtype, ctx.gelu_input, ctx.has_bias, ctx.x_dtype = dtype, gelu_input, bias is not None, x.dtype
         return out
@@ -71,7 +118,7 @@ class _CastLinear(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.to(ctx.dtype)
-            w = weight.to(ctx.dtype)
+            w = _scratch_cast(weight, ctx.dtype, "weight")
             a = F.gelu(h) if ctx.gelu_input else h
             grad_x = grad_w = grad_b = None
             if ctx.needs_input_grad[0]:
@@ -81,7 +128,7 @@ class _CastLinear(torch.autograd.Function):
                 grad_x = grad_x.to(ctx.x_dtype)
             flat_grad = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[1]:
-                grad_w = (flat_grad.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+                grad_w = torch.mm(flat_grad.t(), a.reshape(-1, a.shape[-1]), out=_scratch(weight, ctx.dtype, "grad")).to(weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = flat_grad.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -115,7 +162,22 @@ class PatchEmbed(nn.Module):
         return ((n_mels - self.patch_size) // self.stride[0] + 1, (n_frames - self.patch_size) // self.stride[1] + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if UNFOLD_PATCHES and torch.is_grad_enabled() and self.proj.weight.requires_grad and not torch.compiler.is_compiling():
+            return self._forward_unfolded(x)
         return self.proj(x)  # (B, D, F', T')
+
+    def _forward_unfolded(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as patches (``F.unfold``) times the flattened kernel: the training path.
+
+        The same products as the convolution (up to summation order). Its weight gradient is then
+        one matmul; the CPU convolution's backward takes about ten times as long on the 10 s
+        training step (about 3 % of the step; ``benchmarks/bench_speed.py``).
+        """
+        n_f, n_t = self.grid(x.shape[-2], x.shape[-1])
+        patches = F.unfold(x, self.patch_size, stride=self.stride)  # (B, C * p * p, F' * T')
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+        y = F.linear(patches.transpose(1, 2), weight, self.proj.bias)  # (B, F' * T', D)
+        return y.transpose(1, 2).unflatten(2, (n_f, n_t))  # (B, D, F', T'), a view
 
 
 class Attention(nn.Module):

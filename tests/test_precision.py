@@ -83,13 +83,32 @@ def test_the_fused_bf16_block_computes_the_plain_block(model, monkeypatch):
     torch.testing.assert_close(fused.float(), plain.float(), rtol=0.02, atol=0.05)
 
 
+def test_the_fused_fp32_block_computes_the_plain_block(model, monkeypatch):
+    """In fp32 the fused linear changes only the summation order: the plain block's output to 1e-5."""
+    if not layers._ONEDNN_LINEAR:
+        pytest.skip("this torch build has no oneDNN (mkldnn) linear: the plain path is the only one")
+    block = copy.deepcopy(model.blocks[0]).eval()
+    x = torch.randn(2, 50, 64)
+    calls = []
+    monkeypatch.setattr(block, "_forward_fused", lambda x, f=block._forward_fused: calls.append(1) or f(x))
+    with torch.no_grad():
+        fused = block(x)
+        monkeypatch.setattr(layers, "_ONEDNN_LINEAR", False)
+        plain = block(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_the_fused_path_is_left_out_where_gradients_flow(model):
     """Training and autograd in eval go through F.linear: the fused op has no backward."""
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     x = torch.randn(2, 96, 150)
     bf16(x).float().sum().backward()  # eval mode, gradients on: the plain path
     assert all(p.grad is not None for p in bf16.blocks.parameters())
-    assert not layers.use_fused_linear(torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=torch.float32))  # fp32: MKL's sgemm
+    with torch.no_grad():
+        assert layers.use_fused_linear(torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=torch.float32)) == layers._ONEDNN_LINEAR
+    w = torch.ones(2, requires_grad=True)
+    assert not layers.use_fused_linear(torch.ones(2), w)  # a gradient is wanted
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layers.use_fused_linear(torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16))
 
@@ -173,3 +192,68 @@ def test_lean_autocast_linear_gives_autocasts_outputs_and_gradients_bit_for_bit(
         results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
     for lean, plain in zip(*results):
         assert lean.dtype == plain.dtype and torch.equal(lean, plain)
+
+
+def test_scratch_casts_reuse_one_buffer_per_shape_and_keep_gradients_apart(monkeypatch):
+    """Weight casts and bf16 weight gradients go through reused buffers: same results, distinct gradients."""
+    import torch.nn.functional as F
+
+    from models import layers
+    from models.layers import autocast_linear
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(48, 48), torch.nn.Linear(48, 48)  # one shape: one buffer each for weights and gradients
+    x0 = torch.randn(2, 5, 48)
+    results = []
+    for scratch in (True, False):
+        monkeypatch.setattr(layers, "SCRATCH_CASTS", scratch)
+        monkeypatch.setattr(layers, "_SCRATCH", layers._ScratchBuffers())
+        for layer in (first, second):
+            layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = autocast_linear(F.gelu(autocast_linear(x0, first)), second)
+        out.float().square().sum().backward()
+        results.append((out, first.weight.grad, second.weight.grad, first.bias.grad))
+        buffers = layers._SCRATCH.buffers
+        if scratch:
+            assert sorted(buffers) == [("grad", (48, 48), torch.bfloat16), ("weight", (48, 48), torch.bfloat16)]
+            pointers = {b.untyped_storage().data_ptr() for b in buffers.values()}
+            assert first.weight.grad.untyped_storage().data_ptr() not in pointers
+            assert second.weight.grad.untyped_storage().data_ptr() not in pointers
+        else:
+            assert buffers == {}
+    for with_scratch, without in zip(*results):
+        assert torch.equal(with_scratch, without)
+    assert not torch.equal(results[0][1], results[0][2])  # the two layers' gradients are their own
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_patch_embedding_training_path_equals_the_convolution(monkeypatch, autocast):
+    """PatchEmbed trains through unfold + matmul (a faster weight gradient); outputs and gradients are the convolution's."""
+    from models import layers
+    from models.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 10, 10, 1, 32)
+    x = torch.randn(2, 1, 96, 125)
+    grad = torch.randn(2, 32, 9, 11)
+    results = []
+    for unfold in (True, False):
+        monkeypatch.setattr(layers, "UNFOLD_PATCHES", unfold)
+        embed.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = embed(x)
+        out.backward(grad.to(out.dtype))
+        results.append((out.float(), embed.proj.weight.grad, embed.proj.bias.grad))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for unfolded, conv in zip(*results):
+        torch.testing.assert_close(unfolded, conv, **tol)
+    assert results[0][0].shape == (2, 32, 9, 11)
+
+    def no_unfold(*args):
+        raise AssertionError("inference must use the convolution")
+
+    monkeypatch.setattr(layers, "UNFOLD_PATCHES", True)
+    monkeypatch.setattr(PatchEmbed, "_forward_unfolded", no_unfold)
+    with torch.no_grad():
+        torch.testing.assert_close(embed(x), embed.proj(x), rtol=0, atol=0)
