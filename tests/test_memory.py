@@ -56,7 +56,7 @@ def test_the_releaser_trims_after_the_forward_and_every_few_blocks_of_backward(m
     calls = []
     monkeypatch.setattr(helpers.memory, "malloc_trim", lambda: calls.append(torch.is_grad_enabled()) or True)
     net = get_maest("maest-tiny", n_classes=3, input_t=100, depth=5).train()
-    releaser = FreedMemoryReleaser(net.blocks, every=2)
+    releaser = FreedMemoryReleaser(net.blocks, every=2, min_residual_bytes=0)
     x = torch.randn(2, 96, 100)
 
     out = net(x)
@@ -69,6 +69,12 @@ def test_the_releaser_trims_after_the_forward_and_every_few_blocks_of_backward(m
         net(x)
     net.eval()(x).sum().backward()  # a graph in eval mode is still a step that frees memory
     assert len(calls) == 3
+
+    calls.clear()
+    small = FreedMemoryReleaser(net.blocks, every=2)  # the default floor: this step's residual stream is far below it
+    net.train()(x).sum().backward()
+    assert len(calls) == 3  # the first releaser's trims only
+    small.remove()
 
     calls.clear()
     releaser.remove()
