@@ -51,6 +51,17 @@ def fused_linear(x: torch.Tensor, layer: nn.Linear, activation: str = "none", re
     return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for ``_CastLinear``'s forward: on CPU in a fused dtype, oneDNN's linear with the bias in the matmul.
+
+    The same result, bit for bit, as ``F.linear`` (whose CPU kernel first copies the bias into the
+    output: a pass over every activation); no autograd is needed inside the Function.
+    """
+    if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in FUSED_LINEAR_DTYPES and weight.dtype == x.dtype:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class _ScratchBuffers(threading.local):
     """Per-thread reusable buffers for the low-precision copies of weights that ``_CastLinear`` makes.
 
@@ -108,7 +119,7 @@ class _CastLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             h = x.to(dtype)
             a = F.gelu(h) if gelu_input else h
-            out = F.linear(a, _scratch_cast(weight, dtype, "weight"), None if bias is None else bias.to(dtype))
+            out = _linear(a, _scratch_cast(weight, dtype, "weight"), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(h, weight)
         ctx.dtype, ctx.gelu_input, ctx.has_bias, ctx.x_dtype = dtype, gelu_input, bias is not None, x.dtype
         return out
