@@ -57,3 +57,16 @@ def test_quick_run_prints_and_writes_the_table_with_shares_of_the_measured_ceili
     printed = capsys.readouterr().out
     assert "| work | code | precision | seconds | peak MB | vs upstream fp32 |" in printed
     assert printed.count("| ours |") == 4 and "matmul ceiling on cpu" in printed
+
+
+def test_block_parts_reports_linears_and_attention_against_the_ceiling(capsys):
+    import bench_block_parts
+
+    rows = bench_block_parts.main(["--rounds", "1", "--tokens", "40", "--precision", "fp32"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["precision"] == "fp32" and min(row["ceiling_gflops"], row["linears_gflops"], row["attention_gflops"]) > 0
+    assert 0 < row["attention_time_share"] < 1
+    # the block's rate lies between its two parts' rates (a FLOP-weighted harmonic mean)
+    assert min(row["linears_gflops"], row["attention_gflops"]) <= row["block_gflops"] <= max(row["linears_gflops"], row["attention_gflops"])
+    assert "fp32: ceiling" in capsys.readouterr().out
