@@ -5,8 +5,9 @@
     python benchmarks/bench_accuracy.py --compile          # also torch.compile'd blocks (minutes to compile on CPU)
 
 For each path: logits max abs difference and embeddings cosine similarity (minimum over clips and
-over the CLS, DIST and mean-token vectors) at block 6 and at the last block. Paths:
-``bf16`` = ``prepare_for_inference(model, "bf16")`` (bf16 weights, fused oneDNN linears on CPU),
+over the CLS, DIST and mean-token vectors) at block 6 and at the last block, against the plain fp32
+network (``F.linear`` ops). Paths: ``fp32`` = ``prepare_for_inference(model, "fp32")`` (fused oneDNN
+linears on CPU), ``bf16`` = ``prepare_for_inference(model, "bf16")`` (bf16 weights, fused linears),
 ``bf16-autocast`` = the fp32 model under ``torch.autocast(bfloat16)`` (the old path), ``bf16-unfused``
 = bf16 weights with the plain ``F.linear`` ops, and with ``--compile`` the compiled fp32 and bf16 models.
 Random weights give random-looking logits; a trained checkpoint's are the figures to quote.
@@ -48,18 +49,19 @@ def main(argv: list[str] | None = None) -> dict:
             emb = model.embeddings(x, block=[6, model.config.depth - 1])  # (B, 2, 3, D)
             return model(x).float(), emb.float()
 
-    ref_logits, ref_emb = outputs(ref_model)
-    paths = {"bf16": lambda: outputs(prepare_for_inference(copy.deepcopy(ref_model), "bf16")),
-             "bf16-autocast": lambda: outputs(ref_model, autocast=True)}
-
-    def unfused():
+    def unfused(run):
+        """``run()`` with plain ``F.linear`` ops instead of oneDNN's fused linear."""
         saved, layers._ONEDNN_LINEAR = layers._ONEDNN_LINEAR, False
         try:
-            return outputs(prepare_for_inference(copy.deepcopy(ref_model), "bf16"))
+            return run()
         finally:
             layers._ONEDNN_LINEAR = saved
 
-    paths["bf16-unfused"] = unfused
+    ref_logits, ref_emb = unfused(lambda: outputs(ref_model))  # the reference: the plain fp32 network
+    paths = {"fp32": lambda: outputs(prepare_for_inference(copy.deepcopy(ref_model), "fp32")),
+             "bf16": lambda: outputs(prepare_for_inference(copy.deepcopy(ref_model), "bf16")),
+             "bf16-autocast": lambda: unfused(lambda: outputs(ref_model, autocast=True)),
+             "bf16-unfused": lambda: unfused(lambda: outputs(prepare_for_inference(copy.deepcopy(ref_model), "bf16")))}
     if args.compile:
         paths["fp32-compiled"] = lambda: outputs(prepare_for_inference(copy.deepcopy(ref_model), "fp32", compile=True))
         paths["bf16-compiled"] = lambda: outputs(prepare_for_inference(copy.deepcopy(ref_model), "bf16", compile=True))
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "logits_ref_max_abs": ref_logits.abs().max().item(),
                      "embeddings_cosine_min_block6": cos[:, 0].min().item(), "embeddings_cosine_min_last": cos[:, 1].min().item()})
         r = rows[-1]
-        print(f"{name:14s} logits max |diff| {r['logits_max_abs_diff']:.4f} (max |logit| {r['logits_ref_max_abs']:.2f})  "
+        print(f"{name:14s} logits max |diff| {r['logits_max_abs_diff']:.3g} (max |logit| {r['logits_ref_max_abs']:.2f})  "
               f"embeddings cosine min: block 6 {r['embeddings_cosine_min_block6']:.6f}, last {r['embeddings_cosine_min_last']:.6f}", flush=True)
     report = {"checkpoint": args.checkpoint, "clips": args.clips, "rows": rows}
     if args.out:
