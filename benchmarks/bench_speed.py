@@ -272,12 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"round {round_ + 1}/{args.rounds} {name:24s} {r['seconds']:8.3f} s  peak {r['peak_mb']:6.0f} MB  "
                   f"ceiling then {r['ceiling_gflops']:5.0f} GFLOP/s", flush=True)
-            best = results.setdefault(name, {"variant": name, "seconds": float("inf"), "peak_mb": 0.0, "times": [], "ceilings": []})
-            if r["seconds"] < best["seconds"]:
-                best["seconds"], best["ceiling_gflops"] = r["seconds"], r["ceiling_gflops"]
-            best["peak_mb"] = max(best["peak_mb"], r["peak_mb"])  # peak RSS hardly varies between rounds: the larger
-            best["times"] += r["times"]
-            best["ceilings"].append(r["ceiling_gflops"])
+            acc = results.setdefault(name, {"variant": name, "seconds": float("inf"), "peak_mb": 0.0, "times": [], "ceilings": []})
+            if r["seconds"] < acc["seconds"]:
+                acc["seconds"], acc["ceiling_gflops"] = r["seconds"], r["ceiling_gflops"]
+            acc["peak_mb"] = max(acc["peak_mb"], r["peak_mb"])  # peak RSS hardly varies between rounds: the larger
+            acc["times"] += r["times"]
+            acc["ceilings"].append(r["ceiling_gflops"])
     best = best_ceilings(results, ceiling)
     rows = table(results, best, arch, works)
     print(format_table(rows, works))
