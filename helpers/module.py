@@ -29,7 +29,7 @@ def adamw(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Ada
     """AdamW with the fused kernel (one pass over each parameter, no temporaries) where torch has it.
 
     The same update as the per-parameter loop up to float rounding; on a 2-core CPU the ViT-B step
-    takes a third of the loop's time (benchmarks/bench_speed.py). Every parameter must be on a
+    takes a third of the loop's time (benchmarks/bench_optimizer.py). Every parameter must be on a
     device with a fused kernel (CPU, CUDA): otherwise the multi-tensor (foreach) or loop kernel.
     """
     params = [p for g in groups for p in g["params"]]

@@ -80,9 +80,6 @@ def prepare_for_inference(model: MAEST, precision: str = "bf16", compile: bool =
     return model
 
 
-
-
-
 # ---------------------------------------------------------------------- speed accounting
 def forward_flops(config, n_frames: int, batch: int = 1, n_tokens: int | None = None) -> float:
     """Multiply-add FLOPs (2 per MAC) of one forward of ``batch`` clips of ``n_frames`` (``config``: a MAESTConfig).
@@ -124,6 +121,7 @@ def matmul_gflops(precision: str = "fp32", size: int = 4096, repeats: int = 3, d
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best / 1e9
+
 
 def time_forward(model: nn.Module, x: torch.Tensor, iterations: int = 3) -> float:
     """Seconds of ``model(x)`` without gradients: the fastest of ``iterations`` after one warm-up call."""

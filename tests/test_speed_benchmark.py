@@ -72,3 +72,11 @@ def test_block_parts_reports_linears_and_attention_against_the_ceiling(capsys):
     # the block's rate lies between its two parts' rates (a FLOP-weighted harmonic mean)
     assert min(row["linears_gflops"], row["attention_gflops"]) <= row["block_gflops"] <= max(row["linears_gflops"], row["attention_gflops"])
     assert "fp32: ceiling" in capsys.readouterr().out
+
+
+def test_optimizer_benchmark_times_the_three_adamw_kernels(capsys):
+    import bench_optimizer
+
+    best = bench_optimizer.main(["--rounds", "1", "--arch", "maest-tiny"])
+    assert set(best) == {"loop", "foreach", "fused"} and min(best.values()) > 0
+    assert capsys.readouterr().out.count("x the loop") == 3
