@@ -87,10 +87,17 @@ def _scratch(like: torch.Tensor, dtype: torch.dtype, use: str) -> torch.Tensor |
     """A reusable ``like``-shaped ``dtype`` buffer for ``use`` (None off CPU, or in ``like``'s own dtype)."""
     if not SCRATCH_CASTS or like.device.type != "cpu" or like.dtype == dtype:
         return None
-    key = (use, tuple(like.shape), dtype)
+    return _scratch_buffer(use, like.shape, dtype)
+
+
+def _scratch_buffer(use: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reusable CPU buffer for ``use``, of ``shape`` and ``dtype`` (fresh when ``SCRATCH_CASTS`` is off)."""
+    if not SCRATCH_CASTS:
+        return torch.empty(shape, dtype=dtype)
+    key = (use, tuple(shape), dtype)
     buffer = _SCRATCH.buffers.get(key)
     if buffer is None:
-        buffer = _SCRATCH.buffers[key] = torch.empty(like.shape, dtype=dtype)
+        buffer = _SCRATCH.buffers[key] = torch.empty(shape, dtype=dtype)
     return buffer
 
 
@@ -192,6 +199,95 @@ class PatchEmbed(nn.Module):
         return y.transpose(1, 2).unflatten(2, (n_f, n_t))  # (B, D, F', T'), a view
 
 
+# Attention backward for CPU training in bf16 (see _CPUAttention); off: SDPA's own backward (the tests compare both).
+MATMUL_ATTENTION_BACKWARD = True
+# Largest (heads, N, N) fp32 score block _CPUAttention's backward holds per sample: beyond it (long inputs
+# without patchout) the score matrices outgrow the caches and SDPA's tiled kernel is the better choice.
+# ViT-B, bf16, forward + backward against SDPA's (benchmarks/bench_attention_backward.py's method): 2.0x at
+# 160 tokens, 1.4x at 281 (10 s, patchout 30), 1.06x at 500, 0.90x at 800, 0.71x at 1200. 16 MB: N <= 591.
+_MATMUL_ATTENTION_MAX_BYTES = 16 * 2**20
+
+
+def use_matmul_attention_backward(q: torch.Tensor, dropout_p: float) -> bool:
+    """True where ``_CPUAttention`` replaces SDPA: CPU bf16 training without attention dropout, inputs not too long."""
+    heads, n = q.shape[1], q.shape[2]
+    return (
+        MATMUL_ATTENTION_BACKWARD
+        and q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.requires_grad
+        and torch.is_grad_enabled()
+        and dropout_p == 0.0
+        and heads * n * n * 4 <= _MATMUL_ATTENTION_MAX_BYTES
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+class _CPUAttention(torch.autograd.Function):
+    """Softmax attention of the projected ``qkv`` ``(B, N, 3 * C)``: SDPA's flash kernel forward, a matmul backward.
+
+    PyTorch's CPU flash-attention backward runs at 130-180 GFLOP/s on ViT-B training shapes in bf16,
+    a small share of the bf16 matmul ceiling (many small GEMMs per head and query block, then a copy
+    that stacks the three gradients). This backward does the same arithmetic as a few batched matmuls
+    per sample, all heads at once, and copies the three gradients into ``qkv``'s layout once:
+
+        P = exp(q k^T * scale - logsumexp)     (fp32 scores from fp32 copies of q and k)
+        dV = P^T dO,  dP = dO V^T (fp32),  dS = P * (dP - rowsum(dO * O)),  dQ = dS K * scale,  dK = dS^T Q * scale
+
+    Scores, ``dP`` and ``dS`` are fp32 as in the flash kernel; P and dS are rounded to bf16 for the
+    matmuls that follow, as the flash kernel rounds them. The score blocks of one sample and the
+    head-major copies are reused buffers (``_scratch_buffer``: about 22 MB for the 10 s ViT-B step).
+    Against the fp32 gradient from the same inputs it is as accurate as SDPA's backward or more
+    (``tests/test_precision.py``). Long inputs and fp32 keep SDPA's backward (``use_matmul_attention_backward``).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv.view(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+        return out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads, head_dim)-contiguous: a view
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkv, out, lse = ctx.saved_tensors
+        B, N, C3 = qkv.shape
+        H = ctx.num_heads
+        D = C3 // 3 // H
+        scale = D**-0.5
+        with torch.autocast("cpu", enabled=False):
+            dtype = qkv.dtype
+            grad4 = grad.to(dtype).reshape(B, N, H, D)
+            delta = (grad4.float() * out.transpose(1, 2).float()).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1): rowsum(dO * O)
+            # q, k, v and dO (B, H, N, D)-contiguous; the three gradients collect in the same layout
+            qkv_h = _scratch_buffer("attention qkv", (3, B, H, N, D), dtype).copy_(qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4))
+            do = _scratch_buffer("attention dO", (B, H, N, D), dtype).copy_(grad4.transpose(1, 2))
+            grads = _scratch_buffer("attention grads", (3, B, H, N, D), dtype)
+            s = _scratch_buffer("attention scores", (H, N, N), torch.float32)
+            d = _scratch_buffer("attention dP", (H, N, N), torch.float32)
+            p16 = _scratch_buffer("attention P", (H, N, N), dtype)
+            a32 = _scratch_buffer("attention a32", (H, N, D), torch.float32)
+            b32 = _scratch_buffer("attention b32", (H, N, D), torch.float32)
+            q, k, v = qkv_h.unbind(0)
+            for i in range(B):
+                torch.bmm(a32.copy_(q[i]).mul_(scale), b32.copy_(k[i]).transpose(1, 2), out=s)
+                s.sub_(lse[i].unsqueeze(-1)).exp_()  # P, fp32
+                p16.copy_(s)
+                torch.bmm(p16.transpose(1, 2), do[i], out=grads[2, i])  # dV
+                torch.bmm(a32.copy_(do[i]), b32.copy_(v[i]).transpose(1, 2), out=d)  # dP
+                p16.copy_(d.sub_(delta[i]).mul_(s))  # dS
+                torch.bmm(p16, k[i], out=grads[0, i])  # dQ / scale
+                torch.bmm(p16.transpose(1, 2), q[i], out=grads[1, i])  # dK / scale
+            grads[:2].mul_(scale)
+            # a fresh tensor in qkv's layout (.contiguous() could hand back the scratch buffer itself)
+            grad_qkv = torch.empty((B, N, 3, H, D), dtype=dtype).copy_(grads.permute(1, 3, 0, 2, 4))
+        return grad_qkv.view(B, N, C3), None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; fused (``F.scaled_dot_product_attention``) unless maps are asked for."""
 
@@ -221,6 +317,8 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
         dropout_p = self.attn_drop if self.training else 0.0
         attn = None
+        if self.fused and not return_attention and use_matmul_attention_backward(q, dropout_p):
+            return _CPUAttention.apply(qkv, self.num_heads), None
         if self.fused and not return_attention:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:

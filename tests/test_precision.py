@@ -257,3 +257,85 @@ def test_patch_embedding_training_path_equals_the_convolution(monkeypatch, autoc
     monkeypatch.setattr(PatchEmbed, "_forward_unfolded", no_unfold)
     with torch.no_grad():
         torch.testing.assert_close(embed(x), embed.proj(x), rtol=0, atol=0)
+
+
+def _attention_grads(attention, qkv, grad, matmul_backward, monkeypatch):
+    monkeypatch.setattr(layers, "MATMUL_ATTENTION_BACKWARD", matmul_backward)
+    x = qkv.detach().clone().requires_grad_()
+    out, _ = attention.attend(x)
+    out.backward(grad.to(out.dtype))
+    return out, x.grad, out.grad_fn
+
+
+@pytest.mark.parametrize("scratch", [True, False])
+def test_matmul_attention_backward_is_sdpas_attention_and_at_least_as_accurate(monkeypatch, scratch):
+    """CPU bf16 training: SDPA's forward (bit for bit) with a matmul backward as close to the fp32 gradient as SDPA's."""
+    monkeypatch.setattr(layers, "SCRATCH_CASTS", scratch)
+    monkeypatch.setattr(layers, "_SCRATCH", layers._ScratchBuffers())
+    torch.manual_seed(0)
+    attention = layers.Attention(64, 4).train()
+    qkv = torch.randn(3, 37, 192).bfloat16()  # (B, N, 3 * C)
+    grad = torch.randn(3, 37, 64)
+    out_m, grad_m, node_m = _attention_grads(attention, qkv, grad, True, monkeypatch)
+    out_s, grad_s, node_s = _attention_grads(attention, qkv, grad, False, monkeypatch)
+    assert type(node_m).__name__ == "_CPUAttentionBackward" and type(node_s).__name__ != "_CPUAttentionBackward"
+    assert torch.equal(out_m, out_s) and out_m.shape == (3, 37, 64) and grad_m.shape == grad_m.shape == (3, 37, 192)
+    # the fp32 gradient from the same bf16-rounded inputs: each backward's own error
+    _, reference, _ = _attention_grads(attention, qkv.float(), grad.bfloat16().float(), False, monkeypatch)
+    error_m = (grad_m.float() - reference).abs().max().item()
+    error_s = (grad_s.float() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    assert error_m <= 0.01 * scale, (error_m, scale)
+    assert error_m <= 1.1 * error_s + 1e-4, (error_m, error_s)
+    pointers = {b.untyped_storage().data_ptr() for b in layers._SCRATCH.buffers.values()}
+    assert (len(pointers) > 0) == scratch and grad_m.untyped_storage().data_ptr() not in pointers
+
+
+def test_matmul_attention_backward_hands_back_its_own_gradient_for_one_token(monkeypatch):
+    """B = 1, N = 1: the gradient's layout equals the scratch buffer's; it must still be a tensor of its own."""
+    monkeypatch.setattr(layers, "_SCRATCH", layers._ScratchBuffers())
+    attention = layers.Attention(64, 4).train()
+    qkv = torch.randn(1, 1, 192).bfloat16()
+    first = _attention_grads(attention, qkv, torch.randn(1, 1, 64), True, monkeypatch)[1]
+    kept = first.clone()
+    _attention_grads(attention, qkv, torch.randn(1, 1, 64), True, monkeypatch)  # reuses the scratch buffers
+    assert torch.equal(first, kept)
+    # one key: softmax is 1, so the gradients of q and k are zero and v's is dO
+    assert torch.equal(first[..., :128], torch.zeros_like(first[..., :128]))
+
+
+def test_matmul_attention_backward_runs_only_for_cpu_bf16_training(monkeypatch):
+    q = torch.randn(2, 4, 37, 16).bfloat16().requires_grad_()
+    assert layers.use_matmul_attention_backward(q, 0.0)
+    assert not layers.use_matmul_attention_backward(q, 0.1)  # attention dropout: SDPA's
+    assert not layers.use_matmul_attention_backward(q.float(), 0.0)  # fp32: SDPA's backward is as fast
+    assert not layers.use_matmul_attention_backward(q.detach(), 0.0)
+    with torch.no_grad():
+        assert not layers.use_matmul_attention_backward(q, 0.0)
+    monkeypatch.setattr(layers, "_MATMUL_ATTENTION_MAX_BYTES", 4 * 37 * 37 * 4 - 1)  # long inputs: SDPA's tiled kernel
+    assert not layers.use_matmul_attention_backward(q, 0.0)
+    monkeypatch.setattr(layers, "_MATMUL_ATTENTION_MAX_BYTES", 4 * 37 * 37 * 4)
+    monkeypatch.setattr(layers, "MATMUL_ATTENTION_BACKWARD", False)
+    assert not layers.use_matmul_attention_backward(q, 0.0)
+
+
+def test_training_step_gradients_with_the_matmul_attention_backward(monkeypatch):
+    """A whole bf16 autocast step of a tiny MAEST: every parameter's gradient as with SDPA's backward."""
+    torch.manual_seed(0)
+    model = MAEST(TINY.replace(s_patchout_t=3)).train()
+    x = torch.randn(3, 1, 96, 200)
+    y = (torch.rand(3, 5) < 0.3).float()
+    grads = []
+    for matmul_backward in (True, False):
+        monkeypatch.setattr(layers, "MATMUL_ATTENTION_BACKWARD", matmul_backward)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same patchout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        scale = grads[1][name].abs().max().item() + 1e-6
+        assert (grads[0][name] - grads[1][name]).abs().max().item() <= 0.05 * scale, name
+    assert not torch.equal(grads[0]["blocks.0.attn.qkv.weight"], grads[1]["blocks.0.attn.qkv.weight"])  # the paths differ

@@ -80,3 +80,18 @@ def test_optimizer_benchmark_times_the_three_adamw_kernels(capsys):
     best = bench_optimizer.main(["--rounds", "1", "--arch", "maest-tiny"])
     assert set(best) == {"loop", "foreach", "fused"} and min(best.values()) > 0
     assert capsys.readouterr().out.count("x the loop") == 3
+
+
+def test_attention_backward_benchmark_times_both_backwards_and_their_errors(capsys):
+    import bench_attention_backward
+
+    from models import layers
+
+    attention, step = bench_attention_backward.main(["--quick"])
+    for row in (attention, step):
+        assert min(row["matmul_backward_median_ms"], row["sdpa_backward_median_ms"], row["speedup_paired_median"]) > 0
+        assert row["matmul_backward_min_ms"] <= row["matmul_backward_median_ms"]
+    assert 0 < attention["matmul_grad_max_abs_error"] < 0.01 * attention["grad_max_abs"]
+    assert 0 < attention["sdpa_grad_max_abs_error"] < 0.01 * attention["grad_max_abs"]
+    assert layers.MATMUL_ATTENTION_BACKWARD is True  # the switch is put back
+    assert capsys.readouterr().out.count("speed-up, median of paired rounds") == 2
