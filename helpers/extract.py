@@ -124,6 +124,10 @@ def claim_out_dir(out_dir: str | os.PathLike, info: dict) -> None:
     with folder_lock(out_dir):
         old = json.loads(path.read_text()) if path.is_file() else {}
         different = {k: (old.get(k), v) for k, v in info.items() if k in old and old.get(k) != v}
+        # one block ("block") and several ("blocks") are one setting recorded under two names
+        for mine, theirs in (("block", "blocks"), ("blocks", "block")):
+            if mine in info and theirs in old and mine not in old:
+                different[f"{theirs} / {mine}"] = (old[theirs], info[mine])
         if different:
             raise ValueError(
                 f"{out_dir} holds outputs of another setting ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in different.items())}); "

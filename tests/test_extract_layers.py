@@ -112,6 +112,21 @@ def test_a_list_of_blocks_keeps_its_order_and_a_one_block_list_its_axis(model, d
         run_extract(model, data, tmp_path / "all", kind="embeddings", block=[1, 0])
 
 
+def test_one_block_and_several_never_share_a_folder(model, data, tmp_path):
+    """A folder of one block's files refuses "all" (its files would be skipped as done), and the reverse."""
+    run_extract(model, data, tmp_path / "one", kind="embeddings", block=1)
+    before = (tmp_path / "one" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"another setting \(block / blocks: 1 there, \[0, 1\] now\).*predict.out_dir"):
+        run_extract(model, data, tmp_path / "one", kind="embeddings", block="all")
+    assert (tmp_path / "one" / "config.json").read_text() == before  # the record is left as it was
+    run_extract(model, data, tmp_path / "all", kind="embeddings", block="all")
+    with pytest.raises(ValueError, match=r"another setting \(blocks / block: \[0, 1\] there, 0 now\)"):
+        run_extract(model, data, tmp_path / "all", kind="embeddings", block=0)
+    # logits record no block: they may join either folder
+    run_extract(model, data, tmp_path / "one", kind="logits")
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["block"] == 1
+
+
 # ----------------------------------------------------------------------------------- timestamps
 def expected_timestamps(model, mel: np.ndarray, hop_frames: int, block) -> tuple[np.ndarray, np.ndarray]:
     """What the HEAR API and MAESTEncoder give for the track (models.encoder.frame_embeddings)."""
