@@ -7,18 +7,20 @@ holes, so the heap holds both. On the 10 s ViT-B step (batch 4, time patchout 30
 the process then peaks at about 1.95 GB against upstream's 2.43 GB.
 
 ``release_freed_memory(model.blocks)`` calls ``malloc_trim`` (which also returns whole free pages
-inside the heap) after the last block's forward (the forward's temporaries are free then) and in
-backward once the gradient reaches the output of block 0, ``every``, ``2 * every``, ...: the freed
-activations go back to the system while the last gradients arrive. What is handed back is faulted
-in again when the next step reuses it; each trim in backward costs about 0.1 s of page faults per
-ViT-B step on a 2-core VM, so the default trims there once.
+inside the heap) after the last block's forward: the forward's temporaries are free then, and the
+backward's allocations no longer stack on top of them. With ``every=n`` it also trims in backward
+once the gradient reaches the output of block 0, ``n``, ``2n``, ...: the freed activations go back to
+the system while the last gradients arrive. What is handed back is faulted in again when the next
+step reuses it: the trim after the forward costs about 10 000 faults per ViT-B step, one in backward
+about 45 000 (0.1-0.2 s on a 2-core VM), so by default only the forward's is made.
 
 Measured on that step (peak RSS, minor page faults per step; upstream's step peaks at 2.41-2.46 GB):
 
 | trims | peak | faults |
 |---|---|---|
-| none (glibc's default) | 1.96-1.99 GB | ~72 000 |
-| after the forward, and after block 0 in backward (``every=12``, the default) | 1.86-1.88 GB | ~120 000 |
+| none (glibc's default) | 1.97-2.02 GB | 67 000-72 000 |
+| after the forward (``every=None``, the default) | 1.93-1.95 GB | 78 000-82 000 |
+| after the forward, and after block 0 in backward (``every=12``) | 1.86-1.91 GB | 120 000-128 000 |
 | after the forward, and after blocks 8, 4 and 0 (``every=4``) | 1.79-1.82 GB | ~160 000 |
 
 ``benchmarks/bench_speed.py`` measures the step with the default and without any trim (the
@@ -41,7 +43,7 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-TRIM_EVERY = 12  # blocks of backward between two trims: once (after block 0) for a ViT-B; see the table above
+TRIM_EVERY = None  # blocks of backward between two trims; None: only after the forward (see the table above)
 # Steps whose residual stream, over all blocks, is smaller are left alone: their activations are a few tens
 # of MB, and the faults cost time (the demo's step: 15 % slower with trims). The 10 s ViT-B step at batch 4
 # has 12 x 3.3 MiB; its saved activations are about 280 MB.
@@ -76,9 +78,9 @@ class FreedMemoryReleaser:
     ``torch.no_grad`` and small steps run as before. ``remove()`` takes the hooks away.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], every: int = TRIM_EVERY, min_residual_bytes: int = TRIM_MIN_RESIDUAL_BYTES):
-        if every < 1:
-            raise ValueError(f"every must be a positive number of blocks, got {every}")
+    def __init__(self, blocks: Sequence[nn.Module], every: int | None = TRIM_EVERY, min_residual_bytes: int = TRIM_MIN_RESIDUAL_BYTES):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive number of blocks or None (no trim in backward), got {every!r}")
         self.every, self.min_residual_bytes = every, min_residual_bytes
         last = len(blocks) - 1
         self._handles = [block.register_forward_hook(functools.partial(self._after_block, i, last)) for i, block in enumerate(blocks)]
@@ -90,7 +92,7 @@ class FreedMemoryReleaser:
             return
         if index == last:
             malloc_trim()  # the forward's temporaries are free; the activations for backward stay
-        elif index % self.every == 0:
+        elif self.every is not None and index % self.every == 0:
             output.register_hook(self._in_backward)  # runs once the blocks after this one have done their backward
 
     @staticmethod
@@ -103,9 +105,10 @@ class FreedMemoryReleaser:
         self._handles.clear()
 
 
-def release_freed_memory(blocks: Sequence[nn.Module], every: int = TRIM_EVERY, min_residual_bytes: int = TRIM_MIN_RESIDUAL_BYTES) -> FreedMemoryReleaser | None:
+def release_freed_memory(blocks: Sequence[nn.Module], every: int | None = TRIM_EVERY, min_residual_bytes: int = TRIM_MIN_RESIDUAL_BYTES) -> FreedMemoryReleaser | None:
     """Trim the heap during the training steps of ``blocks`` (see the module docstring); None where glibc is absent."""
     if _malloc_trim() is None:
         return None
-    _logger.debug("freed heap memory goes back to the system during training (every %d blocks of backward)", every)
+    _logger.debug("freed heap memory goes back to the system during training (after the forward%s)",
+                  "" if every is None else f", and every {every} blocks of backward")
     return FreedMemoryReleaser(blocks, every, min_residual_bytes)

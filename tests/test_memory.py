@@ -80,8 +80,13 @@ def test_the_releaser_trims_after_the_forward_and_every_few_blocks_of_backward(m
     releaser.remove()
     net.train()(x).sum().backward()
     assert calls == []
-    with pytest.raises(ValueError, match="every must be a positive number of blocks, got 0"):
-        FreedMemoryReleaser(net.blocks, every=0)
+    default = FreedMemoryReleaser(net.blocks, min_residual_bytes=0)  # the default: after the forward only
+    net(x).sum().backward()
+    assert len(calls) == 1
+    default.remove()
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"every must be a positive number of blocks or None \\(no trim in backward\\), got {bad!r}"):
+            FreedMemoryReleaser(net.blocks, every=bad)
 
 
 def test_training_trims_on_cpu_unless_told_not_to(monkeypatch, tmp_path):
