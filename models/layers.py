@@ -63,7 +63,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 class _ScratchBuffers(threading.local):
-    """Per-thread reusable buffers for the low-precision copies of weights that ``_CastLinear`` makes.
+    """Per-thread reusable buffers: the low-precision weight copies of ``_CastLinear``, ``_CPUAttention``'s blocks.
 
     Every training step casts each weight to bf16 twice (forward, backward) and computes each
     weight gradient in bf16 before autograd makes it fp32: 3 x 2 bytes per parameter of short-lived
@@ -246,7 +246,7 @@ class _CPUAttention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         B, N, C3 = qkv.shape
         C = C3 // 3
-        q, k, v = qkv.view(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
         ctx.save_for_backward(qkv, out, lse)
         ctx.num_heads = num_heads
@@ -264,7 +264,7 @@ class _CPUAttention(torch.autograd.Function):
             grad4 = grad.to(dtype).reshape(B, N, H, D)
             delta = (grad4.float() * out.transpose(1, 2).float()).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1): rowsum(dO * O)
             # q, k, v and dO (B, H, N, D)-contiguous; the three gradients collect in the same layout
-            qkv_h = _scratch_buffer("attention qkv", (3, B, H, N, D), dtype).copy_(qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4))
+            qkv_h = _scratch_buffer("attention qkv", (3, B, H, N, D), dtype).copy_(qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4))
             do = _scratch_buffer("attention dO", (B, H, N, D), dtype).copy_(grad4.transpose(1, 2))
             grads = _scratch_buffer("attention grads", (3, B, H, N, D), dtype)
             s = _scratch_buffer("attention scores", (H, N, N), torch.float32)
