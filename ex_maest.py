@@ -149,6 +149,7 @@ _CONFIG_RULES = {
     "maest.input_t": (int | None, _at_least(16, " (one patch)")),
     "module.freeze_blocks": (int, _at_least(0)),
     "module.layer_decay": (float, (lambda v: 0 < v <= 1, "in (0, 1] (1.0: off)")),
+    "module.step_in_backward": (bool | typing.Literal["auto"], None),
     "predict.transformer_block": _check_transformer_block,  # extract() checks the blocks against the model's depth
     "predict.precision": _check_precision,  # extract()/predict check it against the device (fp16: CUDA only)
     "predict.devices": (int, _at_least(1)),

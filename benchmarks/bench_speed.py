@@ -13,7 +13,9 @@ Rows:
 - 10 s training step, batch 4, time patchout 30: forward, BCE, backward, AdamW. Upstream fp32
   (its AdamW: the per-parameter loop); ours fp32 and bf16 autocast (Lightning's ``bf16-mixed``),
   with ``helpers.module.adamw``'s fused AdamW, and on CPU the freed heap memory handed back during
-  the step as training does (``helpers.memory``; the ``-heap`` row: without it).
+  the step as training does (``helpers.memory``; the ``-heap`` row: without it), and on CPU each
+  parameter updated in backward once its gradient is complete, as training does
+  (``helpers.step_in_backward``, ``module.step_in_backward="auto"``; the ``-after`` row: without it).
 
 Columns: seconds (the minimum over rounds x iterations), peak memory (the variant process's max
 RSS on CPU, max allocated on CUDA), speed-up against upstream's fp32 of the same row, GFLOP/s from
@@ -58,6 +60,8 @@ VARIANTS = {
     "train-ours-bf16": ("train", "ours", "bf16"),
     # the same step without helpers.memory.release_freed_memory (glibc's default heap behaviour)
     "train-ours-bf16-heap": ("train", "ours, default malloc", "bf16"),
+    # the same step with the optimizer's step after backward (module.step_in_backward=False)
+    "train-ours-bf16-after": ("train", "ours, step after backward", "bf16"),
     # predict.compile=True (--compile): each block through torch.compile; the warm-up call compiles
     "forward-ours-fp32-compiled": ("forward", "ours, torch.compile", "fp32"),
     "forward-ours-bf16-compiled": ("forward", "ours, torch.compile", "bf16"),
@@ -123,7 +127,7 @@ def run_variant(name: str, arch: dict, iterations: int, threads: int | None, ups
         from models import MAEST
 
         model = MAEST(_config(w, arch).replace(check_finite=not train)).to(device)  # training checks its input in the data module
-        if train and device == "cpu" and impl == "ours":
+        if train and device == "cpu" and impl != "ours, default malloc":
             from helpers.memory import release_freed_memory
 
             release_freed_memory(model.blocks)  # as MAESTModule.on_fit_start does (module.release_freed_memory=True)
@@ -144,6 +148,10 @@ def run_variant(name: str, arch: dict, iterations: int, threads: int | None, ups
             # helpers.module.adamw's choice on CPU and CUDA (tests/test_precision.py checks it), built here
             # without importing Lightning, whose import would count in this process's peak memory.
             optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-4, fused=True)
+            from helpers.step_in_backward import StepInBackward, pays
+
+            if impl != "ours, step after backward" and pays(optimizer, torch.device(device)):
+                StepInBackward(optimizer)  # module.step_in_backward="auto": each parameter updated in backward
 
         def step():
             optimizer.zero_grad(set_to_none=True)

@@ -23,8 +23,11 @@ Measured on that step (peak RSS, minor page faults per step; upstream's step pea
 | after the forward, and after block 0 in backward (``every=12``) | 1.86-1.91 GB | 120 000-128 000 |
 | after the forward, and after blocks 8, 4 and 0 (``every=4``) | 1.79-1.82 GB | ~160 000 |
 
-``benchmarks/bench_speed.py`` measures the step with the default and without any trim (the
-``-heap`` row). An earlier version fixed glibc's mmap threshold at 4 MiB instead: 1.89 GB and about
+The table was measured with the optimizer step after backward (``module.step_in_backward=False``).
+Fused into backward (``helpers.step_in_backward``, the default for such a step on CPU), the step no
+longer holds every gradient at the end of backward: 1.75-1.83 GB with the trim after the forward,
+1.79-1.86 GB without any. ``benchmarks/bench_speed.py`` measures the step with the defaults, without
+any trim (the ``-heap`` row) and with the step after backward (the ``-after`` row). An earlier version fixed glibc's mmap threshold at 4 MiB instead: 1.89 GB and about
 130 000 faults, since every tensor above 4 MiB, weight casts and gradients included, was then a
 fresh mapping.
 """

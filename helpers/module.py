@@ -21,19 +21,21 @@ from .augment import mixup, roll, spec_mask
 from .metrics import macro_metrics
 from .memory import release_freed_memory
 from .schedules import exp_warmup_linear_down, with_swa_phase
+from .step_in_backward import check_mode, step_in_backward
 
 _logger = logging.getLogger(__name__)
 
 
-def adamw(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(groups: list[dict], lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over each parameter, no temporaries) where torch has it.
 
     The same update as the per-parameter loop up to float rounding; on a 2-core CPU the ViT-B step
     takes a third of the loop's time (benchmarks/bench_optimizer.py). Every parameter must be on a
-    device with a fused kernel (CPU, CUDA): otherwise the multi-tensor (foreach) or loop kernel.
+    device with a fused kernel (CPU, CUDA): otherwise, or with ``fused=False``, torch's default
+    (the multi-tensor or the loop kernel).
     """
     params = [p for g in groups for p in g["params"]]
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    fused = fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
@@ -75,6 +77,7 @@ class MAESTModule(pl.LightningModule):
         freeze_blocks: int,
         layer_decay: float,
         release_freed_memory: bool,
+        step_in_backward: bool | str = "auto",
         arch: str | None = None,
         labels: list[str] | None = None,
     ):
@@ -106,6 +109,10 @@ class MAESTModule(pl.LightningModule):
             release_freed_memory: on CPU, hand the heap memory a training step frees (the forward's
                 temporaries, the activations freed in backward) back to the system during the step
                 (``helpers.memory``): a lower peak.
+            step_in_backward: update each parameter (and free its gradient) in backward, as soon as
+                its gradient is complete (``helpers.step_in_backward``): the same weights, a lower
+                peak. True, False, or "auto": on CPU, for large networks, where neither gradient
+                clipping, accumulation, DDP nor an fp16 gradient scaler needs all gradients at once.
             arch, labels: the registry name of ``net`` and its label names, recorded in every
                 checkpoint with ``net``'s architecture (SPEC §5.6) so that commands rebuild it from the file.
         """
@@ -132,6 +139,8 @@ class MAESTModule(pl.LightningModule):
         self.layer_decay = layer_decay
         self.release_freed_memory = release_freed_memory
         self._releaser = None
+        self.step_in_backward = check_mode(step_in_backward)
+        self._in_backward = None
         self.record = model_record(arch, net.config, labels)  # checks len(labels) == n_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -181,14 +190,22 @@ class MAESTModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.release_freed_memory and self.device.type == "cpu" and self._releaser is None:
             self._releaser = release_freed_memory(self.net.blocks)  # helpers/memory.py: the heap would keep activations freed in backward
+        if self._in_backward is None and self.automatic_optimization:
+            self._in_backward = step_in_backward(self.trainer, self.step_in_backward, self.device)
 
     def on_fit_end(self) -> None:
         if self._releaser is not None:
             self._releaser.remove()
             self._releaser = None
+        if self._in_backward is not None:
+            self._in_backward.remove()
+            self._in_backward = None
 
     def configure_optimizers(self):
-        optimizer = adamw(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay)
+        # Lightning refuses to clip the gradients of a fused optimizer under mixed precision (it
+        # expects such a kernel to unscale them itself): with trainer.gradient_clip_val, the unfused one.
+        clipping = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        optimizer = adamw(self.parameter_groups(), lr=self.lr, weight_decay=self.weight_decay, fused=not clipping)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 

@@ -118,6 +118,7 @@ def default_config(**sections) -> dict:
         {"datamodule": {"clip_length": 7.5}, "predict": {"transformer_block": 3}},
         {"datamodule": {"clip_length": 30}, "predict": {"transformer_block": 11, "device": 0}},
         {"module": {"lr": 1, "mixup_alpha": 0}, "maest": {"n_classes": 519}},
+        {"module": {"step_in_backward": False}},
     ],
 )
 def test_valid_values_of_other_types_than_the_defaults_are_accepted(sections):
@@ -143,6 +144,7 @@ def test_valid_values_of_other_types_than_the_defaults_are_accepted(sections):
         ({"predict": {"precision": "fp8"}}, r"predict.precision must be one of 'fp32', 'bf16', 'fp16' \('fp16' on CUDA only\), got 'fp8'"),
         ({"predict": {"devices": 0}}, r"predict.devices must be an integer, at least 1, got 0"),
         ({"maest": {"pretrained": "yes"}}, r"maest.pretrained must be True or False, got 'yes'"),
+        ({"module": {"step_in_backward": "yes"}}, r"module.step_in_backward must be True or False or 'auto', got 'yes'"),
         ({"maest": {"input_t": 62.5}}, r"maest.input_t must be an integer or None, at least 16 \(one patch\), got 62.5"),
     ],
 )
