@@ -197,3 +197,19 @@ def test_gradient_clipping_works_under_bf16_mixed_with_the_unfused_adamw(tmp_pat
     trainer = lightning_trainer(tmp_path, max_steps=1)
     trainer.fit(unclipped, train_dataloaders=loader())
     assert trainer.optimizers[0].defaults["fused"]
+
+
+def test_a_resumed_optimizer_state_is_stepped_as_before():
+    # Resuming loads the optimizer's state after the hooks are in place: load_state_dict replaces the group dicts.
+    net = tiny_net()
+    optimizer = torch.optim.AdamW(groups(net), lr=1e-3, fused=True)
+    train(net, optimizer, batches(2))
+    checkpoint = copy.deepcopy({"net": net.state_dict(), "optimizer": optimizer.state_dict()})
+    train(net, optimizer, batches(2, seed=1))  # the uninterrupted run
+    resumed = tiny_net()
+    resumed_optimizer = torch.optim.AdamW(groups(resumed), lr=1e-3, fused=True)
+    StepInBackward(resumed_optimizer)
+    resumed.load_state_dict(checkpoint["net"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    train(resumed, resumed_optimizer, batches(2, seed=1))
+    assert_same_training(net, optimizer, resumed, resumed_optimizer)
