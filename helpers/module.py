@@ -190,8 +190,9 @@ class MAESTModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.release_freed_memory and self.device.type == "cpu" and self._releaser is None:
             self._releaser = release_freed_memory(self.net.blocks)  # helpers/memory.py: the heap would keep activations freed in backward
-        if self._in_backward is None and self.automatic_optimization:
-            self._in_backward = step_in_backward(self.trainer, self.step_in_backward, self.device)
+        if self._in_backward is not None:  # left by a fit that ended in an error: it stepped that fit's optimizer
+            self._in_backward.remove()
+        self._in_backward = step_in_backward(self.trainer, self.step_in_backward, self.device) if self.automatic_optimization else None
 
     def on_fit_end(self) -> None:
         if self._releaser is not None:

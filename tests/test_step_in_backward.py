@@ -213,3 +213,21 @@ def test_a_resumed_optimizer_state_is_stepped_as_before():
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
     train(resumed, resumed_optimizer, batches(2, seed=1))
     assert_same_training(net, optimizer, resumed, resumed_optimizer)
+
+
+def test_a_fit_after_one_that_failed_steps_its_own_optimizer(tmp_path):
+    module = maest_module(tiny_net(), lr=1e-3, step_in_backward=True, swa=False, mixup_alpha=0.0)
+
+    class Fail(pl.Callback):
+        def on_train_batch_end(self, *args):
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        lightning_trainer(tmp_path, callbacks=[Fail()]).fit(module, train_dataloaders=loader())
+    first = module._in_backward.optimizer
+    trainer = lightning_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_dataloaders=loader())
+    assert trainer.optimizers[0] is not first
+    assert all(state["step"].item() == 1 for state in first.state.values())  # the failed fit's one step, no more
+    steps = [state["step"].item() for state in trainer.optimizers[0].state.values()]
+    assert len(steps) == len(first.state) and set(steps) == {2}  # both steps of this fit went to its own optimizer
