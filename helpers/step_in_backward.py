@@ -93,7 +93,7 @@ def blockers(trainer) -> list[str]:
 
 def check_mode(mode) -> bool | str:
     """``module.step_in_backward`` if it is True, False or "auto", else a ValueError saying so."""
-    if mode not in (True, False, "auto") or isinstance(mode, (int, float)) and not isinstance(mode, bool):
+    if not (isinstance(mode, bool) or mode == "auto"):  # not `in (True, False)`: 1 == True
         raise ValueError(f"module.step_in_backward must be True, False or 'auto', got {mode!r}")
     return mode
 
