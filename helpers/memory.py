@@ -34,15 +34,14 @@ fresh mapping.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import logging
-import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from models.heap import libc_function
 
 _logger = logging.getLogger(__name__)
 
@@ -53,20 +52,9 @@ TRIM_EVERY = None  # blocks of backward between two trims; None: only after the 
 TRIM_MIN_RESIDUAL_BYTES = 32 << 20
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None off Linux or with another C library (musl, macOS)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
 def malloc_trim() -> bool:
     """Return the heap's free pages to the system now; True where glibc did it (a no-op elsewhere)."""
-    trim = _malloc_trim()
+    trim = libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -110,7 +98,7 @@ class FreedMemoryReleaser:
 
 def release_freed_memory(blocks: Sequence[nn.Module], every: int | None = TRIM_EVERY, min_residual_bytes: int = TRIM_MIN_RESIDUAL_BYTES) -> FreedMemoryReleaser | None:
     """Trim the heap during the training steps of ``blocks`` (see the module docstring); None where glibc is absent."""
-    if _malloc_trim() is None:
+    if libc_function("malloc_trim") is None:
         return None
     _logger.debug("freed heap memory goes back to the system during training (after the forward%s)",
                   "" if every is None else f", and every {every} blocks of backward")

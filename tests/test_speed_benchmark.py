@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -95,3 +96,19 @@ def test_attention_backward_benchmark_times_both_backwards_and_their_errors(caps
     assert 0 < attention["sdpa_grad_max_abs_error"] < 0.01 * attention["grad_max_abs"]
     assert layers.MATMUL_ATTENTION_BACKWARD is True  # the switch is put back
     assert capsys.readouterr().out.count("speed-up, median of paired rounds") == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only (reuse_freed_memory does nothing elsewhere)")
+def test_heap_benchmark_pairs_forwards_with_and_without_reusing_freed_memory(tmp_path, capsys):
+    import bench_heap
+
+    out = tmp_path / "heap.json"
+    rows = bench_heap.main(["--arch", "maest-tiny", "--frames", "316", "--pairs", "2", "--precisions", "fp32",
+                            "--batches", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    (row,) = rows
+    assert (row["precision"], row["batch"], row["arch"]) == ("fp32", 2, "maest-tiny")
+    assert len(row["glibc_s"]) == len(row["reuse_s"]) == 2 and min(row["glibc_s"] + row["reuse_s"]) > 0
+    assert row["speedup_paired_median"] == pytest.approx(statistics.median(g / r for g, r in zip(row["glibc_s"], row["reuse_s"])))
+    assert row["glibc_faults_median"] >= 0 and row["reuse_faults_median"] >= 0  # tiny tensors: a few faults either way (tests/test_heap.py checks the effect)
+    assert "x with reuse (median of 2 paired forwards)" in capsys.readouterr().out
