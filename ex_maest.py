@@ -43,6 +43,7 @@ from helpers.data import hop_frames_for
 from helpers.extract import extract, predict_files, start_processes, write_predictions
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
+from models import heap
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
 from models.precision import PRECISIONS
 from models.registry import REGISTRY
@@ -285,6 +286,8 @@ def test(_run, synthetic_data, inference_checkpoint):
     module = build_module(net)
     module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
     trainer = build_trainer(default_root=run_output("train"), log_scalar=_run.log_scalar)
+    if trainer.strategy.root_device.type == "cpu":
+        heap.reuse_freed_memory()  # inference: the large tensors one test batch frees serve the next (models.heap)
     # The metrics are those of the good files; the bad ones are listed and the command then fails.
     failures, failed_list = _list_dataset_failures(datamodule, "test", trainer, "test file")
     results = trainer.test(module, datamodule=datamodule)

@@ -15,11 +15,12 @@ per forward once the heap has grown to the forward's size. Measured on 2 cores
 faults either way (its tensors are under 32 MiB) and no difference beyond the noise (0.81-1.15x
 over three runs). Peak RSS grows by what glibc would have unmapped between blocks (50-60 MB for the
 fp32 forward at batch 2). ``models.precision.prepare_for_inference`` calls it on CPU, which makes
-it the setting of extraction, ``predict``, ``model_speed_test`` and the HEAR API.
+it the setting of extraction, ``predict``, ``model_speed_test`` and the HEAR API; the ``test``
+command calls it on CPU too.
 
 It is a setting of the whole process (glibc has no other), so it stays for what the process does
 next: a training step in the same process peaks 1-3 % higher with it (``helpers.memory``'s explicit
-trims still return memory). Training commands never call it. Off Linux, or with another C library
+trims still return memory). The training commands never call it. Off Linux, or with another C library
 (musl, macOS), it does nothing.
 """
 

@@ -217,14 +217,18 @@ def _sacred_test_updates(base, gt, root):
     }
 
 
-def test_test_command_tests_the_good_files_lists_the_bad_ones_and_fails(mels, tmp_path, capsys):
+def test_test_command_tests_the_good_files_lists_the_bad_ones_and_fails(mels, tmp_path, capsys, monkeypatch):
+    import models.heap
     from ex_maest import ex
 
+    reused = []
+    monkeypatch.setattr(models.heap, "reuse_freed_memory", lambda: reused.append(1))
     base, _ = mels
     reasons = _add_bad_files(base)
     good_gt = save_groundtruth(tmp_path / "good.pk", _labels(GOOD))
     clean = ex.run("test", config_updates=_sacred_test_updates(base, good_gt, tmp_path / "clean"), options={"--loglevel": "ERROR"})
     assert clean.status == "COMPLETED" and not (tmp_path / "clean" / "failed-test.txt").exists()
+    assert reused == [1]  # an inference command on CPU: freed tensors stay in the heap for the next batch
     capsys.readouterr()
 
     gt = save_groundtruth(tmp_path / "gt.pk", _labels([*GOOD, *reasons]))
