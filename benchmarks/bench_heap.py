@@ -30,14 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GLIBC_STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX; its trim threshold follows at twice that
-
-
 def set_mode(reuse: bool) -> None:
-    from models.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, REUSE_THRESHOLD, libc_function
+    from models.heap import GLIBC_MAX_DYNAMIC_THRESHOLD, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, REUSE_THRESHOLD, libc_function
 
     mallopt = libc_function("mallopt")
-    mmap = REUSE_THRESHOLD if reuse else GLIBC_STEADY_MMAP_THRESHOLD
+    # "glibc": where its own adaptation stops (mmap threshold 32 MiB; its trim threshold follows at twice that)
+    mmap = REUSE_THRESHOLD if reuse else GLIBC_MAX_DYNAMIC_THRESHOLD
     mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap))
     mallopt(M_TRIM_THRESHOLD, ctypes.c_int(mmap if reuse else 2 * mmap))
     if not reuse:

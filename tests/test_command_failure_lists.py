@@ -120,9 +120,12 @@ def _val_in_base(data, tmp_path, keep_good=True):
     return save_groundtruth(tmp_path / "val.pk", gt), bad
 
 
-def test_training_with_unreadable_validation_files_trains_lists_them_and_fails(data, tmp_path, capsys):
+def test_training_with_unreadable_validation_files_trains_lists_them_and_fails(data, tmp_path, capsys, monkeypatch):
+    import models.heap
     from ex_maest import ex
 
+    reused = []
+    monkeypatch.setattr(models.heap, "reuse_freed_memory", lambda: reused.append(1))
     gt_val, bad = _val_in_base(data, tmp_path)
     root = tmp_path / "root"
     root.mkdir()
@@ -141,6 +144,7 @@ def test_training_with_unreadable_validation_files_trains_lists_them_and_fails(d
         assert words in listed[key] and f"FAILED {key}: " in captured.err
     assert f"2 validation file(s) skipped; listed in {root / 'failed-val.txt'}" in captured.err
     assert "Training finished." in captured.out and "val_roc" in captured.out  # validated on the good files
+    assert reused == []  # training leaves glibc's heap settings alone (models.heap: inference only)
 
 
 def test_training_with_no_readable_validation_file_does_not_start(data, tmp_path, capsys):
