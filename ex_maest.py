@@ -21,14 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 import typing
 from pathlib import Path
 
 import torch
 from sacred import Experiment
-from sacred.observers import FileStorageObserver
 
 from configs.checks import check_config_values, default_config
 from configs.ingredients.datamodule import build_datamodule, check_training_clip, datamodule_ing, inference_clip_length, training_labels
@@ -38,7 +36,7 @@ from configs.ingredients.module import build_module, module_ing
 from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
-from configs.runs import check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
+from configs.runs import INFO_COMMANDS, add_default_observer, check_config_files, check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
 from helpers.data import hop_frames_for
 from helpers.extract import extract, predict_files, start_processes, write_predictions
 from helpers.failures import format_failures, update_failure_list
@@ -60,7 +58,7 @@ def main_config():
     # command line gives the same folder, so ckpt_path=last finds it (configs/runs.py).
     run_name = None  # the run's output folder; None: "demo" on the demo's data, else <dataset>_<arch>_<hash of the config>
     synthetic_data = {"out_dir": None, "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # out_dir set: generate the demo dataset there first, if datamodule.base_dir is out_dir
-    inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint; "last": <trainer.default_root_dir>/checkpoints/last.ckpt
+    inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint; "last": the newest of this config's training run (<trainer.default_root_dir>/checkpoints/: last.ckpt or a step checkpoint)
     ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's newest: last.ckpt or its step checkpoint)
     checkpoint_every_n_train_steps = None  # also checkpoint every n steps (long epochs: lose less on a kill)
     norm_stats_out = None  # compute_norm_stats writes mean and std here; None: outputs/<run_name>/norm_stats.json
@@ -92,19 +90,43 @@ def _prepare_synthetic(synthetic_data, _config):
     return None
 
 
+def _newest_checkpoint(folder: Path) -> Path | None:
+    """A training run's newest checkpoint in ``folder``: last.ckpt (epoch end) or its step checkpoint."""
+    candidates = [p for p in [folder / "last.ckpt", *folder.glob("step-*.ckpt")] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
 def _resolve_ckpt_path(ckpt_path, trainer):
     """``"last"``: the run's newest checkpoint, last.ckpt (epoch end) or the step checkpoint."""
     if ckpt_path == "last":
         folder = Path(trainer.default_root_dir) / "checkpoints"
-        candidates = [p for p in [folder / "last.ckpt", *folder.glob("step-*.ckpt")] if p.is_file()]
-        if not candidates:
+        newest = _newest_checkpoint(folder)
+        if newest is None:
             raise FileNotFoundError(
                 f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume. The folder follows from "
                 "run_name (by default from the config): resume with the command line of the run to resume, or set "
                 "run_name or trainer.default_root_dir to its folder"
             )
-        return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
+        return str(newest)
     return ckpt_path
+
+
+@ex.capture
+def _inference_checkpoint(inference_checkpoint, trainer, run_name):
+    """``inference_checkpoint="last"`` (the demo's default): the newest checkpoint of the training run this config
+    names, in ``<trainer.default_root_dir>/checkpoints`` (``outputs/<run_name>/train/checkpoints``)."""
+    if inference_checkpoint != "last":
+        return inference_checkpoint
+    folder = Path(trainer["default_root_dir"] or run_output("train")) / "checkpoints"
+    newest = _newest_checkpoint(folder)
+    if newest is None:
+        raise FileNotFoundError(
+            f"inference_checkpoint='last' is the newest checkpoint of the training run of this config, in {folder}, and "
+            "there is none: train it first with the same named configs and keys (python ex_maest.py with ...), or give "
+            "the checkpoint's path (inference_checkpoint=outputs/<run_name>/train/checkpoints/last.ckpt)"
+        )
+    _logger.info("inference_checkpoint='last': %s", newest)
+    return str(newest)
 
 
 # ----------------------------------------------------------------------------------- config checks
@@ -166,7 +188,6 @@ _CONFIG_RULES = {
     "speed_test_batch_size": (int, _at_least(1)),
     "speed_test_iterations": (int, _at_least(1)),
 }
-_INFO_COMMANDS = ("print_config", "print_dependencies", "save_config", "print_named_configs", "help")
 
 
 @functools.cache
@@ -192,7 +213,7 @@ def check_config(config: dict) -> None:
 
 @ex.config_hook
 def _check_config_hook(config, command_name, logger):
-    if command_name not in _INFO_COMMANDS:  # print_config still shows a broken config
+    if command_name not in INFO_COMMANDS:  # print_config still shows a broken config
         check_config(config)
     return {}
 
@@ -226,6 +247,8 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     module = build_module(net, arch=setup.arch, labels=training_labels(setup.config.n_classes))
     has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
     trainer = build_trainer(default_root=run_output("train"), checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val, log_scalar=_run.log_scalar)
+    if trainer.is_global_zero:
+        _logger.info("run %s: checkpoints and TensorBoard logs go to %s", _run.config["run_name"], trainer.default_root_dir)
     val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer), weights_only=True)
@@ -239,7 +262,7 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
         "metrics": metrics,
     }
     if trainer.is_global_zero:  # under DDP every rank runs main; one report
-        _report(_run, result)
+        _report(_run, result, setup.config.n_classes)
     # SPEC §8: trained and validated on the good files, checkpoints written; the run still fails.
     _exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero)
     return result
@@ -259,15 +282,21 @@ def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[
     if trainer.is_global_zero:  # under DDP every rank runs the command; one writes the list
         update_failure_list(failed_list, failures, succeeded=[k for k in keys if k not in failures])
     if len(failures) == len(keys):
+        if trainer.is_global_zero:
+            print(f"No {what} of datamodule.groundtruth_{split} can be read: the command stops before any work "
+                  f"(nothing trained or evaluated).", file=sys.stderr)
         _exit_on_failures(failures, failed_list, what, report=trainer.is_global_zero)
     return failures, failed_list
 
 
-def _report(_run, result):
+def _report(_run, result, n_classes: int):
     lines = ["", "Training finished."]
+    metrics = result["metrics"]
+    scored = f"  (over the {metrics['val_n_classes_scored']:.0f} of {n_classes} classes present in validation)" if (
+        "val_n_classes_scored" in metrics and metrics["val_n_classes_scored"] < n_classes) else ""
     for key in ("val_roc", "val_ap", "val_loss", "val_roc_swa"):
-        if key in result["metrics"]:
-            lines.append(f"  {key:12s} {result['metrics'][key]:.4f}")
+        if key in metrics:
+            lines.append(f"  {key:12s} {metrics[key]:.4f}{scored if key in ('val_roc', 'val_ap', 'val_roc_swa') else ''}")
     lines.append(f"  best checkpoint: {result['best_checkpoint']}")
     lines.append(f"  last checkpoint: {result['last_checkpoint']}")
     lines.append(f"  TensorBoard logs: {result['logs']}  (tensorboard --logdir {result['logs']})")
@@ -281,6 +310,7 @@ def _report(_run, result):
 def test(_run, synthetic_data, inference_checkpoint):
     """Test maest.checkpoint (or the configured weights) on datamodule.groundtruth_test, every clip."""
     _prepare_synthetic(synthetic_data)
+    inference_checkpoint = _inference_checkpoint()
     datamodule = build_datamodule(clip_length=inference_clip_length(resolve_net(inference_checkpoint=inference_checkpoint).config))
     net = build_net(data_n_classes=datamodule.n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
@@ -329,6 +359,7 @@ def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_che
     from models.precision import forward_flops, matmul_gflops, prepare_for_inference, time_forward
 
     device, batch = _device(predict["device"]), speed_test_batch_size
+    inference_checkpoint = _inference_checkpoint()
     rows = []
     for precision in dict.fromkeys(["fp32", predict["precision"]]):  # the configured precision last
         net = build_net(inference_checkpoint=inference_checkpoint).to(device)
@@ -366,7 +397,7 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
     if fabric.global_rank == 0:  # one process generates the demo data; the others wait for it
         _prepare_synthetic(synthetic_data)
     fabric.barrier()
-    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     clip_length = inference_clip_length(setup.config)
     n_frames = n_frames_for(clip_length)
     hop_frames = hop_frames_for(hop, n_frames)
@@ -431,7 +462,7 @@ def predict(inference_checkpoint, predict):
     """
     if not predict["audio"]:
         raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
-    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     n_frames = n_frames_for(inference_clip_length(setup.config))
     hop_frames = hop_frames_for(predict["hop"], n_frames)
     net = build_net(setup=setup).to(_device(predict["device"]))
@@ -478,7 +509,7 @@ def export_hf(inference_checkpoint, export, predict):
     """Write the model as a Hugging Face ASTForAudioClassification directory (export.out_dir)."""
     from models.exchange.hf import export_hf as _export_hf
 
-    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     net = build_net(setup=setup)
     labels = _labels(setup, predict["labels_file"])
     max_length = export["hf_max_length"]
@@ -496,7 +527,7 @@ def export_onnx(inference_checkpoint, export, predict):
     """Write the model as ONNX (export.out_dir/model.onnx), optionally with the mel front-end or block embeddings."""
     from models.exchange.onnx import export_onnx as _export_onnx
 
-    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     net = build_net(setup=setup)
     path = Path(export["out_dir"] or run_output("export")) / "model.onnx"
     clips = {}
@@ -510,11 +541,6 @@ def export_onnx(inference_checkpoint, export, predict):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    argv = sys.argv
-    observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith("--file_storage=") for a in argv)
-    # DDP re-runs this per local rank (LOCAL_RANK, NODE_RANK); torchrun sets RANK, SLURM SLURM_PROCID
-    main_rank = all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
-    if not observed and main_rank and len(argv) > 1 and argv[1] not in ("print_config", "print_dependencies", "save_config", "print_named_configs", "help"):
-        # Keep a run record by default (in the program only, never at import); -F DIR or -u override it.
-        ex.observers.append(FileStorageObserver(os.environ.get("MAEST_SACRED_DIR", "outputs/sacred")))
+    check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
+    add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
     ex.run_commandline()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import lightning as pl
@@ -32,6 +33,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import TensorBoardLogger
 from sacred import Experiment
 
+from configs.runs import add_default_observer, check_config_files
 from configs.tl import register
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
@@ -75,7 +77,7 @@ def default_config():
     batch_size = 128  # tracks per batch (train, validation and test)
     max_epochs = 30  # training epochs
     warm_up_len = 3  # epochs of linear lr warm-up
-    ramp_down_start = 10  # epoch where the linear lr ramp-down starts
+    ramp_down_start = min(10, max_epochs - 1)  # epoch where the linear lr ramp-down starts (10, or the last epoch of a shorter run)
     ramp_down_len = max_epochs - ramp_down_start  # epochs of ramp-down (default: until the last epoch)
     last_lr_value = 0.01  # lr factor reached at the end of the ramp-down (fraction of lr)
     num_workers = 0  # DataLoader workers; the embeddings are in memory, so 0 is usually fastest
@@ -204,6 +206,17 @@ def make_trainer(metric: str, out_dir, max_epochs, patience, trainer, _run) -> t
     return trainer, checkpoint
 
 
+def _warn_other_mode(out_dir: Path, search: bool) -> None:
+    """The single probe and the search share ``out_dir``: say which files are another run's, never delete them."""
+    others = ["checkpoints/best.ckpt"] if search else ["trials.jsonl", "search.png"]
+    found = [name for name in others if (out_dir / name).exists()]
+    if found:
+        logger.warning(
+            "%s: %s from an earlier %s stay as they were; results.json now describes this %s (set out_dir to keep them apart)",
+            out_dir, " and ".join(found), "single probe" if search else "probe search", "search" if search else "single probe",
+        )
+
+
 def _write_json(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
@@ -245,6 +258,7 @@ def probe_search(datamodule: EmbeddingDataModule, _config, out_dir, seed, search
         "config": {k: v for k, v in _config.items() if not k.startswith("__")},
     })
     path = out_dir / "results.json"
+    _warn_other_mode(out_dir, search=True)
     _write_json(path, results)
     summary = ", ".join(
         f"{m} {s['mean']:.4f} ± {s['std'] if s['std'] is not None else float('nan'):.4f}" for m, s in results["test"].items()
@@ -301,6 +315,7 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
     if net.layer_weights is not None:  # the best checkpoint's weights (validate loaded them)
         results["layer_weights"] = [round(w, 6) for w in net.layer_weights.weights().tolist()]
     path = Path(out_dir) / "results.json"
+    _warn_other_mode(Path(out_dir), search=False)
     _write_json(path, results)
     logger.info(
         "test %s; results in %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k in task.metric_names), path
@@ -309,4 +324,6 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
 
 
 if __name__ == "__main__":
+    check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
+    add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
     ex.run_commandline()

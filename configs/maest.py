@@ -164,11 +164,12 @@ def demo():
     `python ex_maest.py extract_embeddings with demo` extracts its embeddings for `ex_tl.py with demo`.
     Outputs go to outputs/demo/ (train/, embeddings/, export/: run_name is "demo" on the synthetic
     data). With a prepared dataset instead (`with demo OUT/dataset.json`) no synthetic data is
-    generated and the run gets its own folder; pass its checkpoint as `inference_checkpoint=`.
+    generated and the run gets its own folder; the inference commands with the same configs use its
+    newest checkpoint (`inference_checkpoint="last"`).
     """
     seed = 0  # noqa: F841  (Sacred seeds python, numpy and torch with it: the demo is reproducible)
     synthetic_data = {"out_dir": "outputs/demo/data", "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # noqa: F841
-    inference_checkpoint = "outputs/demo/train/checkpoints/last.ckpt"  # noqa: F841
+    inference_checkpoint = "last"  # noqa: F841  (the newest checkpoint of this config's training: outputs/demo/train/checkpoints/ on the demo's data)
     datamodule = {  # noqa: F841
         "base_dir": "outputs/demo/data",
         "groundtruth_train": "outputs/demo/data/groundtruth-train.pk",

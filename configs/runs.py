@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path, PurePath
 
 from configs.checks import flatten
 
 OUTPUTS = Path("outputs")
+SACRED_DIR_ENV = "MAEST_SACRED_DIR"  # where the run records go by default (outputs/sacred)
+# Sacred commands that only show something: no run record.
+INFO_COMMANDS = ("print_config", "print_dependencies", "save_config", "print_named_configs", "help")
 
 # Keys (or prefixes ending in ".") left out of the run name's hash: they change where outputs go,
 # how fast or how visibly a run goes, or resume it, never what it computes.
@@ -88,3 +92,41 @@ def check_run_name(run_name) -> None:
 def run_dir(run_name: str) -> Path:
     """``outputs/<run_name>``: the folder of every default output of the run."""
     return OUTPUTS / run_name
+
+
+def add_default_observer(ex, argv: list[str], environ=os.environ) -> Path | None:
+    """Keep a Sacred run record (config, metrics.json, result) of a command line by default.
+
+    ``outputs/sacred`` (or ``$MAEST_SACRED_DIR``) gets a FileStorageObserver unless the command line
+    names its own (``-F DIR``, ``-m``) or none (``-u``), only shows something (``print_config``, ...),
+    or runs in a process that is not the main rank (DDP reruns the command per local rank; torchrun
+    sets RANK, SLURM SLURM_PROCID). Called by the programs' ``__main__``, never at import. Returns
+    the folder, or None.
+    """
+    from sacred.observers import FileStorageObserver
+
+    observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith(("--file_storage=", "--mongo_db=")) for a in argv)
+    main_rank = all(environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+    if observed or not main_rank or len(argv) < 2 or argv[1] in INFO_COMMANDS:
+        return None
+    folder = Path(environ.get(SACRED_DIR_ENV) or OUTPUTS / "sacred")
+    ex.observers.append(FileStorageObserver(str(folder)))
+    return folder
+
+
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".pickle")  # what Sacred reads as a config file after `with`
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a config file named after ``with`` that does not exist (``with demo prepared/dataset.json``).
+
+    Sacred would report it as an unknown named config (a KeyError naming an "Ingredient").
+    """
+    if "with" not in argv:
+        return
+    missing = [a for a in argv[argv.index("with") + 1 :] if "=" not in a and a.lower().endswith(CONFIG_FILE_SUFFIXES) and not Path(a).is_file()]
+    if missing:
+        raise SystemExit(
+            f"config file {', '.join(missing)} does not exist (relative to {Path.cwd()}): give the path of a file that "
+            "exists, e.g. the dataset.json that `python -m datasets.prepare_folder AUDIO OUT` wrote into OUT"
+        )

@@ -20,7 +20,6 @@ def target_mtt_tl():
     batch_size = 128
     max_epochs = 30
     warm_up_len = 3
-    ramp_down_start = 10
 
 
 def target_gtzan_tl():
@@ -40,7 +39,6 @@ def target_gtzan_tl():
     batch_size = 32
     max_epochs = 50
     warm_up_len = 3
-    ramp_down_start = 10
 
 
 def demo():
@@ -58,7 +56,6 @@ def demo():
     batch_size = 16
     max_epochs = 20
     warm_up_len = 2
-    ramp_down_start = 10
     trainer = {"accelerator": "cpu", "devices": 1}
 
 

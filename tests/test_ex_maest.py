@@ -102,6 +102,21 @@ def test_demo_trains_and_writes_best_and_last_checkpoints(demo_run):
     assert demo_run.config["maest"]["n_classes"] == 10 and demo_run.config["trainer"]["logger"] is False
 
 
+def test_training_report_says_how_many_classes_validation_scored(capsys):
+    from types import SimpleNamespace
+
+    from ex_maest import _report
+
+    result = {"metrics": {"val_roc": 1.0, "val_ap": 1.0, "val_loss": 0.1, "val_n_classes_scored": 1.0},
+              "best_checkpoint": "b.ckpt", "last_checkpoint": "l.ckpt", "logs": "logs"}
+    _report(SimpleNamespace(observers=[]), result, n_classes=5)
+    out = capsys.readouterr().out
+    assert "val_roc      1.0000  (over the 1 of 5 classes present in validation)" in out
+    assert "val_loss     0.1000\n" in out  # the loss covers every class
+    _report(SimpleNamespace(observers=[]), {**result, "metrics": {**result["metrics"], "val_n_classes_scored": 5.0}}, n_classes=5)
+    assert "present in validation" not in capsys.readouterr().out
+
+
 def test_trained_checkpoint_loads_with_get_maest(demo_run):
     last = demo_run.result["last_checkpoint"]
     _, net_weights, swa_weights = _split_state(last)
@@ -391,4 +406,4 @@ def test_demo_config_is_self_contained(resolved):
     assert demo["maest"]["input_t"] == n_frames_for(demo["datamodule"]["clip_length"])
     # Its outputs are the documented outputs/demo/... folders, derived from run_name "demo".
     assert demo["run_name"] == "demo" and demo["trainer"]["default_root_dir"] is None
-    assert demo["inference_checkpoint"] == "outputs/demo/train/checkpoints/last.ckpt"
+    assert demo["inference_checkpoint"] == "last"  # the newest of outputs/demo/train/checkpoints/ (ex_maest._inference_checkpoint)

@@ -104,7 +104,14 @@ def test_unset_paths_are_reported():
 
 def test_ramp_down_after_the_last_epoch_is_refused(dataset):
     with pytest.raises(ValueError, match=r"ramp_down_len=-6 must be > 0 .*max_epochs - ramp_down_start"):
-        run(["demo"], {**dataset, "max_epochs": 4})  # demo ramps down from epoch 10
+        run(["demo"], {**dataset, "max_epochs": 4, "ramp_down_start": 10})
+
+
+def test_short_runs_ramp_down_in_their_last_epoch(dataset):
+    config = run(["demo"], {**dataset, "max_epochs": 4}, command="print_config").config
+    assert (config["ramp_down_start"], config["ramp_down_len"]) == (3, 1)  # 10 from 11 epochs on
+    config = run(["target_mtt_tl"], {}, command="print_config").config
+    assert (config["max_epochs"], config["ramp_down_start"], config["ramp_down_len"]) == (30, 10, 20)  # the paper's schedule
 
 
 def test_trainer_max_epochs_is_refused(dataset):
@@ -195,6 +202,19 @@ def test_probe_search_writes_every_trial_mean_std_and_plot_deterministically_and
     resumed = json.loads((out / "results.json").read_text())
     assert all(t.get("resumed", True) for t in resumed["trials"]) and all(s["resumed"] for s in resumed["seeds"])
     assert comparable(resumed) == comparable(results)
+
+
+def test_a_search_and_a_single_probe_in_one_folder_say_whose_files_are_whose(dataset, tmp_path, caplog):
+    out = tmp_path / "probe"
+    run(["demo"], {**dataset, **FAST})
+    with caplog.at_level("WARNING", logger="ex_tl"):
+        run(["demo", "probe_search"], {**dataset, **SEARCH, "search_grid": {"lr": [1e-2]}, "search_seeds": 1})
+    assert f"{out}: checkpoints/best.ckpt from an earlier single probe stay as they were; results.json now describes this search" in caplog.text
+    assert (out / "checkpoints" / "best.ckpt").is_file() and json.loads((out / "results.json").read_text())["config"]["search"] is True
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ex_tl"):
+        run(["demo"], {**dataset, **FAST})
+    assert "trials.jsonl and search.png from an earlier probe search stay as they were; results.json now describes this single probe" in caplog.text
 
 
 def write_task_split(root, split, n_tracks, rng, task):

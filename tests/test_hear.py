@@ -163,6 +163,15 @@ def test_a_sound_shorter_than_a_clip_is_centre_padded_and_keeps_the_columns_on_i
         torch.testing.assert_close(hear_maest.get_scene_embeddings(audio, model)[0], net.embeddings(clip, block=0).flatten(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_samples", [1, 4096, 8000, 11000, 15000])
+def test_a_short_sounds_first_timestamp_lies_in_its_first_160_ms_where_its_length_puts_it(tiny, n_samples):
+    model = hear_maest.load_model(str(tiny[0]), block=0)
+    times = hear_maest.api.timestamps_ms(n_samples, model).numpy()
+    last_frame_ms = (MelSpectrogram().n_frames(n_samples) - 1) * FRAME_MS
+    assert 0.0 <= times[0] < 160.0 and times[-1] <= last_frame_ms  # README: only centres within the sound
+    assert np.allclose(np.diff(times), 160.0)
+
+
 def test_block_option(tiny):
     path, net = tiny
     audio = noise(1, 20000, seed=4)

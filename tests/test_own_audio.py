@@ -104,17 +104,29 @@ def test_train_on_dataset_json_then_extract_into_the_runs_folder(prepared, tmp_p
     # The demo dataset is not used: nothing synthetic is generated, the demo's folders are untouched.
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == [name]
 
-    # Third command: embeddings of the trained model land in the same run's folder.
-    extract = ex.run(
-        "extract_embeddings", named_configs=["demo", dataset_json],
-        config_updates={**TINY, "inference_checkpoint": run.result["last_checkpoint"]},
-        options={"--loglevel": "ERROR"},
-    )
-    assert extract.config["run_name"] == name
+    # Third command, the same configs: the demo's inference_checkpoint="last" is this run's newest
+    # checkpoint (not the demo's), and the embeddings land in the same run's folder.
+    extract = ex.run("extract_embeddings", named_configs=["demo", dataset_json], config_updates=TINY, options={"--loglevel": "ERROR"})
+    assert extract.config["run_name"] == name and extract.config["inference_checkpoint"] == "last"
+    written = json.loads((tmp_path / "outputs" / name / "embeddings" / "config.json").read_text())
+    assert Path(written["checkpoint"]).resolve() == last.resolve()
     # No block given: depth // 2 (the paper's 6 of 12), here block 1 of the 2-block model.
-    assert json.loads((tmp_path / "outputs" / name / "embeddings" / "config.json").read_text())["block"] == 1
+    assert written["block"] == 1
     for key in load_groundtruth(run.config["datamodule"]["groundtruth_predict"]):
         assert np.load(embedding_path(tmp_path / "outputs" / name / "embeddings", key)).shape[1:] == (3, 64)
+
+
+def test_inference_checkpoint_last_before_training_names_the_folder_and_the_fix(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dataset_json = str(prepared["out"] / "dataset.json")
+    with pytest.raises(FileNotFoundError) as error:
+        ex.run("predict", named_configs=["demo", dataset_json], config_updates={**TINY, "predict": {"audio": ["x.wav"]}}, options={"--loglevel": "ERROR"})
+    message = str(error.value)
+    assert "inference_checkpoint='last'" in message and "train it first with the same named configs" in message
+    folder = Path(message.split(" in ", 1)[1].split(",", 1)[0])
+    assert folder.parts[-2:] == ("train", "checkpoints")
+    assert folder.parts[-4] == "outputs" and folder.parts[-3].startswith("prepared_maest-tiny_")  # this config's run, not outputs/demo
+    assert not (tmp_path / "outputs" / "demo").exists()
 
 
 def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepared):

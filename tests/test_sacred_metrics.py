@@ -1,15 +1,21 @@
-"""Every epoch's training and validation metrics land in the Sacred run record (metrics.json), for ex_maest and ex_tl."""
+"""Sacred run records: every epoch's metrics of ex_maest and ex_tl in metrics.json, the record kept by default, config files checked."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from sacred import Experiment
 from sacred.observers import FileStorageObserver
 
 import ex_maest
 import ex_tl
+from configs.runs import SACRED_DIR_ENV, add_default_observer, check_config_files
 from helpers.melfiles import save_groundtruth
 from helpers.metric_logger import ScalarCallbackLogger
 from helpers.probe import embedding_path
@@ -17,6 +23,7 @@ from helpers.synthetic import make_synthetic_dataset
 from models.mel import n_frames_for
 
 CLIP = 1.0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def observed_run(experiment, tmp_path, **kwargs):
@@ -64,7 +71,8 @@ def test_training_metrics_json_holds_every_epoch(tmp_path):
     assert not any(name.endswith("_step") for name in metrics)
 
 
-def test_probe_metrics_json_and_results_count_the_scored_classes(tmp_path):
+def probe_data(tmp_path) -> dict:
+    """Embeddings of 3 classes, class 2 never present; the ex_tl config updates of a 3-epoch probe on them."""
     rng = np.random.default_rng(0)
     gts = {}
     for split, n in (("train", 24), ("validation", 8), ("test", 8)):
@@ -85,11 +93,57 @@ def test_probe_metrics_json_and_results_count_the_scored_classes(tmp_path):
         "hidden_size": 8, "batch_size": 8, "lr": 1e-2,
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
     }
+    return updates
 
-    run, metrics = observed_run(ex_tl.ex, tmp_path, config_updates=updates)
+
+def test_probe_metrics_json_and_results_count_the_scored_classes(tmp_path):
+    run, metrics = observed_run(ex_tl.ex, tmp_path, config_updates=probe_data(tmp_path))
 
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["n_classes"] == 3
     assert results["val"]["n_classes_scored"] == 2 and results["test"]["n_classes_scored"] == 2
     assert metrics["val_roc_auc"]["steps"][:3] == [0, 1, 2] and metrics["train_loss"]["steps"] == [0, 1, 2]
     assert metrics["val_n_classes_scored"]["values"][0] == 2
+
+
+def test_both_programs_keep_a_run_record_by_default(tmp_path):
+    """`python ex_tl.py with ...` (as `ex_maest.py`) writes outputs/sacred/<id> without -F ($MAEST_SACRED_DIR here)."""
+    updates = probe_data(tmp_path)
+    args = [f"{key}={value}" for key, value in updates.items() if key != "trainer"]
+    args += ["trainer.accelerator=cpu", "trainer.enable_progress_bar=False", "trainer.enable_model_summary=False"]
+    env = {**os.environ, SACRED_DIR_ENV: str(tmp_path / "records"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "ex_tl.py"), "with", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = tmp_path / "records" / "1"
+    assert json.loads((record / "run.json").read_text())["status"] == "COMPLETED"
+    assert json.loads((record / "config.json").read_text())["max_epochs"] == 3
+    assert json.loads((record / "metrics.json").read_text())["val_roc_auc"]["steps"][:3] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("argv, environ, expected", [
+    (["ex_tl.py", "with", "demo"], {}, "outputs/sacred"),
+    (["ex_maest.py", "extract_embeddings", "with", "demo"], {SACRED_DIR_ENV: "/r"}, "/r"),
+    (["ex_maest.py", "with", "demo", "-F", "mine"], {}, None),  # the command line's own observer
+    (["ex_maest.py", "with", "demo", "--file_storage=mine"], {}, None),
+    (["ex_maest.py", "-u", "with", "demo"], {}, None),  # unobserved
+    (["ex_maest.py", "print_config", "with", "demo"], {}, None),  # shows, runs nothing
+    (["ex_maest.py", "with", "demo"], {"LOCAL_RANK": "1"}, None),  # a DDP rank besides the first
+    (["ex_maest.py", "with", "demo"], {"SLURM_PROCID": "3"}, None),
+])
+def test_default_observer_only_where_nothing_else_is_asked(argv, environ, expected):
+    experiment = Experiment("x")
+    folder = add_default_observer(experiment, argv, environ)
+    assert (str(folder) if folder else None) == expected
+    assert [o.basedir for o in experiment.observers] == ([expected] if expected else [])
+
+
+def test_a_missing_config_file_after_with_is_named_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dataset.json").write_text("{}")
+    check_config_files(["ex_maest.py", "with", "demo", "dataset.json", "seed=1", "x.json=2"])  # exists; keys are not files
+    with pytest.raises(SystemExit, match=r"config file nonexist/dataset.json does not exist .*prepare_folder"):
+        check_config_files(["ex_maest.py", "predict", "with", "demo", "nonexist/dataset.json"])
+    done = subprocess.run([sys.executable, str(ROOT / "ex_tl.py"), "with", "demo", "typo/dataset.json"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "config file typo/dataset.json does not exist" in done.stderr
