@@ -7,7 +7,8 @@
 - DeiT-B distilled 384 (timm layout, optionally under ``"model"``): the 2-D position grid is
   resized to the new grid and averaged into frequency and time embeddings;
 - Hugging Face ``ASTForAudioClassification`` directories: ``models.exchange.hf`` converts them
-  (it builds on this module, never the other way; ``get_maest`` sends a directory there).
+  (it builds on this module; ``get_maest`` sends a directory there, and ``read_model_record``
+  asks it for the record a directory written by ``export_hf`` holds in its ``config.json``).
 
 ``checkpoint_filter_fn`` converts foreign weights and never touches the model; ``load_state_dict_strict``
 reports every missing, unexpected or mis-shaped key by name.
@@ -48,6 +49,45 @@ TRUST_HINT = "trust_checkpoint=True (config: maest.trust_checkpoint=True)"
 _SAFE_GLOBALS = [PurePosixPath, PureWindowsPath, PosixPath]
 
 
+NOT_A_CHECKPOINT = "the file is truncated or not a torch checkpoint"
+# How torch.save files begin: a zip archive (torch >= 1.6) or, in the legacy format, a binary pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def missing_checkpoint_error(path: Path) -> FileNotFoundError:
+    """The error for a checkpoint path that does not exist; for a released weights file's name, where to get it."""
+    from .registry import released_weights_hint  # the registry builds on this module: imported only when a file is missing
+
+    hint = released_weights_hint(path)
+    return FileNotFoundError(f"checkpoint {path} does not exist" + (f". {hint}" if hint else ""))
+
+
+def _check_torch_file(path: Path) -> None:
+    """A clear error for a file that cannot be a torch checkpoint (text, audio, empty), before torch's reader trips on it."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (truncated, or not a torch checkpoint)")
+    if not head.startswith(_TORCH_MAGIC):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is not a torch checkpoint (neither a zip archive nor a pickle; it begins "
+            f"with {head[:8]!r}): give the .ckpt/.pt/.pth file written by torch.save or a Lightning run, a "
+            ".safetensors file, or a Hugging Face model directory"
+        )
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file on CPU; a corrupt or truncated file is a ``CheckpointError`` naming it."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs safetensors: pip install safetensors (see requirements-extras.txt)") from e
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} (the file is truncated or not a safetensors file)") from e
+
+
 def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
     """Load a checkpoint file on CPU without running code from it.
 
@@ -60,28 +100,27 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
     if path.is_dir():
         raise CheckpointError(
             f"checkpoint {path} is a folder, not a file: a Hugging Face model directory is read by "
-            "models.exchange.hf (get_maest(arch, checkpoint=DIR) reads it)"
+            "models.exchange.hf (get_maest(checkpoint=DIR) reads it)"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise missing_checkpoint_error(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
+    _check_torch_file(path)
     if trust_checkpoint:
         _logger.warning("%s: trust_checkpoint=True, unpickling it fully (this runs any code the file holds)", path)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user: trust_checkpoint=True
         except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = str(e).splitlines()
         refused = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line), "objects besides tensors")
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e} (truncated or not a torch checkpoint?)") from e
+    except Exception as e:  # noqa: BLE001 - torch's reader fails on other files with any error (KeyError, IndexError, ...)
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e} ({NOT_A_CHECKPOINT})") from e
     # Hyper-parameter objects and the like: read as data, never unpickled.
     try:
         obj, inert = safe_load(path)
@@ -140,15 +179,20 @@ def record_of(obj, source: str = "checkpoint") -> dict | None:
 
 
 def read_model_record(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict | None:
-    """The model record of a checkpoint file (None for Hugging Face directories and files without one).
+    """The model record of a checkpoint: a file's ``maest_model``, or what the ``config.json`` of a Hugging
+    Face directory written by ``export_hf`` records (``models.exchange.hf.hf_model_record``); None without one.
 
     Memory-maps the file where torch's weights-only reader takes it, so the weights are not read.
     """
     path = Path(path)
-    if path.is_dir() or path.suffix == ".safetensors":
-        return None  # a Hugging Face config is checked by models.exchange.hf.check_hf_config
+    if path.is_dir():
+        from .exchange.hf import hf_model_record  # it builds on this module: imported when a directory is read
+
+        return hf_model_record(path)
+    if path.suffix == ".safetensors":
+        return None  # bare weights: nothing recorded
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise missing_checkpoint_error(path)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -71,10 +71,21 @@ def pad_centre(mel, n_frames: int):
 
 
 def split_into_clips(mel: torch.Tensor, n_frames: int, hop_frames: int | None = None) -> torch.Tensor:
-    """A compressed mel ``(n_mels, T)`` -> clips ``(n_clips, n_mels, n_frames)`` covering all of it."""
+    """A compressed mel ``(n_mels, T)`` -> clips ``(n_clips, n_mels, n_frames)`` covering all of it.
+
+    ``hop_frames``: frames from one clip's start to the next, 1 to ``n_frames``; None: ``n_frames``
+    (consecutive clips). Any other value (0, negative, longer than a clip) is a ValueError, whatever
+    the mel's length.
+    """
     if mel.dim() != 2:
         raise ValueError(f"split_into_clips expects one mel (n_mels, frames), got shape {tuple(mel.shape)}")
-    hop_frames = hop_frames or n_frames
+    n_frames = check_count("n_frames", n_frames)
+    hop_frames = n_frames if hop_frames is None else check_count("hop_frames (None: one clip, consecutive clips)", hop_frames)
+    if hop_frames > n_frames:
+        raise ValueError(
+            f"split_into_clips got hop_frames={hop_frames} longer than n_frames={n_frames}: the frames between clips "
+            "would be dropped; use a hop of at most one clip (None: one clip)"
+        )
     T = mel.shape[1]
     if T <= n_frames:
         return pad_centre(mel.T, n_frames).T.unsqueeze(0)
@@ -95,8 +106,9 @@ def track_probabilities(
 ) -> list[torch.Tensor]:
     """Mean sigmoid probabilities ``(n_classes,)`` per track for 16 kHz mono audio tensors.
 
-    Each track is cut into clips of ``n_frames``; all clips of all tracks run in shared batches
-    and their probabilities are averaged per track. ``mel`` must give compressed, un-normalised
+    Each track is cut into clips of ``n_frames`` every ``hop_frames`` (None: ``n_frames``, as
+    ``split_into_clips``); all clips of all tracks run in shared batches and their probabilities
+    are averaged per track. ``mel`` must give compressed, un-normalised
     mels (the default); the model-input normalisation is applied here.
     """
     batch_size = check_count("batch_size", batch_size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import load_checkpoint, load_pretrained, read_checkpoint, record_of
-from .exchange.hf import check_hf_config, read_hf_state_dict
+from .exchange.hf import CONFIG_NAME, INPUT_T_KEY, check_hf_config, hf_model_record, read_hf_state_dict
 from .maest import MAEST, MAESTConfig
 
 _logger = logging.getLogger(__name__)
@@ -139,6 +139,20 @@ def pretrained_path(arch: str, weights_directory: str | os.PathLike | None = Non
     return path
 
 
+def released_weights_hint(path: str | os.PathLike) -> str | None:
+    """Where to get a missing file named as a registry arch's weights (``weights_file`` or its legacy name); else None."""
+    path = Path(path)
+    for spec in REGISTRY.values():
+        if spec.url and path.name in (spec.weights_file, spec.legacy_weights_file):
+            target = path.parent / spec.weights_file
+            then = "" if target == path else f", then pass checkpoint={str(target)!r}"
+            return (
+                f"It is the released weights file of {spec.name!r}: download {spec.url} and save it as {target} "
+                f"(or call models.registry.download_weights({spec.name!r}, weights_directory={str(path.parent)!r})){then}"
+            )
+    return None
+
+
 def download_weights(arch: str, weights_directory: str | os.PathLike | None = None, url: str | None = None) -> Path:
     """Fetch the weights of ``arch`` into the weights directory (atomic; skipped when present)."""
     spec = get_spec(arch)
@@ -175,7 +189,8 @@ def config_from_record(arch: str | None, record: dict | None, overrides: dict, s
     Without a record (upstream, bare or Hugging Face checkpoints) ``arch`` must be named. With one,
     the record fixes the architecture: an ``overrides`` value or a named ``arch`` whose registry
     config contradicts it is an error naming both (``n_classes`` may differ when ``reinit_heads``:
-    fine-tuning on other labels). Run-time options (patchout, dropout, ...) are taken as given.
+    fine-tuning on other labels). Fields the record leaves out (a Hugging Face directory's
+    ``distilled_type``) are the arch's. Run-time options (patchout, dropout, ...) are taken as given.
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the arch's / the checkpoint's
     fields = set(MAESTConfig.__dataclass_fields__)
@@ -190,23 +205,28 @@ def config_from_record(arch: str | None, record: dict | None, overrides: dict, s
             )
         return arch, build_config(arch, **overrides)
     stored = record["config"]
-    clashes = []
+    named = get_spec(arch).config if arch is not None else {}  # an unknown name is an error
+    clashes = []  # sentences, each naming the given and the recorded value
     if arch is not None and arch != record["arch"]:
-        named = get_spec(arch).config  # an unknown name is an error
-        clashes += [
-            f"maest.arch={arch} has {k}={v}" for k, v in named.items() if k != "n_classes" and k in stored and stored[k] != v
-        ]
-    clashes += [
-        f"{k}={v}" for k, v in overrides.items() if k in stored and stored[k] != v and not (k == "n_classes" and reinit_heads)
-    ]
+        wrong = [f"{k}={v} (the checkpoint has {stored[k]})" for k, v in named.items() if k != "n_classes" and k in stored and stored[k] != v]
+        if wrong:
+            clashes.append(f"maest.arch={arch} contradicts it: {arch} has {', '.join(wrong)}")
+    wrong_keys = [k for k, v in overrides.items() if k in stored and stored[k] != v and not (k == "n_classes" and reinit_heads)]
+    clashes += [f"{k}={overrides[k]} contradicts it (the checkpoint has {k}={stored[k]})" for k in wrong_keys]
     if clashes:
         held = ", ".join(f"{k}={stored[k]}" for k in stored)
-        raise ValueError(
-            f"{source} holds a {record['arch'] or 'MAEST'} model ({held}); {'; '.join(clashes)} contradicts it. "
-            "Drop the contradicting key (the checkpoint's config is used), or, to fine-tune on other labels, "
-            "set reinit_heads=True (config: maest.reinit_heads=True) with the new n_classes"
+        message = (
+            f"{source} holds a {record['arch'] or 'MAEST'} model ({held}); {'; '.join(clashes)}. "
+            "Drop the contradicting key(s): the checkpoint's config is used."
         )
-    return arch or record["arch"], MAESTConfig(**{**stored, **overrides})
+        if wrong_keys == ["n_classes"] and len(clashes) == 1:  # only the head's size differs: fine-tuning can change it
+            message += (
+                " At inference, drop n_classes (and maest.reinit_heads: it only applies when training). To fine-tune "
+                "on other labels, train with reinit_heads=True (config: maest.reinit_heads=True, or the finetune "
+                "named config) and the new n_classes: the backbone loads, the heads are re-initialised."
+            )
+        raise ValueError(message)
+    return arch or record["arch"], MAESTConfig(**{**named, **stored, **overrides})
 
 
 def get_maest(
@@ -223,8 +243,9 @@ def get_maest(
 
     ``checkpoint``: a MAEST checkpoint (Lightning, bare state dict or Hugging Face directory),
     loaded strictly; from a Lightning checkpoint the SWA weights unless ``checkpoint_swa_weights``
-    is False. A checkpoint of this project records its model (SPEC §5.6): ``arch`` may then be
-    None, and a key that contradicts the record is an error. ``pretrained``: the registry's weights
+    is False. A checkpoint of this project records its model (SPEC §5.6), and so does the
+    ``config.json`` of a directory written by ``export_hf``: ``arch`` may then be None, and a key
+    that contradicts the record is an error. ``pretrained``: the registry's weights
     from the local weights directory (PaSST and DeiT weights are converted). Files are read without
     running code from them; a file whose weights need full unpickling loads only with
     ``trust_checkpoint=True`` (runs any code the file holds: only for files you trust).
@@ -232,13 +253,23 @@ def get_maest(
     (``head.*``, ``head_dist.*``) are re-initialised for ``n_classes``. ``overrides``: any
     ``MAESTConfig`` field (n_classes, input_t, ...); None means the arch's or the checkpoint's.
     """
-    obj = None
+    obj = record = None
     hf_directory = checkpoint is not None and Path(checkpoint).is_dir()  # models.exchange.hf reads it
-    if checkpoint is not None and not hf_directory:
+    source = f"{'Hugging Face directory' if hf_directory else 'checkpoint'} {checkpoint}"
+    if hf_directory:
+        record = hf_model_record(checkpoint)  # export_hf's config.json records the model; a folder without one is an error
+        if record is None and arch is None:
+            raise ValueError(
+                f"{source}: its {CONFIG_NAME} has no {INPUT_T_KEY} (not written by export_hf, e.g. a Hub download), so it "
+                f"does not record its model's clip: name its architecture, e.g. arch='discogs-maest-30s-pw-129e' "
+                f"(config: maest.arch=...), or build it with models.exchange.hf.maest_from_hf(DIR), which infers the clip from max_length"
+            )
+    elif checkpoint is not None:
         obj = read_checkpoint(checkpoint, trust_checkpoint)  # read once: record and weights
-    elif checkpoint is None and arch is None:
+        record = record_of(obj, source)
+    elif arch is None:
         raise ValueError("get_maest needs an arch (a registry name) or a checkpoint that records its model")
-    arch, config = config_from_record(arch, record_of(obj, f"checkpoint {checkpoint}"), overrides, f"checkpoint {checkpoint}", reinit_heads)
+    arch, config = config_from_record(arch, record, overrides, source, reinit_heads)
     model = MAEST(config)
     if hf_directory:
         if not reinit_heads:

@@ -136,3 +136,12 @@ def test_the_data_module_has_no_prediction_stage():
 
     assert "groundtruth_predict" not in MAESTDataModule.__init__.__code__.co_varnames
     assert "predict_dataloader" not in vars(MAESTDataModule) and "predict_step" not in vars(MAESTModule)
+
+
+@pytest.mark.parametrize("hop", [0, -5, 126, 62.5, True])
+def test_split_into_clips_refuses_a_hop_that_is_not_1_to_one_clip(hop):
+    # None is the one spelling of "consecutive clips" (ClipDataset's too); 0 is no hop, not a full one.
+    for frames in (500, 40):  # a long and a short mel alike
+        with pytest.raises(ValueError, match=rf"hop_frames.*{hop!r}|hop_frames={hop} longer than n_frames=125"):
+            split_into_clips(torch.zeros(N_MELS, frames), N_FRAMES, hop_frames=hop)
+    assert split_into_clips(torch.zeros(N_MELS, 500), N_FRAMES, hop_frames=None).shape == (4, N_MELS, N_FRAMES)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
+from ..checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint, read_safetensors
 from ..maest import MAEST, MAESTConfig
 
 _logger = logging.getLogger(__name__)
@@ -456,21 +456,56 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory: {CONFIG_NAME} is missing "
-            f"(expected {CONFIG_NAME} and one of {', '.join(WEIGHT_NAMES)})"
+            f"(expected {CONFIG_NAME} and one of {', '.join(WEIGHT_NAMES)}); a checkpoint is a file "
+            "(.ckpt, .pt, .safetensors) or a directory written by export_hf"
         )
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_file} holds a {type(hf_config).__name__}, not a Hugging Face config (a JSON object)")
+    return hf_config
+
+
+def hf_labels(hf_config: dict, n_classes: int, source: str = "AST config") -> list[str] | None:
+    """The label names of ``id2label`` in index order; None without names (absent, or ``LABEL_<i>``, what
+    ``export_hf`` writes for a model without label names)."""
+    id2label = hf_config.get("id2label")
+    if not id2label:
+        return None
+    try:
+        by_index = {int(i): str(name) for i, name in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        by_index = None
+    if by_index is None or sorted(by_index) != list(range(n_classes)):
+        raise CheckpointError(f"{source}: id2label must map the indices 0 to {n_classes - 1} to names, got {str(id2label)[:200]}")
+    labels = [by_index[i] for i in range(n_classes)]
+    return None if labels == [f"LABEL_{i}" for i in range(n_classes)] else labels
+
+
+def hf_model_record(path: str | os.PathLike) -> dict | None:
+    """The model record (as ``models.checkpoints.record_of`` gives it) of a directory written by ``export_hf``.
+
+    Its ``config.json`` fixes the network (``maest_input_t``, width, depth, heads, ``n_classes``) and
+    ``id2label`` names the labels, so ``get_maest(checkpoint=DIR)`` needs no arch. ``distilled_type``
+    is left out: AST computes ``head((CLS + DIST) / 2)`` whatever the exported model was trained as,
+    so it stays the arch's or the caller's (``"mean"`` by default). None for other AST directories
+    (a Hub download has no ``maest_input_t``: its clip is a guess, so its arch must be named).
+    A folder without ``config.json`` is a ``FileNotFoundError`` saying it is not a Hugging Face directory.
+    """
+    source = f"Hugging Face directory {path}"
+    hf_config = read_hf_config(path)
+    if INPUT_T_KEY not in hf_config:
+        return None
+    config = maest_overrides_from_hf(hf_config, source)
+    del config["distilled_type"]
+    return {"arch": None, "config": config, "labels": hf_labels(hf_config, config["n_classes"], source)}
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs safetensors: pip install safetensors (see requirements-extras.txt)") from e
-        return load_file(str(path))
+        return read_safetensors(path)  # a corrupt file is a CheckpointError naming it
     return read_checkpoint(path)  # weights-only: never runs code from the file
 
 
