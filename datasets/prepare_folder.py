@@ -6,12 +6,15 @@
 Labels come from one of two places:
 
 - sub-folders (default): a file's label is the name of its first-level sub-folder of AUDIO_DIR
-  (``AUDIO_DIR/rock/album/x.mp3`` is ``rock``); files directly in AUDIO_DIR are skipped;
+  (``AUDIO_DIR/rock/album/x.mp3`` is ``rock``; symlinked folders are followed); files directly in
+  AUDIO_DIR are skipped;
 - ``--labels-csv F``: rows ``path,labels`` (``.tsv``: tab separated), ``path`` relative to
   AUDIO_DIR, ``labels`` separated by ``;`` or ``|`` (e.g. ``rock;live``; may be empty). An
   optional header row starts with ``path``; lines starting with ``#`` are comments. Audio files
-  not in the CSV are ignored; CSV rows whose file is missing are listed as failed. Absolute
-  paths and paths with a ``..`` part are refused (every such row is listed) before any work.
+  not in the CSV are ignored; CSV rows whose file is missing are listed as failed. Rows with more
+  than two columns, absolute paths, paths with a ``..`` part and paths listed twice are refused
+  before any work, every such row listed in one error. Paths match the files whatever their
+  Unicode form (a CSV written on macOS spells names decomposed, NFD); label names are NFC.
 
 Output, with ``datamodule.base_dir=OUT_DIR``:
 
@@ -28,7 +31,8 @@ Output, with ``datamodule.base_dir=OUT_DIR``:
   are still prepared, and the command exits with status 1). A rerun updates the list: entries of
   files it prepared are dropped, the others kept (``helpers.failures``).
 
-The run is resumable: mel files are written atomically, and complete ones are not computed again.
+The run is resumable: mel files are written atomically, and complete ones are not computed again
+(a mel file that is truncated or holds NaN or inf is).
 It shows a progress bar over the files (on a terminal), warns about files shorter than one
 16-frame patch (they are zero-padded when read), and logs how many files of each label every
 split holds, warning about labels absent from validation or test (they cannot be scored there).
@@ -45,6 +49,7 @@ import multiprocessing
 import os
 import re
 import sys
+import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +61,7 @@ from tqdm import tqdm
 from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_audio_files, load_audio
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
-from helpers.melfiles import MelFileError, MelReader, key_problem, save_groundtruth, write_mel
+from helpers.melfiles import MelFileError, MelReader, canonical_key, is_finite, key_problem, save_groundtruth, write_mel
 from models.maest import MAESTConfig
 from models.mel import HOP_LENGTH, SAMPLE_RATE
 
@@ -83,12 +88,19 @@ class ExtractionResult:
 
 
 def mel_file_is_complete(path: Path) -> bool:
-    """True for an existing, readable ``(frames, 96)`` mel file (what a finished write leaves)."""
+    """True for an existing, readable ``(frames, 96)`` mel file free of NaN and inf (what a finished write leaves).
+
+    The NaN/inf test reads each complete file once on a rerun (``is_finite``: a fraction of a
+    millisecond per 30 s file in the page cache, little next to decoding the audio again).
+    """
     if not path.is_file():
         return False
     try:
-        MelReader(path.parent).open(path.name)
+        mel = MelReader(path.parent).open(path.name)
     except MelFileError:
+        return False
+    if not is_finite(mel):  # write_mel never writes these: the file was damaged since
+        log.warning("mel file %s contains NaN or inf values: computing it again", path)
         return False
     return True
 
@@ -173,15 +185,21 @@ def write_failed_list(
 # ---------------------------------------------------------------- labels
 
 
+def _nfc(text: str) -> str:
+    """One Unicode spelling of a name: macOS writes names decomposed (NFD), most tools composed (NFC)."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
+
+
 def labels_from_folders(audio_dir: Path, files: Sequence[Path]) -> dict[Path, list[str]]:
-    """``{file: [first-level sub-folder name]}``; files directly in ``audio_dir`` are left out."""
+    """``{file: [first-level sub-folder name]}`` (NFC: folders copied from macOS are one label); files
+    directly in ``audio_dir`` are left out."""
     labelled, unlabelled = {}, []
     for f in files:
         parts = f.relative_to(audio_dir).parts
         if len(parts) < 2:
             unlabelled.append(f)
         else:
-            labelled[f] = [parts[0]]
+            labelled[f] = [_nfc(parts[0])]
     if unlabelled:
         log.warning(
             "%d file(s) directly in %s have no label sub-folder and are skipped (e.g. %s)",
@@ -190,39 +208,82 @@ def labels_from_folders(audio_dir: Path, files: Sequence[Path]) -> dict[Path, li
     return labelled
 
 
+def _on_disk(audio_dir: Path, rel: Path, listings: dict[Path, dict[str, str]]) -> Path:
+    """``audio_dir / rel`` as spelled on disk, where a part exists only in another Unicode form (NFD vs NFC).
+
+    ``listings`` caches ``{NFC name: name on disk}`` per folder. A path not found either way is
+    returned as written (it is then reported missing).
+    """
+    path = audio_dir / rel
+    if rel.as_posix().isascii() or path.exists():
+        return path
+    current = audio_dir
+    for part in rel.parts:
+        if not (current / part).exists():
+            if current not in listings:
+                try:
+                    listings[current] = {_nfc(name): name for name in os.listdir(current)}
+                except OSError:
+                    listings[current] = {}
+            part = listings[current].get(_nfc(part))
+            if part is None:
+                return path
+        current = current / part
+    return current
+
+
 def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
-    """Rows ``path,labels`` (tab separated for ``.tsv``) -> ``{audio_dir / path: [label, ...]}``."""
+    """Rows ``path,labels`` (tab separated for ``.tsv``) -> ``{audio_dir / path: [label, ...]}``.
+
+    Every row is checked before any work: rows with more than two columns, paths that are absolute
+    or have a ``..`` part, and paths listed twice are all reported in one error, each with its line
+    number. Paths are matched to the files after Unicode normalisation (a CSV written on macOS, NFD,
+    names the same files as one in NFC), and label names are NFC.
+    """
     if not csv_path.is_file():
         raise FileNotFoundError(f"labels file {csv_path} does not exist")
     delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
     labels: dict[Path, list[str]] = {}
-    outside = []  # rows whose path would leave AUDIO_DIR: refused together, before any work
+    first_line: dict[str, int] = {}  # NFC relative path -> line of its row
+    listings: dict[Path, dict[str, str]] = {}
+    columns, outside, twice = [], [], []  # bad rows, refused together before any work
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            if not labels and row[0].strip().lower() == "path":
+            if not first_line and not (columns or outside or twice) and row[0].strip().lower() == "path":
                 continue  # header
             if len(row) > 2:
-                raise ValueError(
+                columns.append(
                     f"{csv_path}:{line_no}: expected 2 columns (path, labels) but got {len(row)}: {row!r}; "
                     "separate labels with ';' or '|', not with the column delimiter"
                 )
-            problem = key_problem(row[0].strip())
-            if problem is not None:
-                outside.append(f"{csv_path}:{line_no}: {row[0].strip()!r} is {problem}")
                 continue
-            rel = Path(row[0].strip())
-            path = audio_dir / rel
-            if path in labels:
-                raise ValueError(f"{csv_path}:{line_no}: {rel} is listed twice")
+            name = row[0].strip()
+            problem = key_problem(name)
+            if problem is not None:
+                outside.append(f"{csv_path}:{line_no}: {name!r}: {problem}")
+                continue
+            rel = Path(name)
+            same = _nfc(rel.as_posix())  # 'a//b.wav', './a/b.wav' and NFD spellings name one file
+            if same in first_line:
+                twice.append(f"{csv_path}:{line_no}: {rel.as_posix()} is listed twice (first on line {first_line[same]})")
+                continue
+            first_line[same] = line_no
             names = LABEL_SEPARATORS.split(row[1]) if len(row) == 2 else []
-            labels[path] = sorted({n.strip() for n in names if n.strip()})
+            labels[_on_disk(audio_dir, rel, listings)] = sorted({_nfc(n.strip()) for n in names if n.strip()})
+    problems = []
+    if columns:
+        problems.append(f"{len(columns)} row(s) of {csv_path} have more than 2 columns:\n  " + "\n  ".join(columns))
     if outside:
-        raise ValueError(
+        problems.append(
             f"{len(outside)} row(s) of {csv_path} name files outside the audio folder {audio_dir}; paths must be "
             "relative to it, without '..':\n  " + "\n  ".join(outside)
         )
+    if twice:
+        problems.append(f"{len(twice)} row(s) of {csv_path} list a file again:\n  " + "\n  ".join(twice))
+    if problems:
+        raise ValueError("\n".join(problems) + f"\nfix these rows of {csv_path} (nothing was read or written)")
     if not labels:
         raise ValueError(f"labels file {csv_path} has no rows")
     return labels
@@ -245,6 +306,19 @@ def mel_keys(audio_dir: Path, files: Sequence[Path], mel_format: str) -> dict[Pa
         for rel in rels:
             name = rel if len(rels) > 1 else stem  # a.wav and a.mp3 -> a.wav.mmap and a.mp3.mmap
             keys[audio_dir / rel] = f"mels/{name.as_posix()}.{mel_format}"
+    # Names that differ only in Unicode form (NFC, NFD) can both exist (not on macOS); their mel keys
+    # would name one file to every reader of the ground truth (helpers.melfiles.check_keys).
+    seen, clashes = {}, []
+    for f, key in keys.items():
+        other = seen.setdefault(canonical_key(key), f)
+        if other != f:
+            clashes.append(f"{other.relative_to(audio_dir)!s} and {f.relative_to(audio_dir)!s}")
+    if clashes:
+        raise ValueError(
+            f"{len(clashes)} pair(s) of files in {audio_dir} have names that differ only in Unicode normalisation "
+            "(composed NFC vs decomposed NFD, as macOS writes them) and would share one mel file; rename one of "
+            "each:\n  " + "\n  ".join(clashes)
+        )
     return keys
 
 

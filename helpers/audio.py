@@ -4,9 +4,9 @@
 decodes what libsndfile cannot (AAC/ALAC in M4A, Opus in WebM or Matroska, WMA, WAV files holding
 Vorbis or MP3, ...) with FFmpeg through PyAV (``av``, which ships FFmpeg in its wheel). Channels
 are averaged, then the signal is resampled with soxr (``soxr_hq``). Every failure is an
-``AudioLoadError`` naming the file and the cause: "unsupported codec X" when FFmpeg finds an audio
-stream it has no decoder for, "corrupt or not audio" when neither reader makes sense of the file;
-batch preparers skip and list it.
+``AudioLoadError`` naming the file and the cause: "empty (0 bytes)", "unsupported codec X" when
+FFmpeg finds an audio stream it has no decoder for, "corrupt or not audio" when neither reader
+makes sense of the file (or finds no audio in it); batch preparers skip and list it.
 
 ``audio_to_mel`` gives the stored-file convention: ``(frames, 96)`` float32 compressed log mels,
 not normalised (normalisation happens when the model input is built).
@@ -45,6 +45,18 @@ def _describe(error: Exception) -> str:
     return str(error).strip() or type(error).__name__
 
 
+def _describe_soundfile(error: Exception, path: Path) -> str:
+    """libsndfile's reason without the "Error opening '<path>': " prefix (the message names the file already).
+
+    Its MPEG reader says "File does not exist or is not a regular file" of any mp3 it cannot
+    parse; the file does exist here (``load_audio`` checked), so that text would only mislead.
+    """
+    text = _describe(error).removeprefix(f"Error opening {str(path)!r}: ").strip()
+    if "does not exist or is not a regular file" in text:
+        return "not a format it can decode"
+    return text.rstrip(".")
+
+
 def _read(path: Path) -> tuple[np.ndarray, int, int | None]:
     """``(samples, channels)`` float32, the file's sample rate, and the frames its header declares (None: unknown)."""
     try:
@@ -68,15 +80,15 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
         import av
     except ImportError as e:
         raise AudioLoadError(
-            f"cannot decode audio file {path}: soundfile says {_describe(sf_error)}, and PyAV (FFmpeg), which reads "
-            "m4a/aac/opus/webm/wma and other codecs, is not installed: pip install -r requirements.txt"
+            f"cannot decode audio file {path}: soundfile says {_describe_soundfile(sf_error, path)}, and PyAV "
+            "(FFmpeg), which reads m4a/aac/opus/webm/wma and other codecs, is not installed: pip install -r requirements.txt"
         ) from e
     try:
         container = av.open(str(path), mode="r")
     except av.FFmpegError as e:
         raise AudioLoadError(
-            f"cannot decode audio file {path}: soundfile says {_describe(sf_error)}; FFmpeg says {_describe(e)}. "
-            "The file is corrupt or not audio: re-encode it (e.g. to flac) or remove it"
+            f"cannot decode audio file {path}: soundfile says {_describe_soundfile(sf_error, path)}; FFmpeg says "
+            f"{_describe(e)}. The file is corrupt or not audio: re-encode it (e.g. to flac) or remove it"
         ) from e
     with container:
         if not container.streams.audio:
@@ -105,7 +117,6 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
                 "The file is corrupt: re-encode or re-download it"
             ) from e
         rate = codec.sample_rate
-        channels = codec.channels
         if not chunks and data_bytes:
             # e.g. Vorbis in WAV: the WAV demuxer cuts the stream into blocks the Vorbis decoder cannot parse.
             raise AudioLoadError(
@@ -113,8 +124,14 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
                 f"reads {data_bytes} bytes of {codec.name} data but decodes no audio from them; re-encode the file "
                 f"(e.g. to flac, or {codec.name} in its usual container) with the tool that made it"
             )
-    if not chunks:
-        return np.zeros((0, max(channels, 1)), dtype=np.float32), rate
+        if not chunks:
+            # libsndfile refused the file and FFmpeg, guessing a container (often from the name alone), finds
+            # no audio packet in it: random bytes named .flac end here; they are not an empty recording.
+            raise AudioLoadError(
+                f"cannot decode audio file {path}: soundfile says {_describe_soundfile(sf_error, path)}; FFmpeg opens "
+                f"it as {container.format.name} but finds no audio data in it. The file is corrupt or not audio: "
+                "re-encode it (e.g. to flac) or remove it"
+            )
     audio = np.concatenate(chunks, axis=1).T  # (samples, channels)
     # Encoders pad the last frame (AAC: up to 1024 samples); the container's duration says where the
     # signal ends. Trim at most that one frame: a longer excess means the duration is an estimate.
@@ -184,9 +201,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     path = Path(path)
     if not path.is_file():
         raise AudioLoadError(f"audio file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise AudioLoadError(f"audio file {path} is empty (0 bytes): download or export it again, or remove it")
     audio, file_sr, declared = _read(path)
-    if audio.size == 0 or audio.shape[0] == 0:
-        raise AudioLoadError(f"audio file {path} is empty (0 samples)")
+    if audio.size == 0 or audio.shape[0] == 0:  # a well-formed file that holds no samples (e.g. a bare WAV header)
+        raise AudioLoadError(f"audio file {path} is empty (0 samples): it holds no audio; export it again, or remove it")
     if declared is not None and audio.shape[0] < declared:
         raise AudioLoadError(
             f"audio file {path} is truncated: its header says {declared / file_sr:.2f} s, the file holds "
@@ -229,26 +248,67 @@ def audio_to_mel(audio: np.ndarray, mel: MelSpectrogram | None = None) -> np.nda
     return np.ascontiguousarray(spec.T.numpy(), dtype=np.float32)  # (frames, n_mels)
 
 
-def list_audio_files(
+def find_audio_files(
     paths: Iterable[str | os.PathLike], extensions: Iterable[str] = AUDIO_EXTENSIONS
-) -> list[Path]:
-    """Files named in ``paths``, with folders expanded recursively to their audio files, sorted.
+) -> tuple[list[Path], dict[str, str]]:
+    """Files named in ``paths``, with folders expanded recursively to their audio files (sorted), and
+    ``{path: reason}`` of the paths that name neither a file nor a folder (missing ones: "does not exist").
 
     Extensions are matched case-insensitively with or without the dot; hidden files and folders
     (names starting with ``.``, e.g. macOS ``._x.mp3``) are skipped while expanding folders.
-    Files named explicitly are kept whatever their extension.
+    Files named explicitly are kept whatever their extension. Symlinked folders are followed; a
+    link back to a folder it lies in (a cycle) is skipped with a warning.
     """
     suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     found: set[Path] = set()
+    unusable: dict[str, str] = {}
     for p in map(Path, paths):
         if p.is_file():
             found.add(p)
         elif p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                found.update(
-                    Path(root) / f for f in files if not f.startswith(".") and f.lower().endswith(suffixes)
-                )
+            found.update(_audio_files_under(p, suffixes))
+        elif not p.exists():  # also a symlink to nothing
+            unusable[str(p)] = f"{p} does not exist: check the path"
         else:
-            raise FileNotFoundError(f"{p} is neither an audio file nor a folder")
-    return sorted(found, key=str)
+            unusable[str(p)] = f"{p} is neither an audio file nor a folder (a pipe, socket or device)"
+    return sorted(found, key=str), unusable
+
+
+def _audio_files_under(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Audio files below ``folder``, through symlinked folders too (``os.walk`` would skip those).
+
+    Each folder on the stack carries the real paths of the folders it lies in: a link to one of
+    them is a cycle and is not entered. A folder reached by two links is listed under both names.
+    """
+    files = []
+    stack = [(folder, frozenset())]
+    while stack:
+        current, inside = stack.pop()
+        real = os.path.realpath(current)
+        if real in inside:
+            log.warning("not following %s: it links to %s, a folder it lies in (a cycle)", current, real)
+            continue
+        try:
+            entries = list(os.scandir(current))
+        except OSError as e:
+            log.warning("cannot read folder %s (%s): its files are left out", current, e)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows symlinks
+                stack.append((current / entry.name, inside | {real}))
+            elif entry.name.lower().endswith(suffixes):  # files, and links to nothing (reading them reports it)
+                files.append(current / entry.name)
+    return files
+
+
+def list_audio_files(
+    paths: Iterable[str | os.PathLike], extensions: Iterable[str] = AUDIO_EXTENSIONS
+) -> list[Path]:
+    """``find_audio_files`` for callers that need every path to exist: raises ``FileNotFoundError``
+    naming every path that is neither a file nor a folder ("... does not exist")."""
+    found, unusable = find_audio_files(paths, extensions)
+    if unusable:
+        raise FileNotFoundError("; ".join(unusable.values()))
+    return found

@@ -79,15 +79,13 @@ class ExtractionReport:
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason
 
     def summary(self) -> str:
-        lines = [
+        """One line of counts. The failures are not repeated here: the commands print each on its own
+        ``FAILED <key>: <reason>`` line on stderr (``helpers.failures.format_failures``), once."""
+        listed = f" (in {Path(self.out_dir) / f'failed-{self.kind}.txt'})" if self.failed else ""
+        return (
             f"{self.kind}: {len(self.written)} written, {len(self.skipped)} already present, "
-            f"{len(self.failed)} failed -> {self.out_dir}"
-        ]
-        for key, reason in list(self.failed.items())[:20]:
-            lines.append(f"  FAILED {key}: {reason}")
-        if len(self.failed) > 20:
-            lines.append(f"  ... and {len(self.failed) - 20} more failures")
-        return "\n".join(lines)
+            f"{len(self.failed)} failed{listed} -> {self.out_dir}"
+        )
 
     def as_dict(self) -> dict:
         return {"out_dir": self.out_dir, "kind": self.kind, "written": len(self.written), "skipped": len(self.skipped), "failed": dict(self.failed)}
@@ -232,7 +230,7 @@ def extract(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    hop_frames = hop_frames or n_frames
+    hop_frames = n_frames if hop_frames is None else hop_frames  # 0 is refused below, not read as "one clip"
     check_clip_frames(model, n_frames, hop_frames)
     if kind == "timestamps":
         hop_frames = grid_hop_frames(model, n_frames, hop_frames)
@@ -458,33 +456,41 @@ def predict_files(
 ) -> tuple[list[dict], dict[str, str]]:
     """Audio files or folders -> per-file top-k labels with probabilities; failures by path.
 
+    A path that does not exist (or names neither a file nor a folder) is a failure like a file that
+    cannot be decoded: the others are labelled. When no audio file is found at all, it raises
+    ``FileNotFoundError``.
+
     Files are decoded in ``num_workers`` worker processes (``AudioFiles``); their mels are computed
     on the model's device and the clips of several files share batches of ``batch_size``
     (``models.inference.track_probabilities``), each file's probabilities averaged over its own
     clips only. ``model`` is prepared in place (``prepare_for_inference``: ``precision``, ``compile``).
     """
-    from .audio import AUDIO_EXTENSIONS, list_audio_files
+    from .audio import AUDIO_EXTENSIONS, find_audio_files
 
     if len(labels) != model.n_classes:
         raise ValueError(f"{len(labels)} label names for a model with {model.n_classes} outputs: pass one name per output")
     top_k = check_count("top_k (predict.top_k, labels per file)", top_k)
     batch_size = check_count("batch_size (predict.batch_size, clips per forward pass)", batch_size)
-    hop_frames = hop_frames or n_frames
+    hop_frames = n_frames if hop_frames is None else hop_frames  # 0 is refused below, not read as "one clip"
     check_clip_frames(model, n_frames, hop_frames)
     device = next(model.parameters()).device
     check_precision(precision, device)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]  # one file or folder, not its characters
-    files = list_audio_files(list(paths))
+    # A path that does not exist is a bad input like a corrupt file (SPEC §8): listed, the others labelled.
+    files, missing = find_audio_files(list(paths))
     if not files:
-        raise FileNotFoundError(f"no audio files ({', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}) found in {list(paths)}")
+        found_nothing = f"no audio files ({', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}) found in {list(paths)}"
+        raise FileNotFoundError(found_nothing + "".join(f"; {reason}" for reason in missing.values()))
+    for reason in missing.values():
+        _logger.warning("skipping %s", reason)
     model = prepare_for_inference(model, precision=precision, compile=compile)
     mel = MelSpectrogram().to(device)  # fp32 whatever the model's precision; built once, not per file
     loader = DataLoader(
         AudioFiles(files), batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
         pin_memory=device.type == "cuda",
     )
-    results, failures = [], {}
+    results, failures = [], dict(missing)
 
     def forward(group: list[tuple[str, torch.Tensor]]) -> None:
         probs = track_probabilities(model, [a for _, a in group], n_frames, hop_frames, batch_size=batch_size, mel=mel)

@@ -45,6 +45,14 @@ MIN_FRAMES = 16  # one MAEST patch: shorter mels are zero-padded to it, so they 
 _warned_short: set[str] = set()  # files already warned about in this process (one warning per file)
 
 
+# What fixes a damaged mel file: the preparers (``datasets.prepare_folder.extract_mel_files``) recompute
+# mel files that are missing or unreadable, and those holding NaN or inf, and skip every other one.
+RECOMPUTE_HINT = (
+    "delete it and run the command that prepared the data again (python -m datasets.prepare_folder AUDIO_DIR "
+    "OUT_DIR, or the dataset's preprocess command): it recomputes missing mel files"
+)
+
+
 class MelFileError(ValueError):
     """A mel file that is missing, truncated, or of the wrong shape or dtype; the message names the file."""
 
@@ -163,7 +171,7 @@ class MelReader:
     def path(self, key: str) -> Path:
         problem = key_problem(key)
         if problem is not None:
-            raise MelFileError(f"mel key {key!r} is {problem}; it is not read from {self.base_dir}")
+            raise MelFileError(f"mel key {key!r}: {problem}; it is not read from {self.base_dir}")
         return self.base_dir / key
 
     def _hdf5(self):
@@ -193,14 +201,14 @@ class MelReader:
                 if size == 0 or size % row:
                     raise MelFileError(
                         f"mel file {path} has {size} bytes, not a whole number of {self.n_mels}-band float16 "
-                        "frames: it is truncated or not a MAEST .mmap; extract it again"
+                        f"frames: it is truncated or not a MAEST .mmap; {RECOMPUTE_HINT}"
                     )
                 mel = np.memmap(path, dtype=MMAP_DTYPE, mode="r", shape=(size // row, self.n_mels))
             elif path.suffix == ".npy":
                 try:
                     mel = np.load(path, mmap_mode="r", allow_pickle=False)  # a pickled .npy would run code
                 except (ValueError, OSError, EOFError) as e:
-                    raise MelFileError(f"mel file {path} cannot be read as .npy ({e}): extract it again") from e
+                    raise MelFileError(f"mel file {path} cannot be read as .npy ({e}): {RECOMPUTE_HINT}") from e
             else:
                 raise MelFileError(f"unknown mel file kind {path.suffix!r} for {path}: use .mmap, .npy or an .h5 store")
         if mel.ndim != 2 or mel.shape[1] != self.n_mels or mel.shape[0] == 0:
@@ -230,8 +238,25 @@ class MelReader:
         mel = self.open(key)
         out = np.asarray(mel[start:stop], dtype=np.float32)
         if not np.isfinite(out).all():
-            raise MelFileError(f"mel file {self.base_dir / key} contains NaN or inf values: extract it again")
+            raise MelFileError(f"mel file {self.base_dir / key} contains NaN or inf values: {RECOMPUTE_HINT}")
         return out
+
+
+def is_finite(mel, chunk_frames: int = 8192) -> bool:
+    """True when no value of a ``(frames, n_mels)`` mel (an open, e.g. memory-mapped, file) is NaN or inf.
+
+    Reads the whole file, in chunks. float16 (what the writers store) is tested on its exponent bits
+    (all ones: inf or NaN), several times faster than ``np.isfinite`` on float16.
+    """
+    for start in range(0, mel.shape[0], chunk_frames):
+        block = np.asarray(mel[start : start + chunk_frames])
+        if block.dtype == np.float16:
+            exponent = np.bitwise_and(block.view(np.uint16), 0x7C00)  # all ones: inf or NaN
+            if exponent.size and int(exponent.max()) == 0x7C00:
+                return False
+        elif not np.isfinite(block).all():
+            return False
+    return True
 
 
 class GroundTruthError(ValueError):

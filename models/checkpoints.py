@@ -7,8 +7,7 @@
 - DeiT-B distilled 384 (timm layout, optionally under ``"model"``): the 2-D position grid is
   resized to the new grid and averaged into frequency and time embeddings;
 - Hugging Face ``ASTForAudioClassification`` directories: ``models.exchange.hf`` converts them
-  (it builds on this module; ``get_maest`` sends a directory there, and ``read_model_record``
-  asks it for the record a directory written by ``export_hf`` holds in its ``config.json``).
+  (it builds on this module, never the other way; ``get_maest`` sends a directory there).
 
 ``checkpoint_filter_fn`` converts foreign weights and never touches the model; ``load_state_dict_strict``
 reports every missing, unexpected or mis-shaped key by name.
@@ -54,14 +53,6 @@ NOT_A_CHECKPOINT = "the file is truncated or not a torch checkpoint"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def missing_checkpoint_error(path: Path) -> FileNotFoundError:
-    """The error for a checkpoint path that does not exist; for a released weights file's name, where to get it."""
-    from .registry import released_weights_hint  # the registry builds on this module: imported only when a file is missing
-
-    hint = released_weights_hint(path)
-    return FileNotFoundError(f"checkpoint {path} does not exist" + (f". {hint}" if hint else ""))
-
-
 def _check_torch_file(path: Path) -> None:
     """A clear error for a file that cannot be a torch checkpoint (text, audio, empty), before torch's reader trips on it."""
     with open(path, "rb") as f:
@@ -103,7 +94,7 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             "models.exchange.hf (get_maest(checkpoint=DIR) reads it)"
         )
     if not path.is_file():
-        raise missing_checkpoint_error(path)
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     _check_torch_file(path)
@@ -179,20 +170,18 @@ def record_of(obj, source: str = "checkpoint") -> dict | None:
 
 
 def read_model_record(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict | None:
-    """The model record of a checkpoint: a file's ``maest_model``, or what the ``config.json`` of a Hugging
-    Face directory written by ``export_hf`` records (``models.exchange.hf.hf_model_record``); None without one.
+    """The model record of a checkpoint file (None for files without one; a Hugging Face directory's is
+    ``models.exchange.hf.hf_model_record``'s, and ``models.registry.read_record`` reads either).
 
     Memory-maps the file where torch's weights-only reader takes it, so the weights are not read.
     """
     path = Path(path)
     if path.is_dir():
-        from .exchange.hf import hf_model_record  # it builds on this module: imported when a directory is read
-
-        return hf_model_record(path)
+        raise CheckpointError(f"checkpoint {path} is a folder: models.registry.read_record reads a Hugging Face directory's record")
     if path.suffix == ".safetensors":
         return None  # bare weights: nothing recorded
     if not path.is_file():
-        raise missing_checkpoint_error(path)
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

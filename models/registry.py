@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import load_checkpoint, load_pretrained, read_checkpoint, record_of
+from .checkpoints import load_checkpoint, load_pretrained, read_checkpoint, read_model_record, record_of
 from .exchange.hf import CONFIG_NAME, INPUT_T_KEY, check_hf_config, hf_model_record, read_hf_state_dict
 from .maest import MAEST, MAESTConfig
 
@@ -153,6 +153,23 @@ def released_weights_hint(path: str | os.PathLike) -> str | None:
     return None
 
 
+def missing_checkpoint_error(path: str | os.PathLike) -> FileNotFoundError:
+    """The error for a checkpoint path that does not exist; for a released weights file's name, where to get it."""
+    hint = released_weights_hint(path)
+    return FileNotFoundError(f"checkpoint {path} does not exist" + (f". {hint}" if hint else ""))
+
+
+def read_record(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict | None:
+    """The model record of a checkpoint (SPEC §5.6): a file's ``maest_model``, or what the ``config.json`` of a
+    Hugging Face directory written by ``export_hf`` records; None without one. What every command reads first."""
+    path = Path(path)
+    if path.is_dir():
+        return hf_model_record(path)
+    if not path.exists():
+        raise missing_checkpoint_error(path)
+    return read_model_record(path, trust_checkpoint)
+
+
 def download_weights(arch: str, weights_directory: str | os.PathLike | None = None, url: str | None = None) -> Path:
     """Fetch the weights of ``arch`` into the weights directory (atomic; skipped when present)."""
     spec = get_spec(arch)
@@ -265,6 +282,8 @@ def get_maest(
                 f"(config: maest.arch=...), or build it with models.exchange.hf.maest_from_hf(DIR), which infers the clip from max_length"
             )
     elif checkpoint is not None:
+        if not Path(checkpoint).exists():
+            raise missing_checkpoint_error(checkpoint)
         obj = read_checkpoint(checkpoint, trust_checkpoint)  # read once: record and weights
         record = record_of(obj, source)
     elif arch is None:

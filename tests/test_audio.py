@@ -1,12 +1,14 @@
 """helpers/audio.py: reading any audio file as 16 kHz mono, stored-file mels, listing audio files."""
 
+import os
+
 import librosa
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from helpers.audio import AudioLoadError, audio_to_mel, list_audio_files, load_audio
+from helpers.audio import AudioLoadError, audio_to_mel, find_audio_files, list_audio_files, load_audio
 from models.mel import MelSpectrogram
 
 SECONDS = 1.5
@@ -81,6 +83,28 @@ def test_empty_file(tmp_path):
         load_audio(path)
 
 
+@pytest.mark.parametrize("name", ["empty.mp3", "empty.wav", "empty.flac"])
+def test_a_zero_byte_file_is_empty_not_missing(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(AudioLoadError) as error:
+        load_audio(tmp_path / name)
+    assert str(error.value).startswith(f"audio file {tmp_path / name} is empty (0 bytes): ")
+    assert "regular file" not in str(error.value) and "does not exist" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["garbage.flac", "garbage.mp3", "garbage.wav", "garbage.ogg"])
+def test_random_bytes_are_corrupt_or_not_audio_not_empty(tmp_path, name):
+    # FFmpeg opens random bytes named .flac as a FLAC container with no packets: not an empty recording.
+    path = tmp_path / name
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(AudioLoadError) as error:
+        load_audio(path)
+    message = str(error.value)
+    assert message.startswith(f"cannot decode audio file {path}: ") and "corrupt or not audio" in message
+    assert "remove it" in message  # the fix
+    assert "empty" not in message and "regular file" not in message and "Error opening" not in message
+
+
 def test_nan_samples(tmp_path):
     path = tmp_path / "nan.wav"
     sf.write(path, np.array([0.0, np.nan, 0.1], dtype=np.float32), 16000, subtype="FLOAT")
@@ -123,5 +147,34 @@ def test_list_audio_files_expands_folders_recursively(tmp_path):
         key=str,
     )
     assert list_audio_files([tmp_path], extensions=("mp3",)) == [tmp_path / "sub/deeper/c.mp3"]
-    with pytest.raises(FileNotFoundError, match="neither an audio file nor a folder"):
+    # A path that does not exist: list_audio_files refuses it, find_audio_files returns it with its reason.
+    with pytest.raises(FileNotFoundError, match=r"missing does not exist: check the path"):
         list_audio_files([tmp_path / "missing"])
+    assert find_audio_files([tmp_path / "sub", tmp_path / "missing", tmp_path / "gone.wav"]) == (
+        [tmp_path / "sub/a.FLAC", tmp_path / "sub/deeper/c.mp3"],
+        {str(tmp_path / "missing"): f"{tmp_path / 'missing'} does not exist: check the path",
+         str(tmp_path / "gone.wav"): f"{tmp_path / 'gone.wav'} does not exist: check the path"},
+    )
+
+
+def test_symlinked_folders_are_followed_and_cycles_skipped(tmp_path, caplog):
+    # prepare_folder's case: AUDIO_DIR/rock is a link to a folder elsewhere.
+    (tmp_path / "my_audio/rock/live").mkdir(parents=True)
+    for name in ["my_audio/rock/a.wav", "my_audio/rock/live/b.mp3", "labelled/jazz/c.flac"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    labelled = tmp_path / "labelled"
+    (labelled / "rock").symlink_to(tmp_path / "my_audio/rock", target_is_directory=True)
+    (labelled / "jazz/again").symlink_to(labelled, target_is_directory=True)  # a cycle: a link to an ancestor
+    (tmp_path / "my_audio/rock/live/up").symlink_to("..", target_is_directory=True)  # a cycle through the first link
+    (labelled / "jazz/gone.wav").symlink_to(tmp_path / "nowhere.wav")  # a link to nothing is listed (reading reports it)
+
+    with caplog.at_level("WARNING", logger="helpers.audio"):
+        found = list_audio_files([labelled])
+
+    assert found == [labelled / "jazz/c.flac", labelled / "jazz/gone.wav", labelled / "rock/a.wav", labelled / "rock/live/b.mp3"]
+    skipped = sorted(r.getMessage() for r in caplog.records if "a cycle" in r.getMessage())
+    assert skipped == [
+        f"not following {labelled / 'jazz/again'}: it links to {os.path.realpath(labelled)}, a folder it lies in (a cycle)",
+        f"not following {labelled / 'rock/live/up'}: it links to {os.path.realpath(tmp_path / 'my_audio/rock')}, a folder it lies in (a cycle)",
+    ]

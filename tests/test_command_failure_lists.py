@@ -158,4 +158,6 @@ def test_training_with_no_readable_validation_file_does_not_start(data, tmp_path
     assert exit_info.value.code == 1
     assert sorted(read_failure_list(root / "failed-val.txt")) == sorted(bad)
     assert not list(root.rglob("*.ckpt"))
-    assert "2 validation file(s) skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 validation file(s) skipped" in err
+    assert "No validation file of datamodule.groundtruth_val can be read: the command stops before any work (nothing trained or evaluated)." in err

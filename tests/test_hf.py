@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,15 @@ def test_export_writes_an_ast_directory_with_our_config(exported):
     assert load_file(str(out / "maest_extra.safetensors"))["time_new_pos_embed_tail"].shape == (1, 64, 1, 1)
     assert "audio_spectrogram_transformer.encoder.layer.1.attention.attention.query.weight" in sd
     assert not any("head_dist" in k for k in sd)
+
+
+def test_every_exported_file_has_the_mode_of_a_file_the_user_writes(exported):
+    _, out = exported
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert "model.safetensors" in modes and "maest_extra.safetensors" in modes  # safetensors alone writes 0600
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_transformers_loads_the_export_with_equal_logits(exported):

@@ -13,9 +13,9 @@ import torch
 
 from ex_maest import ex
 from models import get_maest
-from models.checkpoints import CheckpointError, read_checkpoint, read_model_record
+from models.checkpoints import CheckpointError, read_checkpoint
 from models.exchange.hf import INPUT_T_KEY, export_hf
-from models.registry import REGISTRY, config_from_record
+from models.registry import REGISTRY, config_from_record, read_record
 
 TINY = dict(n_classes=5, input_t=100)  # maest-tiny: width 64, depth 2, 4 heads
 LABELS = ["Rock---Punk", "Jazz---Bop", "Electronic---Techno", "Pop---Ballad", "Folk---Celtic"]
@@ -52,7 +52,7 @@ def test_a_text_file_is_not_a_torch_checkpoint(tmp_path, name, content):
     with pytest.raises(CheckpointError, match=rf"cannot read checkpoint .*{name}: it is not a torch checkpoint"):
         get_maest("maest-tiny", checkpoint=path)
     with pytest.raises(CheckpointError, match=rf"{name}: it is not a torch checkpoint"):
-        read_model_record(path)  # what every command reads first
+        read_record(path)  # what every command reads first
 
 
 def test_an_audio_file_is_not_a_torch_checkpoint(tmp_path):
@@ -105,7 +105,7 @@ def test_a_missing_released_weights_file_says_where_to_get_it(tmp_path, name):
     with pytest.raises(FileNotFoundError, match=expected):
         get_maest("discogs-maest-30s-pw-129e", checkpoint=path)
     with pytest.raises(FileNotFoundError, match=expected):
-        read_model_record(path)  # the commands' route (maest.checkpoint= / inference_checkpoint=)
+        read_record(path)  # the commands' route (maest.checkpoint= / inference_checkpoint=)
 
 
 def test_a_missing_file_of_another_name_gets_no_download_hint(tmp_path):
@@ -126,14 +126,14 @@ def test_an_export_directory_loads_without_an_arch_or_overrides(exported):
 
 def test_an_export_directory_records_its_model_and_label_names(exported):
     _, out = exported
-    record = read_model_record(out)
+    record = read_record(out)
     assert record["arch"] is None and record["labels"] == LABELS
     assert (record["config"]["n_classes"], record["config"]["input_t"], record["config"]["depth"]) == (5, 100, 2)
 
 
 def test_an_export_without_label_names_records_none(tmp_path):
     out = export_hf(get_maest("maest-tiny", **TINY), tmp_path / "nolabels", feature_extractor=False)  # id2label LABEL_<i>
-    assert read_model_record(out)["labels"] is None
+    assert read_record(out)["labels"] is None
 
 
 def test_keys_that_contradict_an_export_directory_name_both_values(exported):
@@ -154,7 +154,7 @@ def test_a_hub_directory_without_maest_input_t_still_needs_its_arch(tmp_path, ex
     (hub / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=rf"hub: its config\.json has no {INPUT_T_KEY} \(not written by export_hf.*name its architecture"):
         get_maest(checkpoint=hub)
-    assert read_model_record(hub) is None
+    assert read_record(hub) is None
 
 
 def test_predict_names_the_classes_from_an_export_directory(exported, tmp_path):
@@ -180,7 +180,7 @@ def test_a_folder_of_audio_is_not_a_hugging_face_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=message):
         get_maest("maest-tiny", checkpoint=folder)
     with pytest.raises(FileNotFoundError, match=message):
-        read_model_record(folder)
+        read_record(folder)
 
 
 # ---- hints of a contradicting key ---------------------------------------------------------------

@@ -94,13 +94,33 @@ def test_an_unreadable_file_is_reported_and_the_others_predicted(model, audio_di
     assert [r["file"] for r in results] == [str(audio_dir / "short.wav"), str(audio_dir / "sub" / "long.flac")]
 
 
+@pytest.mark.parametrize("hop", [0, -5, N_FRAMES + 1])
+def test_a_hop_outside_one_to_a_clip_is_refused_before_any_file_is_read(model, audio_dir, hop):
+    with pytest.raises(ValueError, match=rf"hop_frames must be between 1 and the clip's {N_FRAMES} frames .*got {hop}"):
+        predict_files(model, [audio_dir], LABELS, n_frames=N_FRAMES, hop_frames=hop, progress=False)
+
+
+def test_a_missing_path_is_listed_and_every_other_file_labelled(model, audio_dir, tmp_path):
+    missing = tmp_path / "nope" / "does_not_exist.wav"
+    paths = [audio_dir / "short.wav", missing, tmp_path / "gone_folder", audio_dir / "sub" / "long.flac"]
+
+    results, failures = predict_files(model, paths, LABELS, n_frames=N_FRAMES, progress=False)
+
+    assert [r["file"] for r in results] == [str(audio_dir / "short.wav"), str(audio_dir / "sub" / "long.flac")]
+    assert failures == {
+        str(missing): f"{missing} does not exist: check the path",
+        str(tmp_path / "gone_folder"): f"{tmp_path / 'gone_folder'} does not exist: check the path",
+    }
+
+
 def test_predict_files_argument_errors(model, audio_dir, tmp_path):
     with pytest.raises(ValueError, match="2 label names for a model with 5 outputs"):
         predict_files(model, [audio_dir], ["a", "b"], n_frames=N_FRAMES, progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no audio files"):
         predict_files(model, [tmp_path / "empty"], LABELS, n_frames=N_FRAMES, progress=False)
-    with pytest.raises(FileNotFoundError, match="nope.mp3 is neither an audio file nor a folder"):
+    # Nothing exists at all: an error at once (one missing path among others is a listed failure).
+    with pytest.raises(FileNotFoundError, match=r"no audio files .* found in .*; .*nope\.mp3 does not exist: check the path"):
         predict_files(model, [tmp_path / "nope.mp3"], LABELS, n_frames=N_FRAMES, progress=False)
     with pytest.raises(ValueError, match="clips of 625 frames do not fit this model"):
         predict_files(model, [audio_dir], LABELS, n_frames=625, progress=False)
@@ -198,6 +218,24 @@ def test_predict_command_exits_non_zero_on_an_unreadable_file(audio_dir, checkpo
     assert exit_info.value.code == 1
     assert [r["file"] for r in json.loads(out.read_text())] == [str(audio_dir / "short.wav"), str(audio_dir / "sub" / "long.flac")]
     assert f"FAILED {audio_dir / 'broken.flac'}" in capsys.readouterr().err
+
+
+def test_predict_command_lists_a_missing_path_and_labels_the_others(audio_dir, checkpoint, labels_file, tmp_path, capsys):
+    # The stranger's command: predict.audio=["a.wav", "nope/does_not_exist.wav", "b.wav"].
+    from ex_maest import ex
+
+    missing = tmp_path / "nope" / "does_not_exist.wav"
+    out = tmp_path / "x.json"
+    audio = [str(audio_dir / "short.wav"), str(missing), str(audio_dir / "sub" / "long.flac")]
+    updates = command_updates(checkpoint, audio=audio, labels_file=str(labels_file), output=str(out))
+    with pytest.raises(SystemExit) as exit_info:
+        ex.run("predict", config_updates=updates, options={"--loglevel": "ERROR"})
+
+    assert exit_info.value.code == 1
+    assert [r["file"] for r in json.loads(out.read_text())] == [audio[0], audio[2]]
+    assert (tmp_path / "failed-predict.txt").read_text() == f"{missing}\t{missing} does not exist: check the path\n"
+    err = capsys.readouterr().err
+    assert f"FAILED {missing}: {missing} does not exist" in err and "1 audio file(s) skipped" in err
 
 
 def test_predict_command_configuration_errors(audio_dir, checkpoint, labels_file, tmp_path):

@@ -1,11 +1,13 @@
 """datasets/prepare_folder.py: audio folder -> mel files, ground truth, labels; resumable, failures listed."""
 
+import unicodedata
+
 import numpy as np
 import pytest
 import soundfile as sf
 
-from datasets.prepare_folder import main, mel_keys, prepare_folder, split_keys
-from helpers.melfiles import MelReader, load_groundtruth
+from datasets.prepare_folder import labels_from_folders, main, mel_keys, prepare_folder, split_keys
+from helpers.melfiles import MelFileError, MelReader, load_groundtruth
 
 FREQS = {"bass": 200.0, "treble": 3000.0}
 LENGTH_S = 0.5
@@ -171,3 +173,105 @@ def test_split_is_seeded_exact_and_stratified():
     for keys in split.values():
         share_a = sum(labels[k] == ("a",) for k in keys) / len(keys)
         assert share_a == pytest.approx(0.6, abs=0.11)  # label a is 60 % of every split
+
+
+def test_a_mel_file_with_nan_is_computed_again_on_a_rerun(audio_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(audio_dir, out)
+    damaged = out / "mels" / "bass" / "bass_0.mmap"
+    good = damaged.read_bytes()
+    mel = np.fromfile(damaged, dtype="<f2").reshape(-1, 96)
+    mel[3, 5] = np.nan
+    mel.tofile(damaged)  # write_mel refuses NaN: damage the bytes in place, same size
+    # What training says about it names a fix that works: delete it and prepare again.
+    with pytest.raises(MelFileError, match=r"bass_0\.mmap contains NaN or inf values: delete it and run the command that "
+                       r"prepared the data again \(python -m datasets\.prepare_folder AUDIO_DIR OUT_DIR"):
+        MelReader(out).read("mels/bass/bass_0.mmap")
+
+    result = prepare_folder(audio_dir, out)  # even without deleting it, the rerun recomputes it
+
+    assert (result.n_written, result.n_skipped) == (1, 11)
+    assert damaged.read_bytes() == good
+
+
+def test_a_symlinked_label_folder_is_a_label(tmp_path):
+    # AUDIO_DIR/rock -> ../my_audio/rock: os.walk without followlinks listed none of its files.
+    for name in ["my_audio/rock/r0.wav", "my_audio/rock/live/r1.wav", "labelled/jazz/j0.wav", "labelled/jazz/j1.wav"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / name, tone(300.0, 16000, 1), 16000)
+    labelled = tmp_path / "labelled"
+    (labelled / "rock").symlink_to("../my_audio/rock", target_is_directory=True)
+    (labelled / "jazz" / "loop").symlink_to("..", target_is_directory=True)  # a cycle: not followed forever
+
+    result = prepare_folder(labelled, tmp_path / "out", split=(0.5, 0.5, 0.0))
+
+    assert result.labels == ["jazz", "rock"] and not result.failed
+    assert sorted(load_groundtruth(tmp_path / "out" / "groundtruth-all.pk")) == [
+        "mels/jazz/j0.mmap", "mels/jazz/j1.mmap", "mels/rock/live/r1.mmap", "mels/rock/r0.mmap",
+    ]
+
+
+def test_a_missing_audio_folder_is_an_immediate_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"audio folder .*nowhere does not exist"):
+        prepare_folder(tmp_path / "nowhere", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_csv_lists_every_bad_row_in_one_error(audio_dir, tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text(
+        "path,labels\n"
+        "bass/bass_0.wav,low\n"
+        "bass/bass_0.wav,low\n"  # line 3: listed twice
+        "../x.wav,low\n"  # line 4
+        f"{audio_dir / 'bass' / 'bass_1.flac'},low\n"  # line 5: absolute
+        "bass/bass_2.wav,low,calm\n"  # line 6: three columns
+        "treble//treble_0.wav,high\n"
+        "./treble/treble_0.wav,high\n"  # line 8: the same file as line 7
+    )
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        prepare_folder(audio_dir, out, labels_csv=table)
+
+    message = str(error.value)
+    assert f"{table}:3: bass/bass_0.wav is listed twice (first on line 2)" in message
+    assert f"{table}:4: '../x.wav': has a '..' part" in message and "is has" not in message
+    assert f"{table}:5: '{audio_dir / 'bass' / 'bass_1.flac'}': absolute" in message
+    assert f"{table}:6: expected 2 columns (path, labels) but got 3" in message
+    assert f"{table}:8: treble/treble_0.wav is listed twice (first on line 7)" in message
+    assert "2 row(s) of" in message and "name files outside the audio folder" in message
+    assert message.endswith("(nothing was read or written)")
+    assert not out.exists()
+
+
+def test_labels_csv_in_decomposed_unicode_names_the_composed_files(tmp_path):
+    # The CSV comes from macOS (NFD); the files on disk are NFC, and one folder is NFD.
+    nfc, nfd = unicodedata.normalize("NFC", "électro"), unicodedata.normalize("NFD", "électro")
+    assert nfc != nfd
+    audio = tmp_path / "audio"
+    for name in [f"{nfc}/e1.wav", f"{nfc}/e2.wav", f"{nfd}_live/e3.wav"]:
+        (audio / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(audio / name, tone(300.0, 16000, 1), 16000)
+    table = tmp_path / "labels.csv"
+    table.write_text(f"{nfd}/e1.wav,{nfd}\n{nfc}/e2.wav,{nfc};live\n{nfc}_live/e3.wav,live\n", encoding="utf-8")
+
+    result = prepare_folder(audio, tmp_path / "out", labels_csv=table, split=(0.5, 0.5, 0.0))
+
+    assert not result.failed and result.labels == ["live", nfc]
+    gt = load_groundtruth(tmp_path / "out" / "groundtruth-all.pk")
+    assert {k: v.tolist() for k, v in gt.items()} == {  # keys as the files are spelled on disk
+        f"mels/{nfc}/e1.mmap": [False, True], f"mels/{nfc}/e2.mmap": [True, True], f"mels/{nfd}_live/e3.mmap": [True, False],
+    }
+    # A CSV naming one file in both forms lists it twice.
+    table.write_text(f"{nfd}/e1.wav,a\n{nfc}/e1.wav,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf":2: {nfc}/e1.wav is listed twice \(first on line 1\)"):
+        prepare_folder(audio, tmp_path / "out2", labels_csv=table)
+
+
+def test_subfolder_labels_are_one_label_whatever_the_unicode_form(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "électro"), unicodedata.normalize("NFD", "électro")
+    files = [tmp_path / nfd / "a.wav", tmp_path / nfc / "b.wav"]
+    assert labels_from_folders(tmp_path, files) == {files[0]: [nfc], files[1]: [nfc]}
+    # Two files whose names differ only in form would share one mel file: refused, naming both.
+    with pytest.raises(ValueError, match=r"1 pair\(s\) of files .* differ only in Unicode normalisation"):
+        mel_keys(tmp_path, [tmp_path / nfc / "x.wav", tmp_path / nfd / "x.wav"], "mmap")

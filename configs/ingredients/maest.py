@@ -11,10 +11,9 @@ from pathlib import Path
 from sacred import Ingredient
 
 from models import get_maest
-from models.checkpoints import read_model_record
 from models.maest import MAESTConfig
 from models.mel import HOP_LENGTH, SAMPLE_RATE
-from models.registry import REGISTRY, config_from_record, pretrained_path
+from models.registry import REGISTRY, config_from_record, pretrained_path, read_record
 
 _logger = logging.getLogger("ex_maest")
 
@@ -57,7 +56,7 @@ _NET_KEYS = (
 
 @functools.lru_cache(maxsize=4)
 def _cached_record(path: str, version: tuple | None, trust_checkpoint: bool) -> dict | None:
-    return read_model_record(path, trust_checkpoint)
+    return read_record(path, trust_checkpoint)
 
 
 def checkpoint_record(path, trust_checkpoint: bool = False) -> dict | None:

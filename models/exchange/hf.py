@@ -593,6 +593,13 @@ def _write_weights(out_dir: Path, sd: dict[str, torch.Tensor], names: tuple[str,
     return target
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def export_hf(
     model: MAEST,
     out_dir: str | os.PathLike,
@@ -639,7 +646,9 @@ def export_hf(
         for name in EXTRA_NAMES:  # a re-export into the folder must not keep a stale tail
             if not (stage / name).exists():
                 (out_dir / name).unlink(missing_ok=True)
+        mode = _file_mode()
         for path in sorted(stage.iterdir()):
+            os.chmod(path, mode)  # safetensors writes 0600 files; every file gets the umask's mode, as open() gives
             os.replace(path, out_dir / path.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
