@@ -36,7 +36,7 @@ from configs.ingredients.module import build_module, module_ing
 from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
-from configs.runs import INFO_COMMANDS, add_default_observer, check_config_files, check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
+from configs.runs import INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
 from helpers.data import hop_frames_for
 from helpers.extract import extract, predict_files, start_processes, write_predictions
 from helpers.failures import format_failures, update_failure_list
@@ -542,5 +542,6 @@ def export_onnx(inference_checkpoint, export, predict):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
+    check_config_keys(ex, sys.argv)  # a mistyped key is named with the keys it resembles
     add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
     ex.run_commandline()

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import TensorBoardLogger
 from sacred import Experiment
 
-from configs.runs import add_default_observer, check_config_files
+from configs.runs import add_default_observer, check_config_files, check_config_keys
 from configs.tl import register
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
@@ -325,5 +325,6 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
 
 if __name__ == "__main__":
     check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
+    check_config_keys(ex, sys.argv)  # a mistyped key is named with the keys it resembles
     add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
     ex.run_commandline()

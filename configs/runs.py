@@ -12,6 +12,7 @@ experiments overwrite each other's checkpoints.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -130,3 +131,80 @@ def check_config_files(argv: list[str]) -> None:
             f"config file {', '.join(missing)} does not exist (relative to {Path.cwd()}): give the path of a file that "
             "exists, e.g. the dataset.json that `python -m datasets.prepare_folder AUDIO OUT` wrote into OUT"
         )
+
+
+def _command_line_args(ex, argv: list[str]) -> dict | None:
+    """Sacred's own parse of ``argv`` (its docopt usage), or None where Sacred will report the command line itself."""
+    from docopt import DocoptExit, docopt
+    from sacred.utils import ensure_wellformed_argv
+
+    try:
+        return docopt(ex.get_usage()[2], [str(a) for a in ensure_wellformed_argv(argv)[1:]], default_help=False)
+    except (DocoptExit, SystemExit):
+        return None
+
+
+def _suggestions(key: str, known: list[str]) -> list[str]:
+    """Known keys close to ``key``: the same last part under another prefix first, then similar spellings."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    by_leaf = [k for k in known if difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio() >= 0.8]
+    return list(dict.fromkeys(same_leaf + close + by_leaf))[:3]
+
+
+def check_config_keys(ex, argv: list[str]) -> None:
+    """Refuse a ``key=value`` after ``with`` whose key no config has, naming the keys it resembles.
+
+    Sacred would stop too, with "Added new config entry that is not used anywhere" and the key set
+    to None; this names the key, the value given and the likely intended key. Keys under a dict
+    entry (``search_grid.lr``) are left to Sacred, which accepts them.
+    """
+    from sacred.arg_parser import get_config_updates
+    from sacred.initialize import create_run
+    from sacred.utils import ConfigAddedError
+
+    args = _command_line_args(ex, argv)
+    if not args or not args.get("UPDATE"):
+        return
+    updates, named = get_config_updates(args["UPDATE"])
+    if not updates:
+        return
+    command = args.get("COMMAND") or ex.default_command
+    try:
+        create_run(ex, command, updates, named)
+        return
+    except ConfigAddedError:
+        pass
+    except Exception:  # noqa: BLE001 - another problem (a value, a named config): the run reports it, with its own message
+        return
+    try:
+        config = create_run(ex, command, {}, named).config
+    except Exception:  # noqa: BLE001 - the named configs alone fail: Sacred's run reports that
+        return
+    known = sorted(k for k in flatten(config) if not any(part.startswith("__") for part in k.split(".")))
+    # A key is unknown when it names no config entry and sits at the top or directly in an
+    # ingredient; a new key inside a dict-valued entry (search_grid.wd) is Sacred's to accept.
+    sections = {""} | {ingredient.path for ingredient, depth in ex.traverse_ingredients() if depth > 0}
+    given = flatten(updates)
+    unknown = [k for k in given if k not in known and (k.rpartition(".")[0] in sections or k.rpartition(".")[0] not in config_paths(config))]
+    lines = []
+    for key in unknown:
+        close = _suggestions(key, known)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        lines.append(f"  {key}={given[key]!r}: no such config key{hint}")
+    if not lines:
+        return
+    listing = f"python {Path(argv[0]).name} print_config" + (f" with {' '.join(named)}" if named else "")
+    raise SystemExit(
+        f"unknown config key{'s' if len(lines) > 1 else ''} after `with`:\n" + "\n".join(lines) + f"\n`{listing}` lists every key with its comment"
+    )
+
+
+def config_paths(config: dict, prefix: str = "") -> set[str]:
+    """Every dotted path of a nested config that holds a dict (``{"a": {"b": {}}}`` -> ``{"a", "a.b"}``)."""
+    paths = set()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            paths |= {f"{prefix}{key}"} | config_paths(value, f"{prefix}{key}.")
+    return paths

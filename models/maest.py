@@ -123,6 +123,9 @@ class MAEST(nn.Module):
         )
         _validate_config(config)
         self.config = config
+        # The names of the outputs, or None: get_maest sets them from the checkpoint's record or the
+        # released model's list, and export_hf writes them as id2label. Not part of the state dict.
+        self.labels: list[str] | None = None
         D = config.embed_dim
         self.patch_embed = PatchEmbed(config.patch_size, config.stride_f, config.stride_t, 1, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))

@@ -300,4 +300,17 @@ def get_maest(
         spec = get_spec(arch)
         path = pretrained_path(arch, weights_directory)
         load_pretrained(model, path, kind=spec.init, use_swa=checkpoint_swa_weights, trust_checkpoint=trust_checkpoint, reinit_heads=reinit_heads)
+    model.labels = _output_labels(arch, record, config, loaded=checkpoint is not None or pretrained, reinit_heads=reinit_heads)
     return model.eval()
+
+
+def _output_labels(arch: str | None, record: dict | None, config: MAESTConfig, loaded: bool, reinit_heads: bool) -> list[str] | None:
+    """The names of the outputs of weights just loaded: the checkpoint's record, else the released
+    model's list when it has as many; None for new or re-initialised heads."""
+    if not loaded or reinit_heads:
+        return None
+    if record is not None and record.get("labels") is not None:
+        return list(record["labels"])
+    spec = REGISTRY.get(arch) if arch is not None else None
+    names = spec.labels() if spec is not None else None
+    return names if names is not None and len(names) == config.n_classes else None

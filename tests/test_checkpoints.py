@@ -224,3 +224,12 @@ def test_download_weights_is_atomic_and_skips_present_files(tmp_path):
     assert not list((tmp_path / "w").glob("*.part"))
     source.unlink()  # a second call does not fetch again
     assert download_weights("discogs-maest-10s-pw-129e", tmp_path / "w", url=source.as_uri()) == target
+
+
+def test_released_weights_carry_the_discogs_style_names(tmp_path):
+    small = dict(embed_dim=64, depth=2, num_heads=4)
+    saved = get_maest("discogs-maest-10s-pw-129e", **small)
+    torch.save({"state_dict": {f"net_swa.{k}": v for k, v in saved.state_dict().items()}}, tmp_path / "discogs-maest-10s-pw-129e-swa.ckpt")
+    model = get_maest("discogs-maest-10s-pw-129e", pretrained=True, weights_directory=tmp_path, **small)
+    assert len(model.labels) == 400 and model.labels[0] == "Blues---Boogie Woogie"  # what export_hf writes as id2label
+    assert get_maest("discogs-maest-10s-pw-129e", pretrained=True, weights_directory=tmp_path, n_classes=7, reinit_heads=True, **small).labels is None

@@ -186,3 +186,15 @@ def test_lightning_fit_draws_a_new_epoch_each_time(tmp_path):
     sampler = dm.train_dataloader().sampler
     sampler.set_epoch(1)
     assert [dm.dataset("train").key(i) for i in sampler] == second
+
+
+def test_the_default_worker_count_is_four_or_the_usable_cpus(monkeypatch):
+    import helpers.datamodule
+    from configs.ingredients.datamodule import datamodule_ing
+
+    for cpus, expected in ((2, 2), (16, 4), (1, 1)):
+        monkeypatch.setattr(helpers.datamodule, "usable_cpus", lambda: cpus)
+        assert helpers.datamodule.default_num_workers() == expected
+    monkeypatch.setattr(helpers.datamodule, "usable_cpus", lambda: 3)
+    config = datamodule_ing.configurations[0]()
+    assert config["num_workers"] == 3

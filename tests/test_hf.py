@@ -279,6 +279,27 @@ def test_export_checks_the_labels(tmp_path):
     assert maest_to_hf_state_dict(model.state_dict(), model.config)["classifier.dense.weight"].shape == (5, 64)
 
 
+def test_a_loaded_model_exports_the_label_names_it_was_saved_with(tmp_path):
+    from models.checkpoints import MODEL_RECORD_KEY, model_record
+
+    model = tiny()
+    ckpt = tmp_path / "named.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+                MODEL_RECORD_KEY: model_record("maest-tiny", model.config, LABELS)}, ckpt)
+    loaded = get_maest(checkpoint=ckpt, checkpoint_swa_weights=False)
+    assert loaded.labels == LABELS
+    out = export_hf(loaded, tmp_path / "hf")  # no labels= given: the checkpoint's names, not LABEL_<i>
+    assert read_hf_config(out)["id2label"] == {str(i): name for i, name in enumerate(LABELS)}
+    assert maest_from_hf(out).labels == LABELS
+    assert get_maest(checkpoint=out).labels == LABELS
+    assert export_hf(loaded, tmp_path / "given", labels=list("abcde")) and read_hf_config(tmp_path / "given")["id2label"]["0"] == "a"
+
+    assert get_maest(checkpoint=ckpt, checkpoint_swa_weights=False, n_classes=3, reinit_heads=True).labels is None  # new heads: no names
+    assert get_maest("maest-tiny", **TINY).labels is None  # random weights
+    unnamed = export_hf(tiny(), tmp_path / "unnamed")
+    assert read_hf_config(unnamed)["id2label"]["4"] == "LABEL_4" and maest_from_hf(unnamed).labels is None
+
+
 # ---- without transformers ----------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from sacred.observers import FileStorageObserver
 
 import ex_maest
 import ex_tl
-from configs.runs import SACRED_DIR_ENV, add_default_observer, check_config_files
+from configs.runs import SACRED_DIR_ENV, add_default_observer, check_config_files, check_config_keys
 from helpers.melfiles import save_groundtruth
 from helpers.metric_logger import ScalarCallbackLogger
 from helpers.probe import embedding_path
@@ -147,3 +147,28 @@ def test_a_missing_config_file_after_with_is_named_as_a_file(tmp_path, monkeypat
     done = subprocess.run([sys.executable, str(ROOT / "ex_tl.py"), "with", "demo", "typo/dataset.json"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "config file typo/dataset.json does not exist" in done.stderr
+
+
+def test_a_mistyped_key_is_named_with_the_keys_it_resembles(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["ex_maest.py", "with", "demo", "datamodule.batch_size_train=3", "trainer.max_epochs=2"],
+                 ["ex_maest.py", "predict", "with", "demo", "predict.top_k=2", "-F", "records"],
+                 ["ex_maest.py", "print_config"], ["ex_maest.py", "with", "demo"]):
+        check_config_keys(ex_maest.ex, argv)  # every key exists: nothing to say
+    check_config_keys(ex_tl.ex, ["ex_tl.py", "with", "demo", "probe_search", "search_grid.wd=[0.1]"])  # inside a dict entry: Sacred accepts it
+
+    with pytest.raises(SystemExit) as err:
+        check_config_keys(ex_maest.ex, ["ex_maest.py", "extract_embeddings", "with", "demo", "predict.transformer_blok=2",
+                                        "batch_size_train=3", "trainer.max_epochs=2", "-F", "records"])
+    message = str(err.value)
+    assert "unknown config keys after `with`:" in message
+    assert "predict.transformer_blok=2: no such config key; did you mean predict.transformer_block?" in message
+    assert "batch_size_train=3: no such config key; did you mean datamodule.batch_size_train?" in message
+    assert "max_epochs" not in message  # a key that exists is not listed
+    assert message.endswith("`python ex_maest.py print_config with demo` lists every key with its comment")
+
+    done = subprocess.run([sys.executable, str(ROOT / "ex_maest.py"), "with", "demo", "datamodule.batch_sise_train=3"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "datamodule.batch_sise_train=3: no such config key; did you mean datamodule.batch_size_train" in done.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before any run record or data

@@ -8,7 +8,7 @@ import torch
 from sacred import Ingredient
 
 from configs.ingredients.maest import model_clip_length, resolve_net
-from helpers.datamodule import MAESTDataModule
+from helpers.datamodule import MAESTDataModule, default_num_workers
 from models.maest import MAESTConfig
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
 
@@ -25,7 +25,7 @@ def datamodule_config():
     clip_length = None  # seconds per clip (10 s = 625 frames); None: the model's, maest.input_t * 256 / 16000 (10 s for input_t 625)
     batch_size_train = 12  # per device
     batch_size_test = 20  # validation and test (extraction and predict batch by predict.batch_size)
-    num_workers = 4  # DataLoader worker processes
+    num_workers = default_num_workers()  # DataLoader worker processes: 4, or the CPUs if fewer
     epoch_length = 200_000  # training draws per epoch (all ranks together)
     sampler = "balanced"  # "balanced" (class-balanced weights 1000 / (count + 100)) or "random"
     sampler_replacement = False  # draw with replacement (released models: without, as upstream's code; needs epoch_length <= training tracks)

@@ -546,7 +546,8 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def maest_from_hf(path: str | os.PathLike, **overrides) -> MAEST:
-    """Build a MAEST model shaped by a Hugging Face directory's config and load its weights (eval mode).
+    """Build a MAEST model shaped by a Hugging Face directory's config and load its weights (eval mode);
+    ``model.labels`` are its ``id2label`` names (None for ``LABEL_<i>``).
 
     ``overrides``: other ``MAESTConfig`` fields (e.g. ``s_patchout_t_interleaved``); shape fields
     that contradict the directory fail the strict load.
@@ -557,6 +558,7 @@ def maest_from_hf(path: str | os.PathLike, **overrides) -> MAEST:
     sd, shape = hf_to_maest_state_dict(read_hf_weights(path), hf_config, source=source, extra=read_hf_extra(path))
     model = MAEST(MAESTConfig(**{**shape, **overrides}))
     load_state_dict_strict(model, sd, source=source)
+    model.labels = hf_labels(hf_config, model.config.n_classes, source)
     return model.eval()
 
 
@@ -610,7 +612,8 @@ def export_hf(
 ) -> Path:
     """Write ``model`` as a Hugging Face ``ASTForAudioClassification`` directory; returns ``out_dir``.
 
-    ``max_length``: the frames AST (and the feature extractor) takes; None: the model's own clip
+    ``labels``: the output names (``id2label``); None: ``model.labels`` (what ``get_maest`` read from the
+    checkpoint or the released model), else ``LABEL_<i>``. ``max_length``: the frames AST (and the feature extractor) takes; None: the model's own clip
     (``model.config.input_t``; pass the clip the model is used with if it is another), ``"hub"``:
     the published models' length (``max_frames``), or a number of frames (module docstring).
     Files: ``config.json`` (``max_length``, ``maest_input_t``, labels as ``id2label``),
@@ -624,6 +627,8 @@ def export_hf(
     """
     config = model.config
     max_length = export_max_length(config, max_length)
+    if labels is None:
+        labels = getattr(model, "labels", None)  # get_maest's: the checkpoint's or the released model's names
     hf_config = hf_config_dict(config, labels, max_length)
     sd = maest_to_hf_state_dict(model.state_dict(), config, allow_separated=allow_separated, max_length=max_length)
     tail = time_embedding_tail(model.time_new_pos_embed.detach(), config.patches(max_length)[1])
