@@ -65,3 +65,39 @@ def test_every_readme_command_builds_a_valid_config(program, args, tmp_path, mon
     unknown = [n for n in named if n not in ex.named_configs]
     assert not unknown, f"README names {unknown}, which {program} does not have"
     create_run(ex, command, config_updates, named)  # unknown keys and bad values raise here
+
+
+SCRIPT = re.compile(r"python (-m [\w.]+|benchmarks/\w+\.py)((?: +[^ #`]+)*)")
+
+
+def readme_scripts() -> dict[str, list[list[str]]]:
+    """The arguments README gives each `python -m <module>` and `python benchmarks/<file>.py`."""
+    found: dict[str, list[list[str]]] = {}
+    for snippet in _snippets((ROOT / "README.md").read_text(encoding="utf-8")):
+        for match in SCRIPT.finditer(snippet):
+            if match.group(1) != "-m pytest":
+                found.setdefault(match.group(1), []).append(shlex.split(re.sub(r"(?<!\S)\[([^\]]+)\]", r"\1", match.group(2))))
+    return found
+
+
+SCRIPTS = readme_scripts()
+
+
+@pytest.mark.parametrize("program", sorted(SCRIPTS))
+def test_every_readme_script_takes_the_options_and_steps_readme_gives_it(program):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, *program.split(), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    usage = done.stdout
+    steps = {step for choices in re.findall(r"positional arguments:\n\s+\{([\w,-]+)\}", usage) for step in choices.split(",")}
+    for args in SCRIPTS[program]:
+        for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert re.search(rf"{re.escape(flag)}\b", usage), f"README gives {program} {flag}, which its --help does not list"
+        if steps and args and not args[0].startswith("-"):
+            assert args[0] in steps, f"README runs {program} {args[0]}, not one of {sorted(steps)}"
+
+
+def test_readme_scripts_were_found():
+    assert {"-m datasets.prepare_folder", "-m datasets.gtzan.preprocess", "-m hear_maest.validate", "benchmarks/bench_speed.py"} <= set(SCRIPTS)
