@@ -31,14 +31,14 @@ from sacred import Experiment
 from configs.checks import check_config_values, default_config
 from configs.ingredients.datamodule import build_datamodule, check_training_clip, datamodule_ing, inference_clip_length, training_labels
 from configs.ingredients.export import export_ing
-from configs.ingredients.maest import NetSetup, build_net, check_pretrained_weights, maest_ing, resolve_net
+from configs.ingredients.maest import NetSetup, build_net, check_pretrained_weights, check_weights_given, maest_ing, resolve_net
 from configs.ingredients.module import build_module, module_ing
 from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
 from helpers.data import hop_frames_for
-from helpers.extract import extract, predict_files, start_processes, write_predictions
+from helpers.extract import extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
 from models import heap
@@ -311,7 +311,9 @@ def test(_run, synthetic_data, inference_checkpoint):
     """Test maest.checkpoint (or the configured weights) on datamodule.groundtruth_test, every clip."""
     _prepare_synthetic(synthetic_data)
     inference_checkpoint = _inference_checkpoint()
-    datamodule = build_datamodule(clip_length=inference_clip_length(resolve_net(inference_checkpoint=inference_checkpoint).config))
+    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    check_weights_given(setup, "test")
+    datamodule = build_datamodule(clip_length=inference_clip_length(setup.config))
     net = build_net(data_n_classes=datamodule.n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
     module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
@@ -398,6 +400,7 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
         _prepare_synthetic(synthetic_data)
     fabric.barrier()
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
+    check_weights_given(setup, f"extract_{kind}")
     clip_length = inference_clip_length(setup.config)
     n_frames = n_frames_for(clip_length)
     hop_frames = hop_frames_for(hop, n_frames)
@@ -418,6 +421,8 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
         precision=predict["precision"],
         compile=predict["compile"],
         run_info={"arch": setup.arch, "checkpoint": setup.checkpoint, "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
+                  # what was computed from what: the weights by content (a checkpoint retrained in place differs), the mels by folder
+                  "weights": weights_digest(net), "base_dir": str(Path(datamodule_cfg["base_dir"]).absolute()),
                   # the clip as the model sees it: 5 and 4.992 s are both 312 frames, one setting
                   "pretrained": maest["pretrained"], "clip_length": n_frames * HOP_LENGTH / SAMPLE_RATE, "hop": hop},
     )
@@ -463,6 +468,7 @@ def predict(inference_checkpoint, predict):
     if not predict["audio"]:
         raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
+    check_weights_given(setup, "predict")
     n_frames = n_frames_for(inference_clip_length(setup.config))
     hop_frames = hop_frames_for(predict["hop"], n_frames)
     net = build_net(setup=setup).to(_device(predict["device"]))
@@ -510,6 +516,7 @@ def export_hf(inference_checkpoint, export, predict):
     from models.exchange.hf import export_hf as _export_hf
 
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
+    check_weights_given(setup, "export_hf")
     net = build_net(setup=setup)
     labels = _labels(setup, predict["labels_file"])
     max_length = export["hf_max_length"]
@@ -528,6 +535,7 @@ def export_onnx(inference_checkpoint, export, predict):
     from models.exchange.onnx import export_onnx as _export_onnx
 
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
+    check_weights_given(setup, "export_onnx")
     net = build_net(setup=setup)
     path = Path(export["out_dir"] or run_output("export")) / "model.onnx"
     clips = {}

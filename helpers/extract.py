@@ -15,13 +15,16 @@ clips, tail included (``helpers.data.FileClips``: the clips ``test`` scores), an
 Each file is written whole (temporary name, then rename) and skipped when present, so a killed
 run resumes; an unreadable file is reported and the others are still extracted. An output folder
 belongs to one setting: ``config.json`` is checked and written under a lock on the folder, so of
-two runs with different settings started at once, one is refused. Under ``torch.distributed``
+two runs with different settings started at once, one is refused. The setting names the weights
+by their content (``weights_digest``) and the mel folder, so a checkpoint replaced at the same path
+(a retrained ``last.ckpt``) or another dataset does not resume into the outputs of the old one. Under ``torch.distributed``
 (``start_processes``: Lightning's DDP launch, as training) the keys are split by global rank.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -94,6 +97,17 @@ class ExtractionReport:
 def _write_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """``sha256:<16 hex digits>`` of the model's state dict (names, dtypes, shapes and values): the
+    same for the same weights from any file, another for weights that differ in one value."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def check_clip_frames(model: MAEST, n_frames: int, hop_frames: int) -> None:

@@ -7,8 +7,13 @@ outputs, one ``<input>\\t<reason>`` line per failed input, sorted. Merging keeps
 
 - the entry of an input this run handled is replaced by this run's outcome: dropped when the
   input now succeeded, rewritten with the new reason when it failed again;
-- entries of inputs this run did not handle (an earlier run on other files) are kept;
+- entries of inputs this run did not handle (an earlier run on other files) are kept, unless the
+  command covers a whole set of inputs (a folder, a dataset split): then an entry outside it (a
+  file removed since, a path of another audio suffix) is dropped, since it is no longer an input;
 - the file is rewritten atomically, and removed only when no entry is left.
+
+On stderr the first ``SHOWN_FAILURES`` are printed one per line and the rest counted: the list
+file has them all (a preparer run on a partial copy of a dataset may skip tens of thousands).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from .files import write_text_atomic
 
 _logger = logging.getLogger(__name__)
+
+SHOWN_FAILURES = 20  # FAILED lines printed on stderr; the failure list holds every one
 
 
 def _one_line(text: str) -> str:
@@ -41,15 +48,20 @@ def read_failure_list(path: str | os.PathLike) -> dict[str, str]:
 
 
 def update_failure_list(
-    path: str | os.PathLike, failed: Mapping[str, str], succeeded: Iterable[str] = ()
+    path: str | os.PathLike, failed: Mapping[str, str], succeeded: Iterable[str] = (), covered: Iterable[str] | None = None
 ) -> dict[str, str]:
     """Merge this run's outcome into the failure list at ``path``; return the entries it now holds.
 
     ``failed``: inputs that failed in this run, with the reason; ``succeeded``: inputs this run
-    found good (their earlier entries are dropped). Other entries are kept.
+    found good (their earlier entries are dropped). ``covered``: every input the command is about
+    (a folder's files, a split's tracks), when it covers a whole set: earlier entries outside it
+    are dropped. Without it, other entries are kept.
     """
     path = Path(path)
     entries = read_failure_list(path)
+    if covered is not None:
+        keep = {str(name) for name in covered}
+        entries = {name: reason for name, reason in entries.items() if name in keep}
     for name in succeeded:
         entries.pop(str(name), None)
     entries.update({str(name): _one_line(reason) for name, reason in failed.items()})
@@ -61,8 +73,11 @@ def update_failure_list(
 
 
 def format_failures(failed: Mapping[str, str], list_path: str | os.PathLike | None, what: str = "input") -> str:
-    """Every failure on its own ``FAILED <input>: <reason>`` line and where the list is (for stderr)."""
-    lines = [f"FAILED {name}: {_one_line(reason)}" for name, reason in failed.items()]
+    """The failures on ``FAILED <input>: <reason>`` lines (the first ``SHOWN_FAILURES``, then a count of
+    the others) and where the list is (for stderr)."""
+    lines = [f"FAILED {name}: {_one_line(reason)}" for name, reason in list(failed.items())[:SHOWN_FAILURES]]
+    if len(failed) > SHOWN_FAILURES:
+        lines.append(f"... and {len(failed) - SHOWN_FAILURES} more" + (f" (all in {list_path})" if list_path is not None else ""))
     where = f"; listed in {list_path}" if list_path is not None else ""
     lines.append(f"{len(failed)} {what}(s) skipped{where}")
     return "\n".join(lines)

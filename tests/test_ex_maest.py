@@ -171,6 +171,26 @@ def test_inference_checkpoint_replaces_maest_checkpoint_in_test(demo_run, data, 
     assert results["test_loss"] == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.parametrize("command", ["test", "extract_embeddings", "extract_logits", "extract_timestamps", "predict", "export_hf", "export_onnx"])
+def test_inference_without_weights_is_refused_unless_random_weights_are_asked_for(command, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    updates = tiny_updates(data, tmp_path / "root")
+    updates["predict"] = {"out_dir": str(tmp_path / "out"), "audio": ["x.wav"], "num_workers": 0}
+    with pytest.raises(ValueError) as error:
+        run(command, ["demo"], updates)  # no checkpoint, maest.pretrained=False
+    message = str(error.value)
+    assert message.startswith(f"{command} has no weights to load: neither inference_checkpoint, maest.checkpoint nor maest.pretrained is set")
+    assert "maest-tiny network would be randomly initialised" in message and "maest.allow_random_weights=True" in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()  # refused before any output
+
+
+def test_random_weights_on_purpose_extract(data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "root")
+    updates["maest"]["allow_random_weights"] = True
+    updates["predict"] = {"out_dir": str(tmp_path / "out"), "num_workers": 0}
+    assert run("extract_logits", ["demo"], updates).result["written"] == len(load_groundtruth(data["groundtruth_all"]))
+
+
 def test_resume_continues_epochs_and_steps(data, tmp_path):
     root = tmp_path / "resume"
     first = run("main", ["demo"], tiny_updates(data, root, max_epochs=1))

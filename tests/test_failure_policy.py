@@ -20,7 +20,7 @@ from datasets.prepare_folder import main as prepare_main
 from datasets.prepare_folder import prepare_folder
 from helpers.data import ClipDataset
 from helpers.extract import claim_out_dir, extract
-from helpers.failures import read_failure_list, update_failure_list
+from helpers.failures import SHOWN_FAILURES, format_failures, read_failure_list, update_failure_list
 from helpers.melfiles import (
     MelFileError,
     MelReader,
@@ -188,6 +188,28 @@ def test_failure_list_keeps_entries_of_inputs_not_retried(tmp_path):
     assert not path.exists()  # every listed input has succeeded since
 
 
+def test_a_command_covering_a_whole_set_drops_entries_outside_it(tmp_path):
+    path = tmp_path / "failed.txt"
+    update_failure_list(path, {"blues/blues.00001.wav": "does not exist", "jazz/removed.wav": "cannot decode"}, covered=None)
+    # The rerun covers the .au tracks (another suffix) of a folder whose broken file was removed: nothing of the old list is an input now.
+    entries = update_failure_list(path, {"rock/rock.00002.au": "truncated"}, succeeded=["blues/blues.00001.au"],
+                                  covered=["blues/blues.00001.au", "rock/rock.00002.au"])
+    assert entries == {"rock/rock.00002.au": "truncated"} == read_failure_list(path)
+    update_failure_list(path, {}, succeeded=["rock/rock.00002.au"], covered=["blues/blues.00001.au", "rock/rock.00002.au"])
+    assert not path.exists()
+
+
+def test_stderr_shows_the_first_failures_and_counts_the_rest():
+    failed = {f"clip{i:05d}.mp3": "does not exist" for i in range(25_000)}
+    text = format_failures(failed, "out/failed.txt", "audio file")
+    lines = text.splitlines()
+    assert len(lines) == SHOWN_FAILURES + 2
+    assert lines[0] == "FAILED clip00000.mp3: does not exist" and lines[SHOWN_FAILURES - 1].startswith(f"FAILED clip{SHOWN_FAILURES - 1:05d}.mp3")
+    assert lines[-2] == f"... and {25_000 - SHOWN_FAILURES} more (all in out/failed.txt)"
+    assert lines[-1] == "25000 audio file(s) skipped; listed in out/failed.txt"
+    assert format_failures({"a": "x"}, None).splitlines() == ["FAILED a: x", "1 input(s) skipped"]
+
+
 def test_extraction_rerun_on_other_files_keeps_the_earlier_failure_list(model, mels, tmp_path):
     base, _ = mels
     reasons = _add_bad_files(base)
@@ -211,7 +233,7 @@ def _sacred_test_updates(base, gt, root):
         "inference_checkpoint": None,
         "datamodule": {"base_dir": str(base), "groundtruth_test": str(gt), "groundtruth_train": None, "groundtruth_val": None,
                        "clip_length": 2, "batch_size_test": 4, "num_workers": 0},
-        "maest": {"arch": "maest-tiny", "pretrained": False, "input_t": N_FRAMES, "n_classes": N_CLASSES},
+        "maest": {"arch": "maest-tiny", "pretrained": False, "input_t": N_FRAMES, "n_classes": N_CLASSES, "allow_random_weights": True},
         "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "precision": "32-true", "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False},
     }

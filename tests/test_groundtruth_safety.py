@@ -235,7 +235,7 @@ def test_commands_never_run_code_from_a_ground_truth(tmp_path):
         "synthetic_data": {"out_dir": None},
         "datamodule": {"base_dir": str(base), "groundtruth_predict": str(gt), "groundtruth_train": None, "groundtruth_val": None,
                        "clip_length": 2, "num_workers": 0},
-        "maest": {"arch": "maest-tiny", "pretrained": False, "input_t": 125, "n_classes": 2},
+        "maest": {"arch": "maest-tiny", "pretrained": False, "input_t": 125, "n_classes": 2, "allow_random_weights": True},
         "predict": {"out_dir": str(tmp_path / "out"), "num_workers": 0, "device": "cpu"},
     }
     error = _error_of(ex.run, "extract_embeddings", config_updates=updates, options={"--loglevel": "ERROR"})

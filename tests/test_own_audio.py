@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
 
@@ -114,6 +115,15 @@ def test_train_on_dataset_json_then_extract_into_the_runs_folder(prepared, tmp_p
     assert written["block"] == 1
     for key in load_groundtruth(run.config["datamodule"]["groundtruth_predict"]):
         assert np.load(embedding_path(tmp_path / "outputs" / name / "embeddings", key)).shape[1:] == (3, 64)
+    assert written["weights"].startswith("sha256:") and written["base_dir"] == str(Path(run.config["datamodule"]["base_dir"]).absolute())
+
+    # Training again rewrites last.ckpt in place: the same path, other weights. The folder's embeddings
+    # are of the old model, so the extraction refuses to resume into it instead of keeping them.
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["state_dict"] = {k: v + 0.01 if k.startswith("net_swa.head") else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, last)
+    with pytest.raises(ValueError, match=r"holds outputs of another setting \(weights: 'sha256:[0-9a-f]{16}' there, 'sha256:[0-9a-f]{16}' now\)"):
+        ex.run("extract_embeddings", named_configs=["demo", dataset_json], config_updates=TINY, options={"--loglevel": "ERROR"})
 
 
 def test_inference_checkpoint_last_before_training_names_the_folder_and_the_fix(prepared, tmp_path, monkeypatch):

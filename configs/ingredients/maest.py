@@ -28,6 +28,7 @@ def maest_config():
     checkpoint = None  # a MAEST checkpoint to load (Lightning .ckpt, state dict, or Hugging Face directory)
     checkpoint_swa_weights = True  # from a Lightning checkpoint, load the SWA weights (False: the plain ones)
     trust_checkpoint = False  # True: unpickle checkpoint/weights files fully, running any code they hold (only files you trust)
+    allow_random_weights = False  # inference commands: True runs a network with neither checkpoint nor pre-trained weights (a random baseline)
     reinit_heads = False  # training only: fine-tune on other labels: load the backbone strictly, re-initialise the heads for n_classes
     n_classes = None  # output classes; None: the checkpoint's, else the training ground truth's, else the arch's
     input_f = 96  # mel bands
@@ -112,6 +113,21 @@ def resolve_net(_config, data_n_classes: int | None = None, inference_checkpoint
     ):
         _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], config.input_t)
     return NetSetup(arch, config, checkpoint, record, reinit)
+
+
+@maest_ing.capture
+def check_weights_given(setup: NetSetup, command: str, pretrained, allow_random_weights) -> None:
+    """Refuse to run an inference command on random weights unless asked to: without a checkpoint and
+    ``maest.pretrained``, the network is initialised at random and its outputs mean nothing."""
+    if setup.checkpoint is not None or pretrained or allow_random_weights:
+        return
+    raise ValueError(
+        f"{command} has no weights to load: neither inference_checkpoint, maest.checkpoint nor maest.pretrained is set, so the "
+        f"{setup.arch} network would be randomly initialised and its outputs would mean nothing. Name the model: a released "
+        "one with its named config (e.g. `with maest_30s_from_passt_infer`, weights in weights/), a run trained here with "
+        "inference_checkpoint=outputs/<run_name>/train/checkpoints/last.ckpt, or any checkpoint with maest.checkpoint=FILE; "
+        "for a random-weights baseline on purpose, set maest.allow_random_weights=True"
+    )
 
 
 @maest_ing.capture
