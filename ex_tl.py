@@ -9,8 +9,8 @@
 
 Reads ``<embeddings_dir>/<key>.embeddings.npy`` for every key of the three ground truths
 (SPEC §7; one block ``(n_clips, 3, D)`` or several ``(n_clips, n_blocks, 3, D)``), trains on
-train, keeps the checkpoint of best validation score (``selection_metric``: ROC-AUC, or r2 for
-regression), tests it, and writes the validation and test metrics of ``task`` (multi-label:
+train, keeps the checkpoint of best validation score (``selection_metric``: ROC-AUC, accuracy for
+a multiclass task, r2 for regression), tests it, and writes the validation and test metrics of ``task`` (multi-label:
 macro ROC-AUC / PR-AUC with the number of classes they average over, ``n_classes_scored``) to
 ``<out_dir>/results.json``. With ``search=True`` (the ``probe_search`` named config) it runs the
 grid ``search_grid`` instead (``helpers.probe_search``): every trial, the chosen setting, the
@@ -67,7 +67,7 @@ def default_config():
     # "multilabel" (multi-hot labels: sigmoid, BCE, ROC-AUC/PR-AUC), "multiclass" (one-hot or class-index
     # labels: softmax, cross-entropy, accuracy) or "regression" (real values: MSE, r2)
     task = "multilabel"
-    selection_metric = None  # validation metric that picks the best epoch and search trial; None: roc_auc, or r2 for regression
+    selection_metric = None  # validation metric that picks the best epoch and search trial; None: roc_auc (multilabel), accuracy (multiclass), r2 (regression)
     hidden_size = 512  # units of each hidden layer of the probe; 0 makes it a linear probe
     hidden_layers = 1  # hidden layers of the probe (ReLU, dropout each); 0 makes it a linear probe
     dropout = 0.5  # dropout after each hidden layer (unused by a linear probe)

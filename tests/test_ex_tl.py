@@ -250,7 +250,7 @@ def test_multiclass_probe_with_weighted_blocks_reports_accuracy_and_the_weights(
 
     results = run([], updates).result
 
-    assert results["task"] == "multiclass" and results["selection_metric"] == "roc_auc"
+    assert results["task"] == "multiclass" and results["selection_metric"] == "accuracy"  # the multiclass default
     assert set(results["test"]) == {"accuracy", "roc_auc", "pr_auc", "n_classes_scored"}
     assert results["test"]["accuracy"] > 0.8 and results["n_classes"] == N_CLASSES, results["test"]  # chance: 1/3
     assert results["blocks"] == [1, 3] and results["input_dim"] == TOKEN_SIZE

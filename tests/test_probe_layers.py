@@ -241,9 +241,9 @@ def test_task_metrics_and_selection():
     pred = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.5, 0.4], [0.0, 0.1, 0.9]])
     metrics = task.metrics(y, pred)
     assert metrics["accuracy"] == 0.75 and metrics["roc_auc"] == pytest.approx(task.score("roc_auc", y, pred))
-    assert task.selection_metric() == "roc_auc" and task.selection_metric("accuracy") == "accuracy"
+    assert task.selection_metric() == "accuracy" and task.selection_metric("roc_auc") == "roc_auc"  # multiclass: accuracy selects
     assert ProbeTask("regression").selection_metric() == "r2"
-    with pytest.raises(ValueError, match=r"selection_metric='r2': task='multiclass' reports \('roc_auc', 'pr_auc', 'accuracy'\)"):
+    with pytest.raises(ValueError, match=r"selection_metric='r2': task='multiclass' reports \('accuracy', 'roc_auc', 'pr_auc'\)"):
         task.selection_metric("r2")
     with pytest.raises(ValueError, match=r"task='ranking': use one of"):
         ProbeTask("ranking")
