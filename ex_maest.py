@@ -36,7 +36,10 @@ from configs.ingredients.module import build_module, module_ing
 from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
-from configs.runs import INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, run_dir, run_name_for, trained_run_name, uses_synthetic_data
+from configs.runs import (
+    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, run_commandline, run_dir, run_name_for,
+    trained_run_name, uses_synthetic_data,
+)
 from helpers.data import hop_frames_for
 from helpers.extract import extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import format_failures, update_failure_list
@@ -47,6 +50,12 @@ from models.precision import PRECISIONS
 from models.registry import REGISTRY
 
 _logger = logging.getLogger("ex_maest")
+# What a Ctrl-C leaves and how to go on (configs.runs.run_commandline).
+RESUME_HINT = (
+    "finished work is kept. Training: its checkpoints (rerun the same command with ckpt_path=last to go on; "
+    "checkpoint_every_n_train_steps=N saves within an epoch). Extraction and data preparation: every file written "
+    "(rerun the same command: it skips them)."
+)
 
 ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
 
@@ -552,4 +561,4 @@ if __name__ == "__main__":
     check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
     check_config_keys(ex, sys.argv)  # a mistyped key is named with the keys it resembles
     add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
-    ex.run_commandline()
+    run_commandline(ex, RESUME_HINT)

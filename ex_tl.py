@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import TensorBoardLogger
 from sacred import Experiment
 
-from configs.runs import add_default_observer, check_config_files, check_config_keys
+from configs.runs import add_default_observer, check_config_files, check_config_keys, run_commandline
 from configs.tl import register
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
@@ -41,6 +41,11 @@ from helpers.probe import LOWER_IS_BETTER, EmbeddingDataModule, ProbeModule, Pro
 from helpers.probe_search import ProbeSettings, finite_or_none, plot_search, run_search
 
 logger = logging.getLogger(__name__)
+# What a Ctrl-C leaves and how to go on (configs.runs.run_commandline).
+RESUME_HINT = (
+    "a probe search keeps its finished trainings in trials.jsonl (rerun the same command: it goes on from them); "
+    "a single probe starts again when rerun."
+)
 
 ex = Experiment("maest_tl")
 
@@ -327,4 +332,4 @@ if __name__ == "__main__":
     check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
     check_config_keys(ex, sys.argv)  # a mistyped key is named with the keys it resembles
     add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
-    ex.run_commandline()
+    run_commandline(ex, RESUME_HINT)

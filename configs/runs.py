@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path, PurePath
 
 from configs.checks import flatten
@@ -208,3 +209,13 @@ def config_paths(config: dict, prefix: str = "") -> set[str]:
         if isinstance(value, dict):
             paths |= {f"{prefix}{key}"} | config_paths(value, f"{prefix}{key}.")
     return paths
+
+
+def run_commandline(ex, resume_hint: str) -> None:
+    """``ex.run_commandline()``, with Ctrl-C ending in one line that says what is kept and how to go on
+    (exit status 130, as a shell reports SIGINT) instead of a traceback from whatever code it stopped in."""
+    try:
+        ex.run_commandline()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {resume_hint}", file=sys.stderr)
+        raise SystemExit(130) from None

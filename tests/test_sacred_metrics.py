@@ -172,3 +172,18 @@ def test_a_mistyped_key_is_named_with_the_keys_it_resembles(tmp_path, monkeypatc
     assert done.returncode == 1
     assert "datamodule.batch_sise_train=3: no such config key; did you mean datamodule.batch_size_train" in done.stderr
     assert not (tmp_path / "outputs").exists()  # refused before any run record or data
+
+
+@pytest.mark.parametrize("program", [ex_maest, ex_tl])
+def test_ctrl_c_ends_in_one_line_saying_how_to_go_on(program, monkeypatch, capsys):
+    from configs.runs import run_commandline
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(program.ex, "run_commandline", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_commandline(program.ex, program.RESUME_HINT)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"interrupted (Ctrl-C): {program.RESUME_HINT}" and "rerun the same command" in err
