@@ -99,10 +99,29 @@ def _prepare_synthetic(synthetic_data, _config):
     return None
 
 
+def _run_checkpoints(folder: Path) -> list[Path]:
+    """The epoch-end (``last.ckpt``) and step checkpoints in ``folder``, with the ``-vN`` copies Lightning
+    names a later fresh run's checkpoints with (``last-v1.ckpt``) instead of overwriting an earlier run's."""
+    return [p for p in [*folder.glob("last.ckpt"), *folder.glob("last-v*.ckpt"), *folder.glob("step-*.ckpt")] if p.is_file()]
+
+
 def _newest_checkpoint(folder: Path) -> Path | None:
-    """A training run's newest checkpoint in ``folder``: last.ckpt (epoch end) or its step checkpoint."""
-    candidates = [p for p in [folder / "last.ckpt", *folder.glob("step-*.ckpt")] if p.is_file()]
+    """A training run's newest checkpoint in ``folder`` (``_run_checkpoints``), by modification time."""
+    candidates = _run_checkpoints(folder)
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+def _warn_earlier_checkpoints(trainer, ckpt_path) -> None:
+    """A fresh run (no ckpt_path) into a folder that holds an earlier run's checkpoints: say whose files will be whose."""
+    folder = Path(trainer.default_root_dir) / "checkpoints"
+    earlier = _newest_checkpoint(folder) if ckpt_path is None else None
+    if earlier is not None and trainer.is_global_zero:
+        _logger.warning(
+            "%s holds the checkpoints of an earlier run (newest: %s); this run starts afresh (no ckpt_path) and Lightning names "
+            "its checkpoints with a -vN suffix (last-v1.ckpt) beside them. ckpt_path=last and inference_checkpoint=last take "
+            "the newest. To go on with the earlier run instead, stop this one and add ckpt_path=last; to keep runs apart, set run_name",
+            folder, earlier.name,
+        )
 
 
 def _resolve_ckpt_path(ckpt_path, trainer):
@@ -259,13 +278,14 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     if trainer.is_global_zero:
         _logger.info("run %s: checkpoints and TensorBoard logs go to %s", _run.config["run_name"], trainer.default_root_dir)
     val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
+    _warn_earlier_checkpoints(trainer, ckpt_path)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
     result = {
         "best_checkpoint": checkpoint_cb.best_model_path if checkpoint_cb else None,
-        "last_checkpoint": str(Path(checkpoint_cb.dirpath) / "last.ckpt") if checkpoint_cb else None,
+        "last_checkpoint": (checkpoint_cb.last_model_path or str(Path(checkpoint_cb.dirpath) / "last.ckpt")) if checkpoint_cb else None,
         "logs": trainer.logger.log_dir if trainer.logger else None,
         "global_step": trainer.global_step,
         "metrics": metrics,

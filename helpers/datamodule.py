@@ -52,6 +52,18 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
+def resume_start(state: dict[str, int], rank: int, world_size: int, per_rank: int) -> int:
+    """Where ``rank`` of ``world_size`` resumes its shard of the epoch's draw after ``state`` (TrainLoader's).
+
+    Rank r's shard holds the draw's positions ``r, r + world_size, ...``, so after ``batches_done``
+    batches of ``batch_size`` on every one of the checkpoint's ranks, exactly the first
+    ``batches_done * batch_size * world_size`` positions were trained on, whatever the layout now:
+    this rank skips its positions below that (the same number as before when the layout is the same).
+    """
+    done = state["batches_done"] * state["batch_size"] * state["world_size"]
+    return min(max(0, -(-(done - rank) // world_size)), per_rank)
+
+
 class TrainLoader(DataLoader):
     """The training DataLoader; resumable mid-epoch through Lightning's stateful-loader protocol.
 
@@ -72,11 +84,10 @@ class TrainLoader(DataLoader):
         if layout != (self.batch_size, self.sampler.world_size):
             logger.warning(
                 "resuming with batch_size_train=%d on %d ranks from a checkpoint of batch_size_train=%d on %d ranks: "
-                "the rest of the interrupted epoch is not exactly what the first run would have trained on",
+                "the rest of the interrupted epoch trains each draw not trained on yet once, but in other batches",
                 self.batch_size, self.sampler.world_size, *layout,
             )
-        start = min(state["batches_done"] * self.batch_size, len(self.sampler))
-        self.sampler.resume(state["epoch"], start)
+        self.sampler.resume(state["epoch"], resume_start(state, self.sampler.rank, self.sampler.world_size, len(self.sampler)))
 
 
 class MAESTDataModule(pl.LightningDataModule):

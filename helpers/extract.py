@@ -128,7 +128,8 @@ def claim_out_dir(out_dir: str | os.PathLike, info: dict) -> None:
 
     Checking ``<out_dir>/config.json`` and writing it happen under the folder's lock
     (``folder_lock``), so two runs started at once cannot both pass the check with different
-    settings. Keys the folder does not record yet (e.g. ``block`` in a folder of logits) are added.
+    settings. Keys the folder does not record yet (e.g. ``block`` in a folder of logits) are added. The
+    checkpoint path may differ where both record the same ``weights`` (one model, named another way).
     """
     out_dir = Path(out_dir)
     path = out_dir / "config.json"
@@ -136,6 +137,8 @@ def claim_out_dir(out_dir: str | os.PathLike, info: dict) -> None:
     with folder_lock(out_dir):
         old = json.loads(path.read_text()) if path.is_file() else {}
         different = {k: (old.get(k), v) for k, v in info.items() if k in old and old.get(k) != v}
+        if "weights" in old and old.get("weights") == info.get("weights"):
+            different.pop("checkpoint", None)  # the same weights named by another path (relative, absolute, a copy): one setting
         # one block ("block") and several ("blocks") are one setting recorded under two names
         for mine, theirs in (("block", "blocks"), ("blocks", "block")):
             if mine in info and theirs in old and mine not in old:
@@ -324,7 +327,7 @@ def run_isolating_failures(group: list[tuple], forward, failed: dict[str, str]) 
             for item in group:
                 run_isolating_failures([item], forward, failed)
             return
-        _logger.warning("failed on %s: %s", group[0][0], e)
+        _logger.debug("failed on %s: %s", group[0][0], e)  # the command lists it (FAILED line, failure list)
         failed[group[0][0]] = str(e)
 
 
@@ -338,7 +341,7 @@ def run_in_groups(items, forward, failed: dict[str, str], batch_size: int, n_cli
     group, count = [], 0
     for name, data, error in items:
         if error is not None:
-            _logger.warning("skipping %s: %s", name, error)
+            _logger.debug("skipping %s: %s", name, error)
             failed[name] = error
             continue
         group.append((name, data))
@@ -399,7 +402,7 @@ def _extract_files(
                 write(key, y[start : start + c.shape[0]])
                 written.append(key)
             except (ValueError, RuntimeError, OSError) as e:  # one bad file never loses the others
-                _logger.warning("failed on %s: %s", key, e)
+                _logger.debug("failed on %s: %s", key, e)
                 failed[key] = str(e)
             start += c.shape[0]
 
@@ -497,7 +500,7 @@ def predict_files(
         found_nothing = f"no audio files ({', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}) found in {list(paths)}"
         raise FileNotFoundError(found_nothing + "".join(f"; {reason}" for reason in missing.values()))
     for reason in missing.values():
-        _logger.warning("skipping %s", reason)
+        _logger.debug("skipping %s", reason)
     model = prepare_for_inference(model, precision=precision, compile=compile)
     mel = MelSpectrogram().to(device)  # fp32 whatever the model's precision; built once, not per file
     loader = DataLoader(

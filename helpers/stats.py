@@ -36,7 +36,7 @@ def mel_statistics(
         try:
             mel = reader.read(key).astype(np.float64)
         except (MelFileError, OSError, ValueError) as e:
-            _logger.warning("skipping %s: %s", key, e)
+            _logger.debug("skipping %s: %s", key, e)  # the command lists it (FAILED line, failure list)
             failed[key] = str(e)
             continue
         total += mel.sum()

@@ -4,6 +4,9 @@ dataset, checkpoints, resume, `test`, `compute_norm_stats`, `model_speed_test`, 
 from __future__ import annotations
 
 import json
+import logging
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +214,29 @@ def test_resume_continues_epochs_and_steps(data, tmp_path):
     # The optimiser state was restored: Adam's step count covers both epochs.
     steps = {int(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
     assert steps == {2 * STEPS_PER_EPOCH}
+
+
+def test_a_second_fresh_run_in_one_folder_is_the_one_last_names(data, tmp_path, caplog):
+    import ex_maest
+
+    root = tmp_path / "twice"
+    first = run("main", ["demo"], tiny_updates(data, root, max_epochs=1))
+    assert Path(first.result["last_checkpoint"]).name == "last.ckpt"
+    updates = tiny_updates(data, root, max_epochs=1)
+    updates["seed"] = 1  # another model, same folder (the demo's variants share outputs/demo)
+    with caplog.at_level(logging.WARNING, logger="ex_maest"):
+        second = run("main", ["demo"], updates)
+    assert "holds the checkpoints of an earlier run (newest: last.ckpt); this run starts afresh" in caplog.text
+    last = Path(second.result["last_checkpoint"])
+    assert last.name == "last-v1.ckpt" and last.is_file()  # Lightning kept the first run's last.ckpt
+    assert ex_maest._newest_checkpoint(root / "checkpoints") == last  # what ckpt_path=last and inference_checkpoint=last take
+    weights = torch.load(last, weights_only=False)["state_dict"]["net_swa.head.1.weight"]
+    updates["inference_checkpoint"] = "last"
+    updates["predict"] = {"out_dir": str(tmp_path / "logits"), "num_workers": 0}
+    extracted = run("extract_logits", ["demo"], updates)
+    assert json.loads((tmp_path / "logits" / "config.json").read_text())["checkpoint"] == str(last)
+    assert not torch.equal(weights, torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["net_swa.head.1.weight"])
+    assert extracted.result["written"] > 0
 
 
 def test_resume_from_last_without_a_checkpoint_says_so(data, tmp_path):

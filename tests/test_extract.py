@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import copy
 import json
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.extract import ExtractionReport, extract, output_path
+from helpers.extract import ExtractionReport, extract, output_path, weights_digest
 from helpers.melfiles import save_groundtruth, write_mel
 from models import get_maest
 from models.mel import N_MELS, normalize
@@ -224,6 +225,20 @@ def test_another_setting_in_the_same_folder_is_refused(model, data, tmp_path):
     with pytest.raises(ValueError, match="hop_frames: 125 there, 62 now"):
         run_extract(model, data, out, kind="embeddings", block=1, hop_frames=62, run_info={"checkpoint": "a.ckpt"})
     assert files_under(out) == before
+
+
+def test_the_same_weights_by_another_path_are_one_setting_other_weights_are_not(model, data, tmp_path):
+    out = tmp_path / "out"
+    same = {"checkpoint": "outputs/x/train/checkpoints/last.ckpt", "weights": weights_digest(model)}
+    run_extract(model, data, out, kind="embeddings", block=1, run_info=same)
+    # The same file by its absolute path (or from another working directory): the same setting.
+    run_extract(model, data, out, kind="embeddings", block=1, run_info={**same, "checkpoint": "/abs/outputs/x/train/checkpoints/last.ckpt"})
+    assert json.loads((out / "config.json").read_text())["checkpoint"] == same["checkpoint"]  # as first recorded
+    retrained = copy.deepcopy(model)  # retrained in place: the same path, other weights
+    with torch.no_grad():
+        retrained.head[1].bias.add_(1e-3)
+    with pytest.raises(ValueError, match=r"another setting \(weights: 'sha256:[0-9a-f]{16}' there, 'sha256:[0-9a-f]{16}' now\)"):
+        run_extract(retrained, data, out, kind="embeddings", block=1, run_info={**same, "weights": weights_digest(retrained)})
 
 
 def test_clip_settings_the_model_cannot_take_are_refused_up_front(model, data, tmp_path):

@@ -178,6 +178,31 @@ def test_sampler_resumes_mid_epoch_with_the_remaining_draws(cls, replacement):
         resumed.resume(epoch=2, start=16)
 
 
+@pytest.mark.parametrize("before,after", [((8, 2), (8, 1)), ((8, 1), (8, 2)), ((8, 2), (5, 3)), ((4, 3), (4, 3))])
+def test_resuming_on_another_layout_trains_every_remaining_draw_once(before, after):
+    """Killed after 2 batches on every rank of one layout (batch size, ranks), resumed on another: the
+    positions trained before and after the kill are the epoch's draw, each exactly once."""
+    from helpers.datamodule import resume_start
+
+    epoch_length = 96
+
+    def shard(rank, world_size):
+        sampler = RandomEpochSampler(n_items=40, epoch_length=epoch_length, seed=3, rank=rank, world_size=world_size, replacement=True)
+        sampler.set_epoch(1)
+        return sampler
+
+    (batch, ranks), (new_batch, new_ranks) = before, after
+    done = [d.position for rank in range(ranks) for d in list(shard(rank, ranks))[: 2 * batch]]
+    state = {"epoch": 1, "batches_done": 2, "batch_size": batch, "world_size": ranks}
+    rest = []
+    for rank in range(new_ranks):
+        sampler = shard(rank, new_ranks)
+        sampler.resume(1, resume_start(state, rank, new_ranks, len(sampler)))
+        rest += [d.position for d in sampler]
+    assert sorted(done + rest)[:epoch_length] == list(range(epoch_length))  # every draw once (padding aside)
+    assert not set(done) & set(rest)
+
+
 def test_draw_is_an_int_that_survives_pickling():
     import pickle
 
