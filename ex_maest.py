@@ -111,6 +111,36 @@ def _newest_checkpoint(folder: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
+def check_resume_checkpoint(path: str, module) -> None:
+    """Refuse to resume from a file that is not a training checkpoint of this config's network, naming
+    what differs (Lightning would stop on a page of size mismatches, a KeyError or an optimizer error)."""
+    from models.checkpoints import CheckpointError, read_checkpoint, record_of
+
+    obj = read_checkpoint(path)
+    source = f"ckpt_path={path}"
+    if not isinstance(obj, dict) or "pytorch-lightning_version" not in obj or not isinstance(obj.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{source} is not a training checkpoint (Lightning's, with optimizer and epoch): resuming needs one that training "
+            "here wrote (outputs/<run_name>/train/checkpoints/last.ckpt). To start a new training from its weights, give "
+            "it as maest.checkpoint=FILE instead (on other labels: with the finetune named config)"
+        )
+    theirs = {k[len("net.") :]: tuple(v.shape) for k, v in obj["state_dict"].items() if k.startswith("net.") and hasattr(v, "shape")}
+    ours = {k: tuple(v.shape) for k, v in module.net.state_dict().items()}
+    problems = [f"{k}: {theirs[k]} there, {ours[k]} here" for k in sorted(ours.keys() & theirs.keys()) if theirs[k] != ours[k]]
+    problems += [f"{k}: only here" for k in sorted(ours.keys() - theirs.keys())] + [f"{k}: only there" for k in sorted(theirs.keys() - ours.keys())]
+    if problems:
+        record = record_of(obj, source)
+        model = ""
+        if record is not None:
+            shape = ", ".join(f"{k}={record['config'][k]}" for k in ("embed_dim", "depth", "num_heads", "n_classes", "input_t", "distilled_type") if k in record["config"])
+            model = f" (its model: arch {record['arch']}, {shape})"
+        raise CheckpointError(
+            f"{source} holds another network than this config builds{model}: {len(problems)} weights differ, e.g. "
+            f"{'; '.join(problems[:4])}. Resume it with the named configs and keys that trained it, or start from its "
+            "weights with maest.checkpoint=FILE (on other labels: the finetune named config)"
+        )
+
+
 def _warn_earlier_checkpoints(trainer, ckpt_path) -> None:
     """A fresh run (no ckpt_path) into a folder that holds an earlier run's checkpoints: say whose files will be whose."""
     folder = Path(trainer.default_root_dir) / "checkpoints"
@@ -279,8 +309,11 @@ def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
         _logger.info("run %s: checkpoints and TensorBoard logs go to %s", _run.config["run_name"], trainer.default_root_dir)
     val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
     _warn_earlier_checkpoints(trainer, ckpt_path)
+    resume_from = _resolve_ckpt_path(ckpt_path, trainer)
+    if resume_from is not None:
+        check_resume_checkpoint(resume_from, module)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt_path(ckpt_path, trainer), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
     result = {

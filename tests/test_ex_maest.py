@@ -246,6 +246,28 @@ def test_resume_from_last_without_a_checkpoint_says_so(data, tmp_path):
         run("main", ["demo"], updates)
 
 
+def test_resuming_from_a_file_that_is_not_this_configs_training_checkpoint_says_what_differs(demo_run, data, tmp_path):
+    from models.checkpoints import CheckpointError
+
+    last = demo_run.result["last_checkpoint"]
+    bare = tmp_path / "bare.pt"
+    torch.save(get_maest("maest-tiny", n_classes=10, input_t=INPUT_T).state_dict(), bare)
+    updates = tiny_updates(data, tmp_path / "resume")
+    updates["ckpt_path"] = str(bare)
+    with pytest.raises(CheckpointError, match=r"bare.pt is not a training checkpoint .*give it as maest.checkpoint=FILE"):
+        run("main", ["demo"], updates)
+
+    updates["ckpt_path"] = last
+    updates["maest"]["input_t"] = 2 * INPUT_T  # another network (a longer time embedding) than the one that wrote the checkpoint
+    with pytest.raises(CheckpointError) as error:
+        run("main", ["demo"], updates)
+    message = str(error.value)
+    assert f"holds another network than this config builds (its model: arch maest-tiny, embed_dim=64, depth=2, num_heads=4, n_classes=10, input_t={INPUT_T}" in message
+    assert "1 weights differ, e.g. time_new_pos_embed: (1, 64, 1, 12) there, (1, 64, 1, 25) here" in message
+    assert "Resume it with the named configs and keys that trained it" in message
+    assert not (tmp_path / "resume" / "checkpoints").exists() or not any((tmp_path / "resume" / "checkpoints").iterdir())
+
+
 def test_training_without_validation_set_checkpoints_every_n_steps(data, tmp_path):
     updates = tiny_updates(data, tmp_path / "noval", limit_train_batches=3)  # any Lightning Trainer argument
     updates["datamodule"]["groundtruth_val"] = None
