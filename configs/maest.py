@@ -92,19 +92,40 @@ def mini_train():
 
 
 MTT_TAGS = Path(__file__).resolve().parent.parent / "datasets" / "mtt" / "tags.txt"  # the 50 tags, in vector order
+MTT_MELS_DIR = "data/mtt/mels"  # where `python -m datasets.mtt.preprocess` writes the mels and its ground-truth copies
+MTT_SPLITS = ("train", "validation", "test", "all")
+
+
+def prepared_groundtruth(mels_dir: str, split: str) -> str:
+    """``<mels_dir>/groundtruth-<split>.pk``: where the dataset preparers write a split's ground truth."""
+    return (Path(mels_dir) / f"groundtruth-{split}.pk").as_posix()
+
+
+def mtt_groundtruth(mels_dir: str, split: str) -> str:
+    """The MagnaTagATune ground truth of ``split`` for the mels in ``mels_dir``.
+
+    The copy that `python -m datasets.mtt.preprocess extract` writes there, which holds only the clips
+    whose mel exists (a partial download leaves out the others instead of failing them); where the
+    preparer wrote none (mels prepared by other means), the full shipped one, datasets/mtt/.
+    """
+    if all(Path(prepared_groundtruth(mels_dir, name)).is_file() for name in MTT_SPLITS):
+        return prepared_groundtruth(mels_dir, split)
+    return f"datasets/mtt/groundtruth-{split}.pk"
 
 
 def target_mtt():
     """MagnaTagATune (mels from datasets/mtt/preprocess.py): extract embeddings of every clip for
-    `ex_tl.py with target_mtt_tl`, or fine-tune on its 50 tags (`with maest_discogs_30sec_inference finetune target_mtt`)."""
-    datamodule = {  # noqa: F841
-        "base_dir": "data/mtt/mels",
-        "groundtruth_predict": "datasets/mtt/groundtruth-all.pk",
-        "groundtruth_train": "datasets/mtt/groundtruth-train.pk",
-        "groundtruth_val": "datasets/mtt/groundtruth-validation.pk",
-        "groundtruth_test": "datasets/mtt/groundtruth-test.pk",
-        "labels": MTT_TAGS.read_text().split(),
-    }
+    `ex_tl.py with target_mtt_tl`, or fine-tune on its 50 tags (`with maest_discogs_30sec_inference finetune target_mtt`).
+
+    The ground truth is the preparer's copy next to the mels (the clips whose mel exists), else the
+    shipped one; `datamodule.base_dir=D` on the command line reads D's copies."""
+    # labels: one per line of tags.txt ("female vocal" is one tag, so not split at every space)
+    datamodule = {"base_dir": MTT_MELS_DIR, "labels": [t for t in MTT_TAGS.read_text().splitlines() if t.strip()]}  # noqa: F841
+    # after base_dir, which the command line may have set: each ground truth follows it unless set itself
+    datamodule["groundtruth_predict"] = mtt_groundtruth(datamodule["base_dir"], "all")
+    datamodule["groundtruth_train"] = mtt_groundtruth(datamodule["base_dir"], "train")
+    datamodule["groundtruth_val"] = mtt_groundtruth(datamodule["base_dir"], "validation")
+    datamodule["groundtruth_test"] = mtt_groundtruth(datamodule["base_dir"], "test")
     predict = {"out_dir": "outputs/mtt/embeddings"}  # noqa: F841
 
 
@@ -114,15 +135,14 @@ GTZAN_GENRES = Path(__file__).resolve().parent.parent / "datasets" / "gtzan" / "
 def target_gtzan():
     """GTZAN genres, fault-filtered split (mels and ground truth from datasets/gtzan/preprocess.py): extract
     embeddings of every track for `ex_tl.py with target_gtzan_tl`, or fine-tune on its 10 genres
-    (`with maest_discogs_30sec_inference finetune target_gtzan`)."""
-    datamodule = {  # noqa: F841
-        "base_dir": "data/gtzan/mels",
-        "groundtruth_predict": "data/gtzan/mels/groundtruth-all.pk",  # written by the preparer: the tracks whose mel exists
-        "groundtruth_train": "data/gtzan/mels/groundtruth-train.pk",
-        "groundtruth_val": "data/gtzan/mels/groundtruth-validation.pk",
-        "groundtruth_test": "data/gtzan/mels/groundtruth-test.pk",
-        "labels": GTZAN_GENRES.read_text().split(),
-    }
+    (`with maest_discogs_30sec_inference finetune target_gtzan`). `datamodule.base_dir=D` on the command
+    line reads the ground truth the preparer wrote in D."""
+    datamodule = {"base_dir": "data/gtzan/mels", "labels": GTZAN_GENRES.read_text().split()}  # noqa: F841
+    # written by the preparer next to the mels (the tracks whose mel exists); each follows base_dir unless set itself
+    datamodule["groundtruth_predict"] = prepared_groundtruth(datamodule["base_dir"], "all")
+    datamodule["groundtruth_train"] = prepared_groundtruth(datamodule["base_dir"], "train")
+    datamodule["groundtruth_val"] = prepared_groundtruth(datamodule["base_dir"], "validation")
+    datamodule["groundtruth_test"] = prepared_groundtruth(datamodule["base_dir"], "test")
     predict = {"out_dir": "outputs/gtzan/embeddings"}  # noqa: F841
 
 

@@ -5,13 +5,18 @@ Each one only sets what differs from the defaults of ``ex_tl.py``'s config scope
 
 from __future__ import annotations
 
+from configs.maest import MTT_MELS_DIR, mtt_groundtruth
+
 
 def target_mtt_tl():
-    """Probe MagnaTagATune (50 tags) on embeddings from `ex_maest.py extract_embeddings with target_mtt`."""
+    """Probe MagnaTagATune (50 tags) on embeddings from `ex_maest.py extract_embeddings with target_mtt`.
+
+    The ground truth is the one target_mtt reads: the preparer's copies in data/mtt/mels (the clips
+    whose mel exists), else the shipped split."""
     embeddings_dir = "outputs/mtt/embeddings"  # predict.out_dir of the extraction run
-    groundtruth_train = "datasets/mtt/groundtruth-train.pk"  # the usual MTT split, shipped with the repo
-    groundtruth_val = "datasets/mtt/groundtruth-validation.pk"
-    groundtruth_test = "datasets/mtt/groundtruth-test.pk"
+    groundtruth_train = mtt_groundtruth(MTT_MELS_DIR, "train")  # the usual MTT split, less the clips without a mel
+    groundtruth_val = mtt_groundtruth(MTT_MELS_DIR, "validation")
+    groundtruth_test = mtt_groundtruth(MTT_MELS_DIR, "test")
     out_dir = "outputs/mtt/probe"
     token = "cdt"  # CLS, DIST and mean of patch tokens side by side (paper's downstream setting)
     combine = "concat"

@@ -22,17 +22,27 @@ Output, with ``datamodule.base_dir=OUT_DIR``:
   log mels at 16 kHz (``helpers.audio.audio_to_mel``); if two files differ only by their audio
   suffix (``a.wav``, ``a.mp3``) both keep it (``a.wav.mmap``, ``a.mp3.mmap``);
 - ``groundtruth-{train,validation,test,all}.pk``: mel key -> bool multi-hot vector, split with
-  ``--seed``, stratified by label set; ``labels.txt``: label names in vector order;
+  ``--seed``, stratified by label set; ``labels.txt``: label names in vector order; ``split.json``:
+  the ``--split`` and ``--seed`` of that split;
 - ``dataset.json``: a Sacred config file with every ``datamodule`` key of this data (absolute
   paths, so it works from any directory; prepare again after moving OUT_DIR), the label names
   (``datamodule.labels``) and ``maest.n_classes``: ``python ex_maest.py with <training config>
   OUT_DIR/dataset.json`` trains on it;
 - ``failed.txt``: ``<audio path>\\t<reason>`` for each file that could not be read (the others
   are still prepared, and the command exits with status 1). A rerun updates the list: entries of
-  files it prepared are dropped, the others kept (``helpers.failures``).
+  files it prepared are dropped, and so are entries of files no longer in AUDIO_DIR (or the CSV);
+  entries of files of the folder that a CSV run left out are kept (``helpers.failures``).
+
+A rerun into the same OUT_DIR keeps the split: every file that an earlier run put in train,
+validation or test stays there (read from the ``groundtruth-*.pk`` in OUT_DIR), so a model trained
+on the earlier split is never evaluated on files it trained on; only files new to the split (added,
+or readable since) are assigned, so that the totals come as close to ``--split`` as they can. A
+rerun with another ``--split`` or ``--seed`` than ``split.json`` records splits every file afresh,
+with a warning saying how many files changed split.
 
 The run is resumable: mel files are written atomically, and complete ones are not computed again
-(a mel file that is truncated or holds NaN or inf is).
+(a mel file that is truncated or holds NaN or inf is). Ctrl-C stops it with one line saying how far
+it got (exit status 130); the same command resumes.
 It shows a progress bar over the files (on a terminal), warns about files shorter than one
 16-frame patch (they are zero-padded when read), and logs how many files of each label every
 split holds, warning about labels absent from validation or test (they cannot be scored there).
@@ -48,10 +58,13 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import unicodedata
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,13 +74,23 @@ from tqdm import tqdm
 from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_audio_files, load_audio
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
-from helpers.melfiles import MelFileError, MelReader, canonical_key, is_finite, key_problem, save_groundtruth, write_mel
+from helpers.melfiles import (
+    MelFileError,
+    MelReader,
+    canonical_key,
+    is_finite,
+    key_problem,
+    load_groundtruth,
+    save_groundtruth,
+    write_mel,
+)
 from models.maest import MAESTConfig
 from models.mel import HOP_LENGTH, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test")
+SPLIT_RECORD = "split.json"  # the --split and --seed of the split in OUT_DIR's ground truth
 LABEL_SEPARATORS = re.compile(r"[;|]")
 MEL_FORMATS = ("mmap", "npy")
 # The model's input must hold one patch: shorter mels are zero-padded (a file of 0.05 s is mostly padding).
@@ -85,6 +108,23 @@ class ExtractionResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)  # audio path -> reason
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``extract_mel_files``, with how far it got: every mel file written is complete and kept."""
+
+    def __init__(self, complete: int, total: int, written: int):
+        super().__init__(f"interrupted with {complete} of {total} mel file(s) complete")
+        self.complete, self.total, self.written = complete, total, written
+
+
+def interrupted_message(error: KeyboardInterrupt) -> str:
+    """The one line a command prints when Ctrl-C stops it: how much was done, and that the same command resumes."""
+    if isinstance(error, ExtractionInterrupted):
+        done = f"{error.complete} of {error.total} mel file(s) complete, {error.written} of them written in this run"
+    else:
+        done = "the files finished so far are complete"
+    return f"interrupted ({done}); run the same command again to resume: finished files are kept, not made again"
 
 
 def mel_file_is_complete(path: Path) -> bool:
@@ -121,11 +161,31 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # parallelism comes from the processes
 
 
+@contextmanager
+def _started_ignoring_ctrl_c() -> Iterator[None]:
+    """Processes started in the block ignore SIGINT, from their first instruction on (inherited through exec).
+
+    Ctrl-C reaches the whole process group: the parent alone handles it (it cancels the queued files;
+    a worker finishes the file it is on), so no worker dies with a traceback of its own, not even
+    while it is still importing torch. The parent ignores Ctrl-C only while it starts them.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc: str = "mel") -> ExtractionResult:
     """Compute ``(audio_path, mel_path)`` tasks with ``n_jobs`` processes, skipping complete mel files.
 
-    Unreadable audio files are collected in ``result.failed``; any other error stops the run.
-    Worker processes are spawned, so a calling script needs the ``if __name__ == "__main__":`` guard.
+    Unreadable audio files are collected in ``result.failed`` (logged at DEBUG only: the caller
+    reports them, once); any other error stops the run. Ctrl-C cancels the files not started and
+    raises ``ExtractionInterrupted``. Worker processes are spawned, so a calling script needs the
+    ``if __name__ == "__main__":`` guard.
     """
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
@@ -144,31 +204,50 @@ def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc:
             result.written.append(task[1])
         else:
             result.failed[task[0]] = reason
-            log.warning("skipping %s: %s", task[0], reason)
+            log.debug("skipping %s: %s", task[0], reason)
 
-    with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
-        if n_jobs == 1 or len(todo) <= 1:
-            for task in todo:
-                record(task, _extract_one(*task))
-                bar.update()
-        else:
-            # spawn, not fork: forking after torch's thread pool has run can deadlock the child.
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker) as pool:
-                futures = {pool.submit(_extract_one, *task): task for task in todo}
-                for future in cf.as_completed(futures):
-                    record(futures[future], future.result())
+    try:
+        with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
+            if n_jobs == 1 or len(todo) <= 1:
+                for task in todo:
+                    record(task, _extract_one(*task))
                     bar.update()
+            else:
+                # spawn, not fork: forking after torch's thread pool has run can deadlock the child.
+                ctx = multiprocessing.get_context("spawn")
+                with cf.ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker) as pool:
+                    with _started_ignoring_ctrl_c():  # the workers are started by the first submits
+                        futures = {pool.submit(_extract_one, *task): task for task in todo}
+                    pending = dict(futures)
+                    try:
+                        for future in cf.as_completed(futures):
+                            record(pending.pop(future), future.result())
+                            bar.update()
+                    except KeyboardInterrupt:
+                        # The files being written finish, no other starts. Waiting here, not in the `with`'s
+                        # shutdown(): a second shutdown call before the pool has cancelled would undo cancel_futures.
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        for future, task in pending.items():  # counted in the report: they are complete
+                            if future.done() and not future.cancelled() and future.exception() is None:
+                                record(task, future.result())
+                        raise
+    except KeyboardInterrupt:
+        raise ExtractionInterrupted(len(result.written) + len(result.skipped), len(tasks), len(result.written)) from None
     return result
 
 
 def write_failed_list(
-    out_dir: Path, failed: dict[Path, str], relative_to: Path | None = None, succeeded: Sequence[Path] = ()
+    out_dir: Path,
+    failed: Mapping[Path, str],
+    relative_to: Path | None = None,
+    succeeded: Iterable[Path] = (),
+    covered: Iterable[Path] | None = None,
 ) -> Path | None:
     """Merge this run's failures into ``out_dir/failed.txt`` (``path<TAB>reason``, ``helpers.failures``).
 
-    Entries of ``succeeded`` audio files are dropped, those of files this run did not handle are
-    kept; returns the list's path, or None when it holds no entry.
+    Entries of ``succeeded`` audio files are dropped; so are, when ``covered`` is given (every
+    audio file the command is about), entries of files outside it (removed since, or of another
+    audio suffix). Other entries are kept. Returns the list's path, or None when it holds no entry.
     """
 
     def shown(audio_path: Path) -> str:
@@ -176,9 +255,12 @@ def write_failed_list(
         return rel.as_posix()
 
     path = out_dir / "failed.txt"
-    entries = update_failure_list(path, {shown(p): reason for p, reason in failed.items()}, [shown(p) for p in succeeded])
-    if failed:
-        log.warning("%d file(s) could not be read; they are listed in %s", len(failed), path)
+    entries = update_failure_list(
+        path,
+        {shown(p): reason for p, reason in failed.items()},
+        [shown(p) for p in succeeded],
+        covered=None if covered is None else [shown(p) for p in covered],
+    )
     return path if entries else None
 
 
@@ -323,30 +405,119 @@ def mel_keys(audio_dir: Path, files: Sequence[Path], mel_format: str) -> dict[Pa
 
 
 def split_keys(
-    labels: dict[str, tuple[str, ...]], fractions: Sequence[float], seed: int
+    labels: dict[str, tuple[str, ...]], fractions: Sequence[float], seed: int, kept: Mapping[str, str] | None = None
 ) -> dict[str, list[str]]:
     """Seeded train/validation/test split with exact overall fractions, stratified by label set.
 
     Items are shuffled within groups of equal label sets and the groups laid end to end; each
     item then goes to the split furthest below its target count, so every group is spread over
-    the splits in proportion (within one item).
+    the splits in proportion (within one item). ``kept``: ``{key: split name}`` of items that keep
+    the split an earlier run gave them; the other items are assigned as above, counting the kept
+    ones, so that the totals come as close to ``fractions`` as the kept items allow.
     """
+    kept = {key: name for key, name in (kept or {}).items() if key in labels}
     rng = np.random.default_rng(seed)
     groups = defaultdict(list)
     for key in sorted(labels):
-        groups[labels[key]].append(key)
+        if key not in kept:
+            groups[labels[key]].append(key)
     group_sets = sorted(groups)
     order = []
     for g in rng.permutation(len(group_sets)):
         members = groups[group_sets[g]]
         order += [members[i] for i in rng.permutation(len(members))]
-    counts = np.zeros(len(fractions))
-    splits = {name: [] for name in SPLIT_NAMES}
-    for j, key in enumerate(order):
-        s = int(np.argmax(np.asarray(fractions) * (j + 1) - counts))
+    splits = {name: [key for key, kept_in in kept.items() if kept_in == name] for name in SPLIT_NAMES}
+    counts = np.array([len(splits[name]) for name in SPLIT_NAMES], dtype=float)
+    for j, key in enumerate(order, start=len(kept) + 1):
+        s = int(np.argmax(np.asarray(fractions) * j - counts))
         counts[s] += 1
         splits[SPLIT_NAMES[s]].append(key)
     return {name: sorted(keys) for name, keys in splits.items()}
+
+
+def _split_id(key: str) -> str:
+    """A mel key without its format suffix: ``--format`` may change between runs, the file's split stays."""
+    return key.rsplit(".", 1)[0]
+
+
+@dataclass
+class EarlierSplit:
+    """The split of an earlier run into OUT_DIR: ``{mel key without format suffix: split name}`` and its options."""
+
+    assigned: dict[str, str]
+    fractions: tuple[float, ...] | None  # None: no split.json (a folder prepared before it was written)
+    seed: int | None
+
+
+def read_earlier_split(out_dir: Path) -> EarlierSplit:
+    """The split that the ``groundtruth-{train,validation,test}.pk`` in ``out_dir`` hold (empty without them)."""
+    assigned = {}
+    for name in SPLIT_NAMES:
+        path = out_dir / f"groundtruth-{name}.pk"
+        if path.is_file():
+            try:
+                assigned.update({_split_id(key): name for key in load_groundtruth(path)})
+            except ValueError as e:
+                raise ValueError(
+                    f"{e}\nthe files keep the split of the ground truth in {out_dir}, which cannot be read: delete "
+                    f"{out_dir}/groundtruth-*.pk and {SPLIT_RECORD} to split every file afresh (mel files are reused)"
+                ) from None
+    record_path = out_dir / SPLIT_RECORD
+    if not assigned or not record_path.is_file():
+        return EarlierSplit(assigned, None, None)
+    try:
+        record = json.loads(record_path.read_text())
+        fractions, seed = tuple(float(x) for x in record["split"]), int(record["seed"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{record_path} cannot be read ({type(e).__name__}: {e}); it records the --split and --seed of the ground "
+            f"truth in {out_dir}: delete it and rerun with the options of the earlier run (the split of the files is kept)"
+        ) from None
+    return EarlierSplit(assigned, fractions, seed)
+
+
+def _options(fractions: Sequence[float], seed: int) -> str:
+    return f"--split {' '.join(f'{x:g}' for x in fractions)} --seed {seed}"
+
+
+def keep_or_redo_split(
+    earlier: EarlierSplit, labels: dict[str, tuple[str, ...]], fractions: Sequence[float], seed: int, out_dir: Path
+) -> dict[str, list[str]]:
+    """``split_keys`` of ``labels``, keeping the earlier run's split of every file it split (see the module doc).
+
+    With other ``--split`` / ``--seed`` values than the earlier run's, every file is split afresh and a
+    warning says which options changed and how many files changed split.
+    """
+    same_options = earlier.fractions is None or (
+        np.allclose(earlier.fractions, fractions) and earlier.seed == seed
+    )
+    if not earlier.assigned:
+        log.info("split: %d file(s) assigned (%s)", len(labels), _options(fractions, seed))
+        return split_keys(labels, fractions, seed)
+    if same_options:
+        kept = {key: earlier.assigned[_split_id(key)] for key in labels if _split_id(key) in earlier.assigned}
+        parts = split_keys(labels, fractions, seed, kept)
+        gone = len(earlier.assigned) - len(kept)
+        if earlier.fractions is None:
+            log.info("%s has no %s (prepared by an earlier version): the split of its ground truth is kept", out_dir, SPLIT_RECORD)
+        log.info(
+            "split: %d file(s) kept their split from the earlier run in %s, %d newly assigned%s",
+            len(kept), out_dir, len(labels) - len(kept),
+            f"; {gone} file(s) of the earlier split are no longer prepared" if gone else "",
+        )
+        return parts
+    parts = split_keys(labels, fractions, seed)
+    now = {_split_id(key): name for name, keys in parts.items() for key in keys}
+    moved = sorted(k for k, name in earlier.assigned.items() if k in now and now[k] != name)
+    log.warning(
+        "the ground truth in %s was split with %s; this run asks for %s, so every file is split afresh: %d of the "
+        "%d file(s) of the earlier split changed split%s. A model trained on the earlier split has trained on files "
+        "of the new validation and test splits: train it again on this split, or rerun with %s to keep the earlier one",
+        out_dir, _options(earlier.fractions, earlier.seed), _options(fractions, seed), len(moved),
+        sum(k in now for k in earlier.assigned), f" (e.g. {', '.join(moved[:3])})" if moved else "",
+        _options(earlier.fractions, earlier.seed),
+    )
+    return parts
 
 
 # ---------------------------------------------------------------- the preparer
@@ -450,10 +621,12 @@ def prepare_folder(
         raise ValueError(f"mel_format must be one of {MEL_FORMATS}, got {mel_format!r}")
     if not audio_dir.is_dir():
         raise FileNotFoundError(f"audio folder {audio_dir} does not exist")
+    earlier = read_earlier_split(out_dir)  # before any work: a damaged split.json stops the run here
 
     failed: dict[Path, str] = {}
+    in_folder = list_audio_files([audio_dir], extensions)  # the inputs failed.txt may name (with the CSV's rows)
     if labels_csv is None:
-        file_labels = labels_from_folders(audio_dir, list_audio_files([audio_dir], extensions))
+        file_labels = labels_from_folders(audio_dir, in_folder)
     else:
         file_labels = read_labels_csv(Path(labels_csv), audio_dir)
         for path in [p for p in file_labels if not p.is_file()]:
@@ -470,7 +643,9 @@ def prepare_folder(
     keys = mel_keys(audio_dir, sorted(file_labels), mel_format)
     result = extract_mel_files([(f, out_dir / key) for f, key in keys.items()], n_jobs=jobs, desc=audio_dir.name)
     failed.update(result.failed)
-    write_failed_list(out_dir, failed, relative_to=audio_dir, succeeded=[f for f in keys if f not in failed])
+    write_failed_list(
+        out_dir, failed, relative_to=audio_dir, succeeded=[f for f in keys if f not in failed], covered=[*in_folder, *keys]
+    )
 
     index = {name: i for i, name in enumerate(label_names)}
     gt = {}
@@ -484,7 +659,7 @@ def prepare_folder(
         raise ValueError(f"none of the audio files in {audio_dir} could be read: see {out_dir / 'failed.txt'}")
 
     paths = {}
-    parts = split_keys({k: tuple(file_labels[f]) for f, k in keys.items() if k in gt}, fractions, seed)
+    parts = keep_or_redo_split(earlier, {k: tuple(file_labels[f]) for f, k in keys.items() if k in gt}, fractions, seed, out_dir)
     for name, split_keys_ in {**parts, "all": sorted(gt)}.items():
         path = out_dir / f"groundtruth-{name}.pk"
         if split_keys_:
@@ -493,6 +668,7 @@ def prepare_folder(
             path.unlink(missing_ok=True)
             log.warning("the %s split is empty (fraction %s of %d files): no %s written", name,
                         dict(zip(SPLIT_NAMES, fractions)).get(name), len(gt), path.name)
+    write_text_atomic(out_dir / SPLIT_RECORD, json.dumps({"split": list(fractions), "seed": seed}) + "\n")
     write_text_atomic(out_dir / "labels.txt", "\n".join(label_names) + "\n")
     config_path = out_dir / "dataset.json"
     write_text_atomic(config_path, json.dumps(dataset_config(out_dir, paths, label_names), indent=2) + "\n")
@@ -538,6 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not the traceback of the process pool
+        print(interrupted_message(e), file=sys.stderr)
+        return 130
     log.info(
         "train on it: python ex_maest.py with <training config, e.g. demo> %s (every datamodule key, "
         "%d labels)", result.dataset_config, len(result.labels),

@@ -2,8 +2,10 @@
 
 import hashlib
 import io
+import logging
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +183,128 @@ def test_url_and_target_gtzan_point_at_the_prepared_data():
         assert datamodule[f"groundtruth_{key}"] == f"{DEFAULT_OUT_DIR.as_posix()}/groundtruth-{split}.pk"
     assert datamodule["labels"] == read_genres()
     assert config["predict"]["out_dir"] == "outputs/gtzan/embeddings"
+
+
+# ---------------------------------------------------------------- suffixes, failure list, damaged or missing archives
+
+
+def au_bytes(i: int) -> bytes:
+    t = np.arange(SR // 2) / SR
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 110 * (i + 1) * t)).astype(np.float32), SR, format="AU", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def test_an_au_archive_is_named_and_extract_says_which_suffix_to_pass(tmp_path, caplog, capsys):
+    split_dir = write_split(tmp_path / "split")
+    tracks = sorted(excerpts())
+    archive = write_tar(tmp_path / "genres.tar.gz", {f"genres/{Path(t).with_suffix('.au')}": au_bytes(i) for i, t in enumerate(tracks)})
+    audio, out = tmp_path / "audio", tmp_path / "mels"
+    with caplog.at_level(logging.INFO, logger="datasets.gtzan.preprocess"):
+        assert unpack(archive, audio, GENRES) == len(tracks)
+    assert "8 .au excerpts" in caplog.text and "extract them with --audio-suffix .au" in caplog.text
+
+    caplog.clear()
+    args = ["--audio-dir", str(audio), "--out-dir", str(out), "--split-dir", str(split_dir), "--jobs", "1"]
+    assert main(["extract", *args]) == 1  # the default .wav: refused before any work, with the fix
+    assert "holds no track of the split as .wav but 8 as .au (e.g. blues/blues.00000.au): pass --audio-suffix .au" in caplog.text
+    assert not (out / "failed.txt").exists()
+
+    assert main(["extract", *args, "--audio-suffix", ".au"]) == 0
+    assert len(load_groundtruth(out / "groundtruth-all.pk")) == 8 and not (out / "failed.txt").exists()
+
+
+def test_failures_of_another_suffix_leave_the_list_and_the_exit_status(archive, tmp_path, capsys, caplog):
+    split_dir = write_split(tmp_path / "split")
+    audio, out = tmp_path / "audio", tmp_path / "mels"
+    unpack(archive, audio, GENRES)
+    args = ["--audio-dir", str(audio), "--out-dir", str(out), "--split-dir", str(split_dir), "--jobs", "1"]
+    with caplog.at_level(logging.INFO):
+        assert main(["extract", *args]) == 1
+    assert [line for line in capsys.readouterr().err.splitlines() if "jazz.00054" in line][0].startswith("FAILED jazz/jazz.00054.wav")
+    assert not [r for r in caplog.records if "jazz.00054" in r.getMessage()]  # reported once: the FAILED line
+
+    for i, track in enumerate(sorted(excerpts())):  # the same tracks as .au files, jazz.00054 sound this time
+        (audio / track).unlink()
+        (audio / track).with_suffix(".au").write_bytes(au_bytes(i))
+    assert main(["extract", *args, "--audio-suffix", ".au"]) == 0  # everything of this run's inputs was extracted
+
+    assert "FAILED" not in capsys.readouterr().err
+    assert not (out / "failed.txt").exists()  # the .wav entry is of no input now
+    assert len(load_groundtruth(out / "groundtruth-train.pk")) == 4
+
+
+def test_a_damaged_copy_given_with_archive_is_named_as_the_users_and_leaves_no_temporary_file(tmp_path, caplog):
+    zip_path = tmp_path / "my-gtzan.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("genres/blues/blues.00000.wav", rng.bytes(20000))
+        z.writestr("genres/rock/rock.00000.wav", rng.bytes(20000))
+    with zipfile.ZipFile(zip_path) as z:
+        offset = z.getinfo("genres/rock/rock.00000.wav").header_offset + 2000
+    data = bytearray(zip_path.read_bytes())
+    data[offset : offset + 8] = bytes(b ^ 0xFF for b in data[offset : offset + 8])  # flipped bits: Bad CRC-32
+    zip_path.write_bytes(bytes(data))
+    audio = tmp_path / "audio"
+
+    with caplog.at_level(logging.ERROR):
+        assert main(["unpack", "--archive", str(zip_path), "--audio-dir", str(audio)]) == 1
+    message = caplog.text
+    assert f"{zip_path} is damaged or not a tar/zip archive (BadZipFile: Bad CRC-32" in message
+    assert "It is the copy given with --archive: check it" in message and "delete it" not in message
+    assert sorted(p.name for p in audio.rglob("*")) == ["blues", "blues.00000.wav", "rock"]  # nothing half-written
+    # The archive download wrote is still the one to delete and download again.
+    with pytest.raises(GTZANError, match="Bad CRC-32.*delete it and run download again"):
+        unpack(zip_path, tmp_path / "audio2", GENRES)
+
+
+def test_a_missing_archive_names_the_option_and_the_path(tmp_path, caplog):
+    missing = tmp_path / "nonexistent.zip"
+    with caplog.at_level(logging.ERROR):
+        assert main(["unpack", "--archive", str(missing), "--audio-dir", str(tmp_path / "audio")]) == 1
+    assert f"--archive {missing}: no such file; give the path of your copy of GTZAN" in caplog.text
+    assert "Errno" not in caplog.text
+
+
+def test_extract_prints_the_settings_of_another_out_dir_and_target_gtzan_follows_base_dir(archive, tmp_path, caplog):
+    split_dir = write_split(tmp_path / "split")
+    audio, out = tmp_path / "audio", tmp_path / "my mels"
+    unpack(archive, audio, GENRES)
+    with caplog.at_level(logging.INFO, logger="datasets.gtzan.preprocess"):
+        main(["extract", "--audio-dir", str(audio), "--out-dir", str(out), "--split-dir", str(split_dir), "--jobs", "1"])
+    d = out.resolve().as_posix()
+    assert (
+        "next: python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_gtzan "
+        f"'datamodule.base_dir={d}'; then python ex_tl.py with target_gtzan_tl 'groundtruth_train={d}/groundtruth-train.pk' "
+        f"'groundtruth_val={d}/groundtruth-validation.pk' 'groundtruth_test={d}/groundtruth-test.pk'"
+    ) in caplog.text
+    # datamodule.base_dir is all the extraction (and fine-tuning) needs: the ground truths follow it
+    datamodule = ConfigScope(target_gtzan)(fixed={"datamodule": {"base_dir": d}})["datamodule"]
+    for key, split in [("train", "train"), ("val", "validation"), ("test", "test"), ("predict", "all")]:
+        assert datamodule[f"groundtruth_{key}"] == f"{d}/groundtruth-{split}.pk" and Path(datamodule[f"groundtruth_{key}"]).is_file()
+
+
+def main_not_interrupted(argv):
+    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of stopping the whole session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
+
+
+def test_ctrl_c_in_extract_stops_with_one_line(archive, tmp_path, capsys, monkeypatch):
+    import datasets.prepare_folder
+
+    def interrupted(audio_path, mel_path):
+        raise KeyboardInterrupt
+
+    split_dir = write_split(tmp_path / "split")
+    audio = tmp_path / "audio"
+    unpack(archive, audio, GENRES)
+    monkeypatch.setattr(datasets.prepare_folder, "_extract_one", interrupted)
+    args = ["--audio-dir", str(audio), "--out-dir", str(tmp_path / "mels"), "--split-dir", str(split_dir), "--jobs", "1"]
+    assert main_not_interrupted(["extract", *args]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted (0 of 8 mel file(s) complete, 0 of them written in this run); run the same command again to resume: "
+        "finished files are kept, not made again"
+    ]

@@ -2,6 +2,7 @@
 
 import http.server
 import io
+import logging
 import pickle
 import threading
 import zipfile
@@ -9,7 +10,10 @@ import zipfile
 import numpy as np
 import pytest
 import soundfile as sf
+from sacred.config.config_scope import ConfigScope
 
+from configs.maest import target_mtt
+from configs.tl import target_mtt_tl
 from datasets.mtt.preprocess import (
     URLS,
     ConcatenatedFile,
@@ -20,6 +24,7 @@ from datasets.mtt.preprocess import (
     main,
     unpack,
 )
+from helpers.failures import read_failure_list
 from helpers.melfiles import MelReader, load_groundtruth
 
 TAGS = ["guitar", "piano", "techno"]
@@ -237,3 +242,111 @@ def test_download_error_is_actionable(tmp_path):
 
 def test_urls_are_the_three_mirg_parts():
     assert URLS == tuple(f"https://mirg.city.ac.uk/datasets/magnatagatune/mp3.zip.00{i}" for i in (1, 2, 3))
+
+
+# ---------------------------------------------------------------- failure list, damaged parts, named configs, Ctrl-C
+
+
+def test_failures_of_another_suffix_leave_the_list_and_are_reported_once(mtt, tmp_path, capsys, caplog):
+    gt_dir, audio_dir = mtt
+    out = tmp_path / "mels"
+    args = ["extract", "--audio-dir", str(audio_dir), "--out-dir", str(out), "--jobs", "1", "--groundtruth-dir", str(gt_dir)]
+    assert main(args) == 1
+    capsys.readouterr()
+
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--audio-suffix", ".flac"]) == 1  # c/not_downloaded has no audio of either kind
+
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED")]
+    assert failed == [f"FAILED c/not_downloaded-0-29.flac: {read_failure_list(out / 'failed.txt')['c/not_downloaded-0-29.flac']}"]
+    assert list(read_failure_list(out / "failed.txt")) == ["c/not_downloaded-0-29.flac"]  # the .mp3 entry is of no input now
+    assert not [r for r in caplog.records if "not_downloaded" in r.getMessage()]  # one report: the FAILED line
+
+
+def test_a_part_with_flipped_bytes_is_named_and_leaves_no_temporary_file(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    members = {"0/a-0-29.mp3": rng.bytes(45000), "1/b-0-29.mp3": rng.bytes(10000), "f/c-29-58.mp3": rng.bytes(45000)}
+    names, blob = split_zip(tmp_path, members)  # three parts of ~33 kB: b's bytes (45-55 kB) lie in the second only
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        offset = z.getinfo("1/b-0-29.mp3").header_offset + 5000
+    part_size = (tmp_path / names[0]).stat().st_size
+    assert part_size <= offset < 2 * part_size
+    second = bytearray((tmp_path / names[1]).read_bytes())
+    second[offset - part_size] ^= 0xFF
+    (tmp_path / names[1]).write_bytes(bytes(second))
+    audio_dir = tmp_path / "audio"
+
+    with pytest.raises(MTTError) as error:
+        unpack(tmp_path, audio_dir, part_names=names)
+    message = str(error.value)
+    assert message.startswith("1/b-0-29.mp3 in the zip is damaged (BadZipFile: Bad CRC-32")
+    assert f"its bytes are in {tmp_path / names[1]}: delete it, run download again, then unpack" in message
+    assert names[0] not in message and names[2] not in message
+    assert sorted(p.relative_to(audio_dir).as_posix() for p in audio_dir.rglob("*") if p.is_file()) == ["0/a-0-29.mp3"]
+
+    with caplog.at_level(logging.ERROR):  # the command: one error line, exit status 1
+        assert main(["unpack", "--download-dir", str(tmp_path), "--audio-dir", str(audio_dir)]) == 1
+    assert f"its bytes are in {tmp_path / names[1]}: delete it" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_target_mtt_and_target_mtt_tl_read_the_copies_extract_writes(mtt, tmp_path, monkeypatch, caplog):
+    gt_dir, audio_dir = mtt
+    monkeypatch.chdir(tmp_path)
+    assert ConfigScope(target_mtt)()["datamodule"]["groundtruth_predict"] == "datasets/mtt/groundtruth-all.pk"  # none yet
+    with caplog.at_level(logging.INFO, logger="datasets.mtt.preprocess"):
+        main(["extract", "--audio-dir", str(audio_dir), "--jobs", "1", "--groundtruth-dir", str(gt_dir)])  # -> data/mtt/mels
+    assert "next: python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_mtt; then python ex_tl.py with target_mtt_tl\n" in caplog.text + "\n"
+
+    datamodule = ConfigScope(target_mtt)()["datamodule"]
+    for key, split in [("train", "train"), ("val", "validation"), ("test", "test"), ("predict", "all")]:
+        assert datamodule[f"groundtruth_{key}"] == f"data/mtt/mels/groundtruth-{split}.pk"
+    assert set(load_groundtruth(datamodule["groundtruth_predict"])) == {k for k, (_, _, has_audio) in CLIPS.items() if has_audio}
+    probe = ConfigScope(target_mtt_tl)()
+    assert [probe[f"groundtruth_{key}"] for key in ("train", "val", "test")] == [
+        datamodule["groundtruth_train"], datamodule["groundtruth_val"], datamodule["groundtruth_test"]
+    ]
+    # Mels prepared elsewhere: datamodule.base_dir alone moves the ground truth along, and the hint says what to set.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datasets.mtt.preprocess"):
+        main(["extract", "--audio-dir", str(audio_dir), "--out-dir", "other", "--jobs", "1", "--groundtruth-dir", str(gt_dir)])
+    d = (tmp_path / "other").as_posix()
+    assert (
+        f"with maest_30s_from_passt_infer target_mtt datamodule.base_dir={d}; then python ex_tl.py with target_mtt_tl "
+        f"groundtruth_train={d}/groundtruth-train.pk groundtruth_val={d}/groundtruth-validation.pk groundtruth_test={d}/groundtruth-test.pk"
+    ) in caplog.text
+    assert ConfigScope(target_mtt)(fixed={"datamodule": {"base_dir": d}})["datamodule"]["groundtruth_val"] == f"{d}/groundtruth-validation.pk"
+
+
+def test_target_mtt_has_one_label_per_tag():
+    labels = ConfigScope(target_mtt)()["datamodule"]["labels"]
+    assert len(labels) == 50 and "female vocal" in labels  # tags with a space are one tag
+
+
+def main_not_interrupted(argv):
+    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of stopping the whole session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
+
+
+def test_ctrl_c_in_extract_stops_with_one_line(mtt, tmp_path, capsys, monkeypatch):
+    import datasets.prepare_folder
+
+    gt_dir, audio_dir = mtt
+    real = datasets.prepare_folder._extract_one
+    calls = []
+
+    def interrupted_on_the_second(audio_path, mel_path):
+        calls.append(audio_path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(audio_path, mel_path)
+
+    monkeypatch.setattr(datasets.prepare_folder, "_extract_one", interrupted_on_the_second)
+    args = ["extract", "--audio-dir", str(audio_dir), "--out-dir", str(tmp_path / "mels"), "--jobs", "1", "--groundtruth-dir", str(gt_dir)]
+    assert main_not_interrupted(args) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted (1 of 5 mel file(s) complete, 1 of them written in this run); run the same command again to resume: "
+        "finished files are kept, not made again"
+    ]

@@ -1,5 +1,7 @@
 """datasets/prepare_folder.py: audio folder -> mel files, ground truth, labels; resumable, failures listed."""
 
+import json
+import logging
 import unicodedata
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from datasets.prepare_folder import labels_from_folders, main, mel_keys, prepare_folder, split_keys
+from helpers.failures import read_failure_list
 from helpers.melfiles import MelFileError, MelReader, load_groundtruth
 
 FREQS = {"bass": 200.0, "treble": 3000.0}
@@ -275,3 +278,116 @@ def test_subfolder_labels_are_one_label_whatever_the_unicode_form(tmp_path):
     # Two files whose names differ only in form would share one mel file: refused, naming both.
     with pytest.raises(ValueError, match=r"1 pair\(s\) of files .* differ only in Unicode normalisation"):
         mel_keys(tmp_path, [tmp_path / nfc / "x.wav", tmp_path / nfd / "x.wav"], "mmap")
+
+
+# ---------------------------------------------------------------- reruns: failure list, split, Ctrl-C
+
+
+def _split_of(out):
+    return {key: name for name in ("train", "validation", "test") for key in load_groundtruth(out / f"groundtruth-{name}.pk")}
+
+
+def test_a_removed_broken_file_leaves_the_failure_list_and_is_reported_once(audio_dir, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        assert main([str(audio_dir), str(out), "--jobs", "1"]) == 1
+    # One report per unreadable file: the FAILED line on stderr; the log has it at DEBUG at most.
+    assert [line for line in capsys.readouterr().err.splitlines() if "broken.wav" in line] == [
+        next(line for line in (out / "failed.txt").read_text().splitlines()).replace("\t", ": ").join(["FAILED ", ""])
+    ]
+    assert not [r.getMessage() for r in caplog.records if "broken.wav" in r.getMessage()]
+    assert list(read_failure_list(out / "failed.txt")) == ["treble/broken.wav"]
+
+    (audio_dir / "treble" / "broken.wav").unlink()  # what the message says to do: fix or remove it
+    assert main([str(audio_dir), str(out), "--jobs", "1"]) == 0
+    assert not (out / "failed.txt").exists()  # it is no longer an input: its entry goes
+
+
+def test_a_rerun_with_added_files_keeps_the_split_of_the_earlier_ones(audio_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    prepare_folder(audio_dir, out, seed=1)
+    before = _split_of(out)
+    for label, freq in FREQS.items():  # 3 new files per label
+        for i in range(6, 9):
+            sf.write(audio_dir / label / f"{label}_{i}.wav", tone(freq, 16000, 1), 16000)
+
+    with caplog.at_level(logging.INFO, logger="datasets.prepare_folder"):
+        prepare_folder(audio_dir, out, seed=1)
+
+    after = _split_of(out)
+    assert {key: after[key] for key in before} == before  # no file trained on is now validated or tested on
+    assert len(after) == 18
+    assert [sum(name == split for name in after.values()) for split in ("train", "validation", "test")] == [14, 2, 2]
+    assert "split: 12 file(s) kept their split from the earlier run" in caplog.text and "6 newly assigned" in caplog.text
+    assert json.loads((out / "split.json").read_text()) == {"split": [0.8, 0.1, 0.1], "seed": 1}
+
+
+def test_a_rerun_with_other_split_options_splits_afresh_and_says_so(audio_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    prepare_folder(audio_dir, out, seed=1)
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare_folder"):
+        prepare_folder(audio_dir, out, seed=1, split=(0.5, 0.25, 0.25))
+    assert [len(load_groundtruth(out / f"groundtruth-{name}.pk")) for name in ("train", "validation", "test")] == [6, 3, 3]
+    message = caplog.text
+    assert "was split with --split 0.8 0.1 0.1 --seed 1; this run asks for --split 0.5 0.25 0.25 --seed 1" in message
+    assert "every file is split afresh" in message and "changed split" in message
+    assert "rerun with --split 0.8 0.1 0.1 --seed 1 to keep the earlier one" in message
+
+
+def main_not_interrupted(argv):
+    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of stopping the whole session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
+
+
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(audio_dir, tmp_path, capsys, monkeypatch):
+    import datasets.prepare_folder as module
+
+    real, calls = module._extract_one, []
+
+    def interrupted_on_the_third(audio_path, mel_path):
+        calls.append(audio_path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(audio_path, mel_path)
+
+    monkeypatch.setattr(module, "_extract_one", interrupted_on_the_third)
+    out = tmp_path / "out"
+    assert main_not_interrupted([str(audio_dir), str(out), "--jobs", "1"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted (2 of 13 mel file(s) complete, 2 of them written in this run); run the same command "
+                   "again to resume: finished files are kept, not made again"]
+    assert not (out / "groundtruth-all.pk").exists()
+
+    monkeypatch.setattr(module, "_extract_one", real)
+    result = prepare_folder(audio_dir, out)
+    assert (result.n_written, result.n_skipped) == (10, 2)
+
+
+def test_ctrl_c_with_a_pool_of_workers_shuts_it_down(audio_dir, tmp_path, capsys, monkeypatch):
+    import datasets.prepare_folder as module
+
+    as_completed, pools = module.cf.as_completed, []
+
+    def interrupted_after_one(futures):
+        for future in as_completed(futures):
+            yield future
+            raise KeyboardInterrupt
+
+    def thread_pool(n_jobs, mp_context, initializer):  # the pool logic without spawning processes (seconds of torch imports)
+        pools.append(module.cf.ThreadPoolExecutor(n_jobs))
+        return pools[-1]
+
+    monkeypatch.setattr(module.cf, "as_completed", interrupted_after_one)
+    monkeypatch.setattr(module.cf, "ProcessPoolExecutor", thread_pool)
+    out = tmp_path / "out"
+    assert main_not_interrupted([str(audio_dir), str(out), "--jobs", "2"]) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("interrupted (") and "of 13 mel file(s) complete" in line
+    assert pools[0]._shutdown
+
+    monkeypatch.undo()
+    result = prepare_folder(audio_dir, out)  # the same command resumes: what the pool finished is kept
+    assert result.n_written + result.n_skipped == 12 and result.n_skipped >= 1

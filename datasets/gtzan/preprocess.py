@@ -8,22 +8,25 @@
 - ``download``: ``genres.tar.gz`` (1.2 GB) from the Hugging Face mirror of Marsyas' archive
   (``marsyas/gtzan``; the original host opihi.cs.uvic.ca is gone), resuming a partial download,
   with a progress bar, then its SHA-256 checked;
-- ``unpack``: the 1000 excerpts ``<genre>/<genre>.000NN.wav`` of the archive (``--archive F``: a
-  copy you have, a tar or zip such as Kaggle's, in which any folder may hold the genre folders)
-  into ``--audio-dir``, skipping files already there and anything else in the archive (macOS
-  ``._*`` files, Kaggle's images and CSVs);
+- ``unpack``: the 1000 excerpts ``<genre>/<genre>.000NN.wav`` (or ``.au``) of the archive
+  (``--archive F``: a copy you have, a tar or zip such as Kaggle's, in which any folder may hold
+  the genre folders) into ``--audio-dir``, skipping files already there and anything else in the
+  archive (macOS ``._*`` files, Kaggle's images and CSVs); it logs the suffix of the excerpts it
+  found (``.au`` ones are extracted with ``--audio-suffix .au``);
 - ``extract``: the mel of every track of the shipped split (``datasets/gtzan/*_filtered.txt``:
   443 train, 197 validation, 290 test tracks, Kereliuk et al. 2015) from
   ``<audio_dir>/<genre>/<genre>.000NN.wav`` to ``<out_dir>/<genre>/<genre>.000NN.mmap``, in
   parallel and resumable, resampled to 16 kHz as every mel of the project. Unreadable tracks are
   listed in ``<out_dir>/failed.txt`` (``jazz/jazz.00054.wav`` is damaged in Kaggle's copy, and
-  reported so for the Hugging Face one) and the command exits with status 1. It then writes the
-  ground truth of the tracks whose mel exists next to the mels:
-  ``groundtruth-{train,validation,test,all}.pk``, one-hot float32 vectors over the genres in the
-  order of ``genres.txt`` (copied there too).
+  reported so for the Hugging Face one; the list holds only tracks of this run's split and
+  ``--audio-suffix``) and the command exits with status 1. It then writes the ground truth of the
+  tracks whose mel exists next to the mels: ``groundtruth-{train,validation,test,all}.pk``, one-hot
+  float32 vectors over the genres in the order of ``genres.txt`` (copied there too). Ctrl-C stops
+  it with one line saying how far it got (exit status 130); the same command resumes.
 
 Then run ``python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_gtzan`` and
-``python ex_tl.py with target_gtzan_tl``.
+``python ex_tl.py with target_gtzan_tl`` (with another ``--out-dir``, ``extract`` prints the
+settings to add).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import sys
 import tarfile
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -46,8 +50,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from datasets.mtt.preprocess import MTTError, download_file
-from datasets.prepare_folder import extract_mel_files, write_failed_list
+from datasets.mtt.preprocess import MTTError, download_file, next_commands
+from datasets.prepare_folder import extract_mel_files, interrupted_message, write_failed_list
 from helpers.failures import format_failures, read_failure_list
 from helpers.files import atomic_path
 from helpers.melfiles import save_groundtruth
@@ -71,6 +75,7 @@ DEFAULT_DOWNLOAD_DIR = Path("data/gtzan/archive")
 DEFAULT_AUDIO_DIR = Path("data/gtzan/audio")
 DEFAULT_OUT_DIR = Path("data/gtzan/mels")
 CHUNK_BYTES = 1 << 20
+OTHER_SUFFIX = {".wav": ".au", ".au": ".wav"}  # the two formats GTZAN's copies come in
 
 
 class GTZANError(RuntimeError):
@@ -143,18 +148,33 @@ def _members(archive: Path) -> Iterator[tuple[str, int, Callable[[], BinaryIO]]]
                 yield member.name, member.size, lambda member=member: tar.extractfile(member)
 
 
-def unpack(archive: Path, audio_dir: Path = DEFAULT_AUDIO_DIR, genres: Sequence[str] | None = None) -> int:
+def missing_archive(archive: Path) -> GTZANError:
+    """The error for an ``--archive`` path that is not a file (said before its SHA-256 is computed)."""
+    return GTZANError(
+        f"--archive {archive}: no such file; give the path of your copy of GTZAN (a tar or zip archive), "
+        "or leave --archive out to download the Hugging Face mirror's copy"
+    )
+
+
+def unpack(
+    archive: Path, audio_dir: Path = DEFAULT_AUDIO_DIR, genres: Sequence[str] | None = None, user_copy: bool = False
+) -> int:
     """Extract the excerpts of ``genres`` in ``archive`` to ``audio_dir/<genre>/<file>``; returns the files written.
 
     Files already present with the right size are skipped; each file is written under a temporary
     name and renamed, so an interrupted unpack leaves no truncated wav. Destinations are built from
-    the genre and number only, so no archive member can write outside ``audio_dir``.
+    the genre and number only, so no archive member can write outside ``audio_dir``. ``user_copy``:
+    the archive is a copy given with ``--archive``, not the download (the errors say what to do
+    for each). The suffix of the excerpts (``.wav`` or ``.au``) is logged: ``extract`` needs it.
     """
     archive, audio_dir = Path(archive), Path(audio_dir)
     if not archive.is_file():
+        if user_copy:
+            raise missing_archive(archive)
         raise GTZANError(f"archive {archive} does not exist: run the download command first, or pass --archive")
     genres = set(read_genres() if genres is None else genres)
     written = found = ignored = 0
+    suffixes: Counter[str] = Counter()
     try:
         for name, size, open_member in tqdm(_members(archive), desc="unpack", unit="file", disable=None):
             match = AUDIO_MEMBER.search(name)
@@ -162,6 +182,7 @@ def unpack(archive: Path, audio_dir: Path = DEFAULT_AUDIO_DIR, genres: Sequence[
                 ignored += 1
                 continue
             found += 1
+            suffixes[f".{match['suffix']}"] += 1
             dest = audio_dir / match["genre"] / f"{match['genre']}.{match['number']}.{match['suffix']}"
             if dest.is_file() and dest.stat().st_size == size:
                 continue
@@ -169,17 +190,26 @@ def unpack(archive: Path, audio_dir: Path = DEFAULT_AUDIO_DIR, genres: Sequence[
                 shutil.copyfileobj(src, dst, CHUNK_BYTES)
             written += 1
     except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise GTZANError(
-            f"{archive} is damaged or not a tar/zip archive ({type(e).__name__}: {e}); "
-            "delete it and download again, or pass another copy with --archive"
-        ) from e
+        problem = f"{archive} is damaged or not a tar/zip archive ({type(e).__name__}: {e})"
+        if user_copy:  # the user's own file: nothing of ours to delete or download again
+            raise GTZANError(
+                f"{problem}. It is the copy given with --archive: check it (is its download complete? does your "
+                "archive tool open it?) and pass a sound copy, or leave --archive out to download the Hugging Face "
+                f"mirror's copy. The excerpts unpacked before the damaged one are complete and kept in {audio_dir}"
+            ) from e
+        raise GTZANError(f"{problem}; delete it and run download again, or pass another copy with --archive") from e
     if not found:
         raise GTZANError(
-            f"{archive} holds no GTZAN excerpt (<genre>/<genre>.000NN.wav of the genres in genres.txt): is it the GTZAN archive?"
+            f"{archive} holds no GTZAN excerpt (<genre>/<genre>.000NN.wav or .au of the genres in genres.txt): "
+            "is it the GTZAN archive?"
         )
+    kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(suffixes.items()))
     log.info(
-        "unpacked %d file(s) into %s (%d already there, %d other member(s) ignored)", written, audio_dir, found - written, ignored
+        "unpacked %d file(s) into %s (%s excerpts; %d already there, %d other member(s) ignored)",
+        written, audio_dir, kinds, found - written, ignored,
     )
+    if ".wav" not in suffixes:
+        log.info("the excerpts are .au files: extract them with --audio-suffix .au (the default is .wav)")
     return written
 
 
@@ -222,6 +252,22 @@ def mel_key(track: str) -> str:
     return PurePosixPath(track).with_suffix(".mmap").as_posix()
 
 
+def check_audio_suffix(audio_files: Sequence[Path], audio_dir: Path, audio_suffix: str) -> None:
+    """Refuse, before any work, a folder holding none of ``audio_files`` but the tracks in the other format.
+
+    GTZAN's copies differ: Kaggle's holds ``.wav`` files, copies of Marsyas' archive may hold ``.au`` ones.
+    """
+    other = OTHER_SUFFIX.get(audio_suffix.lower())
+    if other is None or any(audio.is_file() for audio in audio_files):
+        return
+    there = [audio.with_suffix(other) for audio in audio_files if audio.with_suffix(other).is_file()]
+    if there:
+        raise GTZANError(
+            f"{audio_dir} holds no track of the split as {audio_suffix} but {len(there)} as {other} (e.g. "
+            f"{there[0].relative_to(audio_dir).as_posix()}): pass --audio-suffix {other}"
+        )
+
+
 def one_hot(genre: str, genres: Sequence[str]) -> np.ndarray:
     vector = np.zeros(len(genres), dtype=np.float32)  # (n_genres,)
     vector[list(genres).index(genre)] = 1.0
@@ -247,8 +293,17 @@ def extract(
         raise GTZANError(f"audio folder {audio_dir} does not exist: run the unpack command first (or pass --audio-dir)")
     tracks = sorted(t for split in splits.values() for t in split)
     tasks = [(audio_dir / Path(track).with_suffix(audio_suffix), out_dir / mel_key(track)) for track in tracks]
+    check_audio_suffix([audio for audio, _ in tasks], audio_dir, audio_suffix)
     result = extract_mel_files(tasks, n_jobs=jobs, desc="GTZAN mels")
-    write_failed_list(out_dir, result.failed, relative_to=audio_dir, succeeded=[a for a, _ in tasks if a not in result.failed])
+    other = OTHER_SUFFIX.get(audio_suffix.lower())
+    for audio in result.failed:  # a folder of both kinds: say which failed track has the other kind
+        if other is not None and audio.with_suffix(other).is_file():
+            result.failed[audio] += f"; {audio.with_suffix(other).name} is there: pass --audio-suffix {other} if that is your copy"
+    audio_files = [audio for audio, _ in tasks]
+    write_failed_list(
+        out_dir, result.failed, relative_to=audio_dir,
+        succeeded=[a for a in audio_files if a not in result.failed], covered=audio_files,
+    )
 
     have_mel = set(result.written) | set(result.skipped)
     present = {t for t, (_, mel) in zip(tracks, tasks) if mel in have_mel}
@@ -300,16 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("download", "all") and archive is None:
             archive = download(args.download_dir, args.url, args.sha256 or None)
         if args.command in ("unpack", "all"):
-            if archive is None:
+            if args.archive is None:
                 archive = args.download_dir / args.url.rsplit("/", 1)[-1]
             else:
+                if not archive.is_file():
+                    raise missing_archive(archive)
                 check_archive(archive)  # names the copy; an unknown one is only a warning
-            unpack(archive, args.audio_dir, read_genres(args.split_dir))
+            unpack(archive, args.audio_dir, read_genres(args.split_dir), user_copy=args.archive is not None)
         if args.command in ("extract", "all"):
-            paths = extract(
-                args.audio_dir, args.out_dir, jobs=args.jobs, split_dir=args.split_dir, audio_suffix=args.audio_suffix
-            )
-            log.info("datamodule.base_dir=%s datamodule.groundtruth_test=%s", args.out_dir, paths["test"])
+            extract(args.audio_dir, args.out_dir, jobs=args.jobs, split_dir=args.split_dir, audio_suffix=args.audio_suffix)
+            log.info("next: %s", next_commands(args.out_dir, "target_gtzan", DEFAULT_OUT_DIR))
+            # failed.txt holds the failures of this run's tracks only (covered): earlier suffixes or splits are gone
             failed = read_failure_list(args.out_dir / "failed.txt")
             if failed:  # SPEC §8: the other tracks are prepared; the missing ones are listed and the command fails
                 print(format_failures(failed, args.out_dir / "failed.txt", "audio file"), file=sys.stderr)
@@ -317,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GTZANError, MTTError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not the traceback of the process pool
+        print(interrupted_message(e), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,14 +8,19 @@
 - ``download``: the three parts of the mp3 zip (about 3 GB) from the MIRG server, resuming
   partial downloads (``<part>.partial``), with a progress bar;
 - ``unpack``: reads the parts as one zip without joining them on disk and extracts the mp3 files
-  into ``--audio-dir`` (``<audio_dir>/0/<track>-0-29.mp3`` ...), skipping files already there;
+  into ``--audio-dir`` (``<audio_dir>/0/<track>-0-29.mp3`` ...), skipping files already there; a
+  damaged part is named (delete it and download again);
 - ``extract``: the mel of every clip in the shipped ground truth (``datasets/mtt/groundtruth-*.pk``,
   keys like ``0/<track>-0-29.mmap``) from ``<audio_dir>/0/<track>-0-29.mp3`` to ``<out_dir>/<key>``,
-  in parallel and resumable; unreadable clips are listed in ``<out_dir>/failed.txt``. It then
+  in parallel and resumable; unreadable clips are listed in ``<out_dir>/failed.txt`` (only clips
+  of this run's ground truth and ``--audio-suffix``) and the command exits with status 1. It then
   checks the ground truth (50 tags, disjoint splits) and writes copies of it next to the mels,
-  holding only the clips whose mel exists, with ``tags.txt``.
+  holding only the clips whose mel exists, with ``tags.txt``. Ctrl-C stops it with one line saying
+  how far it got (exit status 130); the same command resumes.
 
-Then run ``python ex_maest.py extract_embeddings with target_mtt datamodule.base_dir=<out_dir> ...``.
+Then run ``python ex_maest.py extract_embeddings with maest_30s_from_passt_infer target_mtt`` and
+``python ex_tl.py with target_mtt_tl``: both read the copies of the ground truth in ``data/mtt/mels``
+(with another ``--out-dir``, ``extract`` prints the settings to add).
 """
 
 from __future__ import annotations
@@ -24,19 +29,22 @@ import argparse
 import io
 import logging
 import os
+import shlex
 import shutil
 import sys
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
 
-from datasets.prepare_folder import extract_mel_files, write_failed_list
+from datasets.prepare_folder import extract_mel_files, interrupted_message, write_failed_list
 from helpers.failures import format_failures, read_failure_list
+from helpers.files import atomic_path
 from helpers.melfiles import load_groundtruth, save_groundtruth
 
 log = logging.getLogger(__name__)
@@ -169,7 +177,8 @@ def unpack(
     """Extract the split zip in ``download_dir`` into ``audio_dir``; returns the files written.
 
     Members already present with the right size are skipped; each file is written under a
-    temporary name and renamed, so an interrupted unpack leaves no truncated mp3.
+    temporary name and renamed, so an interrupted unpack leaves no truncated mp3 (nor a temporary
+    file). A member that fails its CRC check names the part(s) holding its bytes.
     """
     download_dir, audio_dir = Path(download_dir), Path(audio_dir)
     parts = [download_dir / name for name in part_names]
@@ -191,14 +200,32 @@ def unpack(
                 dest = _safe_member_path(audio_dir, member.filename)
                 if dest.is_file() and dest.stat().st_size == member.file_size:
                     continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(f".{dest.name}.tmp")
-                with archive.open(member) as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK_BYTES)
-                os.replace(tmp, dest)
+                try:
+                    with atomic_path(dest) as tmp, archive.open(member) as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK_BYTES)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    damaged = _parts_holding(archive, member, parts)
+                    raise MTTError(
+                        f"{member.filename} in the zip is damaged ({type(e).__name__}: {e}); its bytes are in "
+                        f"{' and '.join(map(str, damaged))}: delete {'them' if len(damaged) > 1 else 'it'}, run download "
+                        "again, then unpack (the files unpacked before it are complete and kept)"
+                    ) from e
                 written += 1
     log.info("unpacked %d file(s) into %s (%d already there)", written, audio_dir, len(members) - written)
     return written
+
+
+def _parts_holding(archive: zipfile.ZipFile, member: zipfile.ZipInfo, parts: Sequence[Path]) -> list[Path]:
+    """The zip parts that hold ``member``'s bytes: from its local header to the next member's (or the directory)."""
+    after = sorted(m.header_offset for m in archive.infolist() if m.header_offset > member.header_offset)
+    end = after[0] if after else getattr(archive, "start_dir", sum(p.stat().st_size for p in parts))
+    held, start = [], 0
+    for part in parts:
+        size = part.stat().st_size
+        if start < end and member.header_offset < start + size:
+            held.append(part)
+        start += size
+    return held or list(parts)
 
 
 # ---------------------------------------------------------------- extract
@@ -246,7 +273,11 @@ def extract(
         raise MTTError(f"audio folder {audio_dir} does not exist: run the unpack command first (or pass --audio-dir)")
     tasks = [(audio_dir / Path(key).with_suffix(audio_suffix), out_dir / key) for key in keys]
     result = extract_mel_files(tasks, n_jobs=jobs, desc="MTT mels")
-    write_failed_list(out_dir, result.failed, relative_to=audio_dir, succeeded=[a for a, _ in tasks if a not in result.failed])
+    audio_files = [audio for audio, _ in tasks]
+    write_failed_list(
+        out_dir, result.failed, relative_to=audio_dir,
+        succeeded=[a for a in audio_files if a not in result.failed], covered=audio_files,
+    )
 
     have_mel = set(result.written) | set(result.skipped)
     present = {key for key in keys if out_dir / key in have_mel}
@@ -295,10 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("unpack", "all"):
             unpack(args.download_dir, args.audio_dir)
         if args.command in ("extract", "all"):
-            paths = extract(
+            extract(
                 args.audio_dir, args.out_dir, jobs=args.jobs, groundtruth_dir=args.groundtruth_dir, audio_suffix=args.audio_suffix
             )
-            log.info("datamodule.base_dir=%s datamodule.groundtruth_test=%s", args.out_dir, paths["test"])
+            log.info("next: %s", next_commands(args.out_dir))
+            # failed.txt holds the failures of this run's clips only (covered): earlier suffixes are gone
             failed = read_failure_list(args.out_dir / "failed.txt")
             if failed:  # SPEC §8: the other clips are prepared; the missing ones are listed and the command fails
                 print(format_failures(failed, args.out_dir / "failed.txt", "audio file"), file=sys.stderr)
@@ -306,7 +338,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MTTError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, not the traceback of the process pool
+        print(interrupted_message(e), file=sys.stderr)
+        return 130
     return 0
+
+
+def next_commands(out_dir: Path, target: str = "target_mtt", default_out_dir: Path = DEFAULT_OUT_DIR) -> str:
+    """The extraction and probing commands on the mels in ``out_dir``, with every setting a non-default folder needs.
+
+    ``target`` (``target_mtt``, ``target_gtzan``) reads the ground truth next to
+    ``datamodule.base_dir``; ex_tl has no such key, so its ``<target>_tl`` is given the three ground truths.
+    """
+    extraction = f"python ex_maest.py extract_embeddings with maest_30s_from_passt_infer {target}"
+    probe = f"python ex_tl.py with {target}_tl"
+    if Path(out_dir).resolve() != Path(default_out_dir).resolve():
+        d = Path(out_dir).resolve().as_posix()
+        extraction += " " + shlex.quote(f"datamodule.base_dir={d}")
+        probe += "".join(
+            " " + shlex.quote(f"groundtruth_{key}={d}/groundtruth-{split}.pk")
+            for key, split in (("train", "train"), ("val", "validation"), ("test", "test"))
+        )
+    return f"{extraction}; then {probe}"
 
 
 if __name__ == "__main__":
