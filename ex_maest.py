@@ -18,6 +18,7 @@ config and lists the commands.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -41,6 +42,7 @@ from configs.runs import (
     trained_run_name, uses_synthetic_data,
 )
 from helpers.data import hop_frames_for
+from helpers.datamodule import SAMPLERS
 from helpers.extract import extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
@@ -215,6 +217,50 @@ def _check_hf_max_length(value) -> None:
         raise ValueError(f"export.hf_max_length must be None (the model's clip), 'hub' (the published models' lengths) or frames >= 16, got {value!r}")
 
 
+def _check_devices(value) -> None:
+    """trainer.devices as Lightning takes it: "auto", a count >= 1 or -1 (all), or a list of device indices."""
+    text = value.strip() if isinstance(value, str) else None
+    ok = (
+        value == "auto"
+        or (_is_int(value) and (value >= 1 or value == -1))
+        or (isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value))
+        or (text is not None and all(part.strip().lstrip("-").isdigit() for part in text.split(",") if part.strip()) and text not in ("", "0"))
+    )
+    if not ok:
+        raise ValueError(f"trainer.devices must be 'auto', a number of devices >= 1 (-1: all), or a list of device indices such as [0, 1], got {value!r}")
+
+
+def _check_named(key: str, names, what: str):
+    """A validator: ``key`` must be one of ``names()`` (a function, so that Lightning is imported only when checking)."""
+
+    def check(value) -> None:
+        if not (value is None or isinstance(value, str)):
+            return  # an object given from Python (a Lightning Strategy, Accelerator): Lightning checks it
+        allowed = names()
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(n) for n in allowed], n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            listed = ", ".join(map(repr, allowed[:12])) + (f", ... ({len(allowed)} in all)" if len(allowed) > 12 else "")
+            raise ValueError(f"{key} must be {what}, got {value!r}{hint}; one of: {listed}")
+
+    return check
+
+
+def _strategies() -> list[str]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ["auto", *StrategyRegistry.available_strategies()]
+
+
+def _accelerators() -> list[str]:
+    import importlib.util
+
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+    return [n for n in names if n != "tpu" or importlib.util.find_spec("torch_xla") is not None]  # TPUs need torch_xla
+
+
 # Keys whose valid values their default's type does not tell (other kinds, ranges). Every other key
 # with a bool, int or float default must keep that type (an int is a valid float), and trainer.<key>
 # must match Lightning's own annotation of that Trainer argument.
@@ -241,6 +287,12 @@ _CONFIG_RULES = {
     "predict.top_k": (int, _at_least(1)),
     "export.hf_max_length": _check_hf_max_length,  # export_hf checks the frames against the model
     "trainer.max_epochs": (int | None, _at_least(-1, " (-1: no limit)")),
+    "trainer.devices": _check_devices,
+    "trainer.strategy": _check_named("trainer.strategy", _strategies, "a Lightning strategy"),
+    "trainer.accelerator": _check_named("trainer.accelerator", _accelerators, "an accelerator this installation has"),
+    "maest.arch": _check_named("maest.arch", lambda: [None, *REGISTRY], "None (the checkpoint's) or a registered architecture"),
+    "datamodule.sampler": _check_named("datamodule.sampler", lambda: list(SAMPLERS), "a training sampler"),
+    "seed": (int, None),
     "checkpoint_every_n_train_steps": (int | None, _at_least(1)),
     "run_name": check_run_name,
     "speed_test_batch_size": (int, _at_least(1)),

@@ -119,6 +119,8 @@ def default_config(**sections) -> dict:
         {"datamodule": {"clip_length": 30}, "predict": {"transformer_block": 11, "device": 0}},
         {"module": {"lr": 1, "mixup_alpha": 0}, "maest": {"n_classes": 519}},
         {"module": {"step_in_backward": False}},
+        {"trainer": {"devices": "0,1", "strategy": "ddp_find_unused_parameters_true", "accelerator": "cpu"}, "maest": {"arch": "maest-tiny"}},
+        {"trainer": {"devices": -1, "accelerator": "gpu", "strategy": "auto"}, "datamodule": {"sampler": "random"}},
     ],
 )
 def test_valid_values_of_other_types_than_the_defaults_are_accepted(sections):
@@ -146,6 +148,14 @@ def test_valid_values_of_other_types_than_the_defaults_are_accepted(sections):
         ({"maest": {"pretrained": "yes"}}, r"maest.pretrained must be True or False, got 'yes'"),
         ({"module": {"step_in_backward": "yes"}}, r"module.step_in_backward must be True or False or 'auto', got 'yes'"),
         ({"maest": {"input_t": 62.5}}, r"maest.input_t must be an integer or None, at least 16 \(one patch\), got 62.5"),
+        ({"trainer": {"devices": 0}}, r"trainer.devices must be 'auto', a number of devices >= 1 \(-1: all\), or a list of device indices such as \[0, 1\], got 0"),
+        ({"trainer": {"devices": -3}}, r"trainer.devices must be .*, got -3"),
+        ({"trainer": {"devices": "two"}}, r"trainer.devices must be .*, got 'two'"),
+        ({"trainer": {"strategy": "dpp"}}, r"trainer.strategy must be a Lightning strategy, got 'dpp' \(did you mean 'ddp'"),
+        ({"trainer": {"accelerator": "tpu"}}, r"trainer.accelerator must be an accelerator this installation has, got 'tpu'.*one of: 'auto', 'gpu', 'cpu'"),
+        ({"maest": {"arch": "maest-nope"}}, r"maest.arch must be None \(the checkpoint's\) or a registered architecture, got 'maest-nope' \(did you mean 'maest-tiny'"),
+        ({"datamodule": {"sampler": "weird"}}, r"datamodule.sampler must be a training sampler, got 'weird'; one of: 'balanced', 'random'"),
+        ({"seed": "x"}, r"seed must be an integer, got 'x'"),
     ],
 )
 def test_wrong_config_values_name_the_key_and_what_is_expected(sections, message):
