@@ -45,7 +45,7 @@ from helpers.data import hop_frames_for
 from helpers.datamodule import SAMPLERS
 from helpers.extract import extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import format_failures, update_failure_list
-from helpers.files import write_text_atomic
+from helpers.files import output_dir, output_file, write_text_atomic
 from models import heap
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
 from models.precision import PRECISIONS
@@ -346,8 +346,9 @@ def _run_name_hook(config, command_name, logger):
 
 # ----------------------------------------------------------------------------------- commands
 @ex.main
-def main(_run, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
+def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
+    output_dir(_config["trainer"]["default_root_dir"] or run_output("train"), "trainer.default_root_dir")  # a file there: said before any work
     clip_length = check_training_clip()
     check_pretrained_weights()
     _prepare_synthetic(synthetic_data)
@@ -455,7 +456,7 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
     from helpers.stats import mel_statistics
 
     _prepare_synthetic(synthetic_data)
-    out = Path(norm_stats_out or run_output("norm_stats.json"))
+    out = output_file(norm_stats_out or run_output("norm_stats.json"), "norm_stats_out")
     failed_list = out.parent / "failed-norm-stats.txt"
     stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"], failed_list=failed_list)
     write_text_atomic(out, json.dumps(stats, indent=2))
@@ -507,6 +508,7 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
     started); the keys are split by global rank (``helpers.extract.extract``).
     """
     transformer_block, out_dir, hop = predict["transformer_block"], predict["out_dir"] or run_output("embeddings"), predict["hop"]
+    output_dir(out_dir, "predict.out_dir")  # a file or a read-only folder: said now, not after the model is loaded
     if datamodule_cfg["groundtruth_predict"] is None:
         raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
     fabric = start_processes(predict["device"], predict["devices"], predict["num_nodes"])
@@ -581,6 +583,8 @@ def predict(inference_checkpoint, predict):
     """
     if not predict["audio"]:
         raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
+    if predict["output"]:
+        output_file(predict["output"], "predict.output")  # a folder or a read-only place: said before any file is labelled
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     check_weights_given(setup, "predict")
     n_frames = n_frames_for(inference_clip_length(setup.config))
@@ -637,7 +641,8 @@ def export_hf(inference_checkpoint, export, predict):
     if max_length is None:  # the clips predict and extraction feed the model
         max_length = n_frames_for(inference_clip_length(setup.config))
     out = _export_hf(
-        net, export["out_dir"] or run_output("export"), labels=labels, allow_separated=export["hf_allow_separated"], max_length=max_length
+        net, output_dir(export["out_dir"] or run_output("export"), "export.out_dir"), labels=labels, allow_separated=export["hf_allow_separated"],
+        max_length=max_length,
     )
     print(f"Hugging Face model written to {out}")
     return str(out)
@@ -651,7 +656,7 @@ def export_onnx(inference_checkpoint, export, predict):
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     check_weights_given(setup, "export_onnx")
     net = build_net(setup=setup)
-    path = Path(export["out_dir"] or run_output("export")) / "model.onnx"
+    path = output_dir(export["out_dir"] or run_output("export"), "export.out_dir") / "model.onnx"
     clips = {}
     if export["onnx_with_mel"]:  # the graph cuts the clips predict cuts
         n_frames = n_frames_for(inference_clip_length(setup.config))

@@ -10,7 +10,34 @@ from pathlib import Path
 
 from models.files import atomic_path
 
-__all__ = ["atomic_path", "folder_lock", "write_text_atomic"]
+__all__ = ["atomic_path", "folder_lock", "output_dir", "output_file", "write_text_atomic"]
+
+
+def output_dir(path: str | os.PathLike, key: str) -> Path:
+    """``path`` as a folder the command can write into (created if needed), or an error naming ``key``.
+
+    Checked before any work: a path that is a file, or a folder without write permission, would
+    otherwise stop the command midway on a bare OS error.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{key}={path} is a file, and the command writes a folder there: give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{key}={path}: cannot create the folder ({e.strerror or e}): give a folder you can write to") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{key}={path}: no permission to write into this folder: give a folder you can write to")
+    return path
+
+
+def output_file(path: str | os.PathLike, key: str) -> Path:
+    """``path`` as a file the command can write (its folder created if needed), or an error naming ``key``."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{key}={path} is a folder, and the command writes a file there: give a file path, e.g. {path / 'out.json'}")
+    output_dir(path.parent, f"the folder of {key}")
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

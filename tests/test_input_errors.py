@@ -303,3 +303,32 @@ def test_predict_lists_a_truncated_wav_as_failed_and_exits_non_zero(model, tmp_p
     assert exit_info.value.code == 1
     assert [r["file"] for r in json.loads(out.read_text())] == [str(folder / "good.wav")]
     assert f"FAILED {folder / 'cut.wav'}: audio file {folder / 'cut.wav'} is truncated: its header says 6.00 s" in capsys.readouterr().err
+
+
+def test_output_paths_that_cannot_be_written_name_the_key_before_any_work(tmp_path, monkeypatch):
+    import helpers.files
+    from helpers.files import output_dir, output_file
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"predict.out_dir={a_file} is a file, and the command writes a folder there"):
+        output_dir(a_file, "predict.out_dir")
+    with pytest.raises(OSError, match=rf"export.out_dir={a_file / 'sub'}: cannot create the folder"):
+        output_dir(a_file / "sub", "export.out_dir")
+    with pytest.raises(IsADirectoryError, match=rf"norm_stats_out={tmp_path} is a folder, and the command writes a file there"):
+        output_file(tmp_path, "norm_stats_out")
+    assert output_file(tmp_path / "new" / "stats.json", "norm_stats_out") == tmp_path / "new" / "stats.json" and (tmp_path / "new").is_dir()
+    monkeypatch.setattr(helpers.files.os, "access", lambda path, mode: False)  # a read-only folder (root ignores modes)
+    with pytest.raises(PermissionError, match=rf"predict.out_dir={tmp_path}: no permission to write into this folder"):
+        output_dir(tmp_path, "predict.out_dir")
+
+
+@pytest.mark.parametrize("command, section, key", [
+    ("extract_embeddings", "predict", "out_dir"), ("export_onnx", "export", "out_dir"), ("main", "trainer", "default_root_dir"),
+])
+def test_commands_refuse_an_output_folder_that_is_a_file(tmp_path, command, section, key):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    updates = demo_updates(tmp_path, **{section: {key: str(a_file)}}, maest={"allow_random_weights": True})
+    with pytest.raises(NotADirectoryError, match=rf"{section}.{key}={a_file} is a file"):
+        run(command, ["demo"], {**updates, "inference_checkpoint": None})

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from sacred import Ingredient
 
+from helpers.files import output_dir
+
 trainer_ing = Ingredient("trainer")
 
 
@@ -67,7 +69,7 @@ def build_trainer(_config, default_root: Path, checkpoint_every_n_train_steps=No
     clash = [k for k in _TRAINER_OWN_ARGUMENTS if k in options]
     if clash:
         raise ValueError(f"trainer.{clash[0]} cannot be configured: build_trainer sets it (configs/ingredients/trainer.py)")
-    root = Path(options.pop("default_root_dir") or default_root)
+    root = output_dir(options.pop("default_root_dir") or default_root, "trainer.default_root_dir")  # a file there: said now
     callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
     if not monitor_val:
         callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)]
