@@ -141,6 +141,11 @@ def check_resume_checkpoint(path: str, module) -> None:
             f"{'; '.join(problems[:4])}. Resume it with the named configs and keys that trained it, or start from its "
             "weights with maest.checkpoint=FILE (on other labels: the finetune named config)"
         )
+    progress = obj.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    done = progress.get("current", {}).get("processed")
+    where = (f"epoch {obj.get('epoch')} complete" if progress.get("is_last_batch") or not done
+             else f"{done} batch(es) of epoch {obj.get('epoch')} done, the rest of it trains next")
+    _logger.info("resuming from %s: %s (global step %s)", path, where, obj.get("global_step"))
 
 
 def _warn_earlier_checkpoints(trainer, ckpt_path) -> None:

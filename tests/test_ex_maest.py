@@ -194,7 +194,7 @@ def test_random_weights_on_purpose_extract(data, tmp_path):
     assert run("extract_logits", ["demo"], updates).result["written"] == len(load_groundtruth(data["groundtruth_all"]))
 
 
-def test_resume_continues_epochs_and_steps(data, tmp_path):
+def test_resume_continues_epochs_and_steps(data, tmp_path, caplog):
     root = tmp_path / "resume"
     first = run("main", ["demo"], tiny_updates(data, root, max_epochs=1))
     last = root / "checkpoints" / "last.ckpt"
@@ -204,8 +204,10 @@ def test_resume_continues_epochs_and_steps(data, tmp_path):
 
     updates = tiny_updates(data, root, max_epochs=2)
     updates["ckpt_path"] = "last"
-    second = run("main", ["demo"], updates)
+    with caplog.at_level(logging.INFO, logger="ex_maest"):
+        second = run("main", ["demo"], updates)
     assert second.status == "COMPLETED"
+    assert f"resuming from {last}: epoch 0 complete (global step {STEPS_PER_EPOCH})" in caplog.text
     assert second.result["global_step"] == 2 * STEPS_PER_EPOCH  # one more epoch, not two from scratch
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and state["global_step"] == 2 * STEPS_PER_EPOCH

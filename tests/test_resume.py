@@ -8,6 +8,7 @@ checkpoint file is written (a patch of Lightning's ModelCheckpoint in the test's
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -123,8 +124,13 @@ def _final_state(result):
     [("last.ckpt", 3), ("step-", 2 * STEP_CHECKPOINTS)],
     ids=["killed-at-epoch-boundary", "killed-mid-epoch"],
 )
-def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(data, tmp_path, uninterrupted, kill_file, kill_step):
-    resumed = _killed_then_resumed(data, tmp_path / "run", kill_file, kill_step)
+def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(data, tmp_path, uninterrupted, kill_file, kill_step, caplog):
+    with caplog.at_level(logging.INFO, logger="ex_maest"):
+        resumed = _killed_then_resumed(data, tmp_path / "run", kill_file, kill_step)
+    per_epoch = EPOCH_LENGTH // BATCH_SIZE
+    where = f"epoch {kill_step // per_epoch - 1} complete" if kill_step % per_epoch == 0 else \
+        f"{kill_step % per_epoch} batch(es) of epoch {kill_step // per_epoch} done, the rest of it trains next"
+    assert f"{where} (global step {kill_step})" in caplog.text  # the command says where it goes on from
     expected, got = uninterrupted.result, resumed.result
     assert got["global_step"] == expected["global_step"] == EPOCHS * EPOCH_LENGTH // BATCH_SIZE
     for key in ("val_roc", "val_roc_swa", "val_loss", "val_loss_swa", "val_ap"):
