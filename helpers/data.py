@@ -173,6 +173,19 @@ class TrainDataset(_MelDataset):
         self.teacher_dir = teacher_dir
         self.teacher_threshold = teacher_threshold
         self._teacher_cache: dict[int, np.ndarray] = {}  # track -> packed bits, filled per worker
+        if teacher_dir is not None:
+            self._check_teacher_files()
+
+    def _check_teacher_files(self) -> None:
+        """Every training track has its teacher logits file: a missing one found now, not hours into training."""
+        keys = (self.key(track) for track in range(len(self)))
+        missing = [key for key in keys if not (Path(self.teacher_dir) / f"{key}.logits.npy").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(self)} training tracks have no teacher logits in {self.teacher_dir} "
+                f"(e.g. {', '.join(f'{k}.logits.npy' for k in missing[:3])}): produce them with the teacher model, "
+                f"`python ex_maest.py extract_logits with <teacher config> predict.out_dir={self.teacher_dir}` (it extracts only the missing ones)"
+            )
 
     def __len__(self) -> int:
         return len(self._keys)

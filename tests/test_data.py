@@ -153,6 +153,10 @@ def test_train_dataset_with_teacher_returns_cached_teacher_targets(mels, tmp_pat
     assert ds[0][3].tolist() == [0, 1, 0]  # from the cache
     with pytest.raises(FileNotFoundError, match="extract_logits"):
         TrainDataset(reader=reader, groundtruth=gt, n_frames=10, teacher_dir=tmp_path / "nope")
+    # A track without its teacher file is found when the training set is built, not when it is first drawn.
+    with pytest.raises(FileNotFoundError, match=rf"1 of the {len(gt)} training tracks have no teacher logits in {teacher} "
+                                                rf"\(e.g. {key}.logits.npy\).*it extracts only the missing ones"):
+        TrainDataset(reader=reader, groundtruth=gt, n_frames=10, teacher_dir=teacher)
 
 
 def test_clip_dataset_every_clip_with_the_tail(mels):
