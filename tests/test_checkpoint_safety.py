@@ -131,8 +131,8 @@ def tiny(seed=0, n_classes=10):
     return MAEST(MAESTConfig(**TINY, n_classes=n_classes)).eval()
 
 
-def malicious_checkpoint(path, marker, net, swa):
-    """A Lightning checkpoint whose weights are good and whose every other part runs code."""
+def malicious_checkpoint(path, marker, net, swa, **extra):
+    """A Lightning checkpoint whose weights are good and whose every other part runs code (``extra``: more top-level entries)."""
     sd = {f"net.{k}": v for k, v in net.state_dict().items()}
     sd.update({f"net_swa.{k}": v for k, v in swa.state_dict().items()})
     # Tensors whose rebuild carries code: backward hooks (_rebuild_parameter, _rebuild_tensor_v2)
@@ -148,6 +148,7 @@ def malicious_checkpoint(path, marker, net, swa):
             "epoch": 3,
             "hyper_parameters": {p.__name__: p(marker) for p in PAYLOADS},
             "callbacks": Partial(marker),  # at the top level too
+            **extra,
         },
         path,
     )
@@ -380,6 +381,14 @@ def test_resuming_from_a_malicious_checkpoint_runs_nothing(data, evil_command_ch
     updates = command_updates(data, path, tmp_path)
     updates["maest"]["checkpoint"] = None
     updates["ckpt_path"] = str(path)
+    # Not a Lightning checkpoint: the command's own check (a safe read) refuses it.
+    with pytest.raises(CheckpointError, match="is not a training checkpoint"):
+        ex.run("main", named_configs=["demo"], config_updates=updates, options={"--loglevel": "ERROR"})
+    assert not marker.exists()
+    # One that passes the check (Lightning's version key, this network's weights): Lightning reads it weights-only.
+    net, swa = tiny(0, data["n_classes"]), tiny(1, data["n_classes"])
+    lightning_like = malicious_checkpoint(tmp_path / "evil-lightning.ckpt", marker, net, swa, **{"pytorch-lightning_version": "2.5.0"})
+    updates["ckpt_path"] = str(lightning_like)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         ex.run("main", named_configs=["demo"], config_updates=updates, options={"--loglevel": "ERROR"})
     assert not marker.exists()
