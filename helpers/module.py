@@ -223,10 +223,12 @@ class MAESTModule(pl.LightningModule):
             loss_labels = F.binary_cross_entropy_with_logits(logits.float(), y)
             loss_teacher = F.binary_cross_entropy_with_logits(logits_dist.float(), teacher[0])
             loss = (loss_labels + loss_teacher) / 2
-            self.log_dict({"train_loss_labels": loss_labels, "train_loss_teacher": loss_teacher}, on_step=False, on_epoch=True, batch_size=len(y))
+            self.log_dict({"train_loss_labels": loss_labels, "train_loss_teacher": loss_teacher}, on_step=False, on_epoch=True,
+                          batch_size=len(y), sync_dist=True)
         else:
             loss = F.binary_cross_entropy_with_logits(self.net(x).float(), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP the logged loss is the mean over every rank's batch, not rank 0's alone (one scalar all-reduce)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def on_train_epoch_start(self) -> None:

@@ -55,10 +55,13 @@ SCRIPT = textwrap.dedent(
         \"\"\"The keys this rank trained and validated on.\"\"\"
 
         def __init__(self):
-            self.train, self.val = {}, {}
+            self.train, self.val, self.losses = {}, {}, {}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.train.setdefault(trainer.current_epoch, []).extend(batch[1])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.setdefault(trainer.current_epoch, []).append(float(outputs["loss"]))
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             self.val.setdefault(trainer.current_epoch, []).extend(batch[1])
@@ -90,6 +93,7 @@ SCRIPT = textwrap.dedent(
             "global_step": trainer.global_step,
             "train": record.train,
             "val": record.val,
+            "losses": record.losses,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }))
     """
@@ -149,6 +153,16 @@ def test_both_ranks_trained_in_step(ddp_run):
     steps_per_epoch = EPOCH_LENGTH // 2 // BATCH_SIZE
     assert {r["global_step"] for r in ranks} == {EPOCHS * steps_per_epoch}
     assert last.is_file()
+
+
+def test_the_logged_training_loss_is_the_mean_over_both_ranks(ddp_run):
+    _, ranks, _ = ddp_run
+    last = str(EPOCHS - 1)
+    losses = [loss for r in ranks for loss in r["losses"][last]]  # equal batches: the mean of the batch means
+    assert len(losses) == 2 * (EPOCH_LENGTH // 2 // BATCH_SIZE)
+    assert ranks[0]["losses"][last] != ranks[1]["losses"][last]  # the ranks trained on other draws
+    for r in ranks:
+        assert r["metrics"]["train_loss_epoch"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_training_draw_is_sharded_once_across_ranks(ddp_run):
