@@ -474,7 +474,7 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
 def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_checkpoint, maest, predict):
     """Forward speed of the configured model in fp32 and in predict.precision, against this machine's matmul ceiling.
 
-    Random input of input_t frames; the fastest of speed_test_iterations batches. GFLOP/s count the
+    Random input of the clips extraction cuts (input_t frames); the fastest of speed_test_iterations batches. GFLOP/s count the
     matmuls (models.precision.forward_flops); the share is of a large torch.matmul's GFLOP/s in the
     same dtype. The comparison with upstream's code and the training step: benchmarks/bench_speed.py.
     """
@@ -486,7 +486,7 @@ def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_che
     for precision in dict.fromkeys(["fp32", predict["precision"]]):  # the configured precision last
         net = build_net(inference_checkpoint=inference_checkpoint).to(device)
         net = prepare_for_inference(net, precision, compile=predict["compile"])
-        n_frames = min(net.config.input_t + 1, net.config.max_frames)
+        n_frames = n_frames_for(inference_clip_length(net.config))  # the clips extraction and predict cut
         seconds = time_forward(net, torch.randn(batch, 1, net.config.input_f, n_frames, device=device), speed_test_iterations)
         n_f, n_t = net.patch_grid(n_frames)  # after inference patchout
         gflops = forward_flops(net.config, n_frames, batch, n_tokens=n_f * n_t + 2) / seconds / 1e9

@@ -338,6 +338,7 @@ def test_model_speed_test_reports_throughput():
     r = run("model_speed_test", updates=updates)
     assert r.result["clips_per_s"] > 0 and r.result["device"] == "cpu"
     assert r.result["clips_per_s"] == pytest.approx(2 / r.result["batch_seconds"])
+    assert r.result["n_frames"] == INPUT_T  # the clip extraction and predict cut for this model
 
 
 @pytest.mark.parametrize(
