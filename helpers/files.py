@@ -14,25 +14,26 @@ __all__ = ["atomic_path", "folder_lock", "output_dir", "output_file", "write_tex
 
 
 def output_dir(path: str | os.PathLike, key: str) -> Path:
-    """``path`` as a folder the command can write into (created if needed), or an error naming ``key``.
+    """``path`` as a folder the command can write into, or an error naming ``key``; nothing is created.
 
-    Checked before any work: a path that is a file, or a folder without write permission, would
-    otherwise stop the command midway on a bare OS error.
+    Checked before any work: a path that is a file, a file on the way to it, or a folder without
+    write permission (``path``, or the nearest one that exists, where the command would create it)
+    would otherwise stop the command midway on a bare OS error.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists() or p == p.parent)
+    if existing == path and not path.is_dir():
         raise NotADirectoryError(f"{key}={path} is a file, and the command writes a folder there: give a folder path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"{key}={path}: cannot create the folder ({e.strerror or e}): give a folder you can write to") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"{key}={path}: no permission to write into this folder: give a folder you can write to")
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{key}={path}: {existing} is a file, so the folder cannot be created there: give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "into this folder" if existing == path else f"in {existing}, where the folder would be created"
+        raise PermissionError(f"{key}={path}: no permission to write {where}: give a folder you can write to")
     return path
 
 
 def output_file(path: str | os.PathLike, key: str) -> Path:
-    """``path`` as a file the command can write (its folder created if needed), or an error naming ``key``."""
+    """``path`` as a file the command can write (its folder may not exist yet), or an error naming ``key``."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{key}={path} is a folder, and the command writes a file there: give a file path, e.g. {path / 'out.json'}")

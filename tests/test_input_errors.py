@@ -313,14 +313,17 @@ def test_output_paths_that_cannot_be_written_name_the_key_before_any_work(tmp_pa
     a_file.write_text("x")
     with pytest.raises(NotADirectoryError, match=rf"predict.out_dir={a_file} is a file, and the command writes a folder there"):
         output_dir(a_file, "predict.out_dir")
-    with pytest.raises(OSError, match=rf"export.out_dir={a_file / 'sub'}: cannot create the folder"):
-        output_dir(a_file / "sub", "export.out_dir")
+    with pytest.raises(NotADirectoryError, match=rf"export.out_dir={a_file / 'sub' / 'x'}: {a_file} is a file, so the folder cannot be created there"):
+        output_dir(a_file / "sub" / "x", "export.out_dir")
     with pytest.raises(IsADirectoryError, match=rf"norm_stats_out={tmp_path} is a folder, and the command writes a file there"):
         output_file(tmp_path, "norm_stats_out")
-    assert output_file(tmp_path / "new" / "stats.json", "norm_stats_out") == tmp_path / "new" / "stats.json" and (tmp_path / "new").is_dir()
+    assert output_file(tmp_path / "new" / "stats.json", "norm_stats_out") == tmp_path / "new" / "stats.json"
+    assert not (tmp_path / "new").exists()  # checked, not created: a command refused later leaves nothing behind
     monkeypatch.setattr(helpers.files.os, "access", lambda path, mode: False)  # a read-only folder (root ignores modes)
     with pytest.raises(PermissionError, match=rf"predict.out_dir={tmp_path}: no permission to write into this folder"):
         output_dir(tmp_path, "predict.out_dir")
+    with pytest.raises(PermissionError, match=rf"predict.out_dir={tmp_path / 'a' / 'b'}: no permission to write in {tmp_path}, where the folder would be created"):
+        output_dir(tmp_path / "a" / "b", "predict.out_dir")
 
 
 @pytest.mark.parametrize("command, section, key", [
