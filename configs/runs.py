@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -145,6 +146,18 @@ def _command_line_args(ex, argv: list[str]) -> dict | None:
         return None
 
 
+def _nested(flat: dict) -> dict:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}`` (Sacred's form of config updates)."""
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
 def _suggestions(key: str, known: list[str]) -> list[str]:
     """Known keys close to ``key``: the same last part under another prefix first, then similar spellings."""
     leaf = key.rsplit(".", 1)[-1]
@@ -158,9 +171,18 @@ def check_config_keys(ex, argv: list[str]) -> None:
     """Refuse a ``key=value`` after ``with`` whose key no config has, naming the keys it resembles.
 
     Sacred would stop too, with "Added new config entry that is not used anywhere" and the key set
-    to None; this names the key, the value given and the likely intended key. Keys under a dict
-    entry (``search_grid.lr``) are left to Sacred, which accepts them.
+    to None; this names the key, the value given and the likely intended key. The rule is Sacred's,
+    asked one key at a time: keys it accepts though no config lists them (a new key inside a dict
+    entry, ``search_grid.wd``; any Lightning Trainer argument, ``trainer.limit_train_batches``) pass.
     """
+    logging.disable(logging.WARNING)  # Sacred's "Added new config entry" notices: the real run gives them once
+    try:
+        _check_config_keys(ex, argv)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _check_config_keys(ex, argv: list[str]) -> None:
     from sacred.arg_parser import get_config_updates
     from sacred.initialize import create_run
     from sacred.utils import ConfigAddedError
@@ -184,11 +206,18 @@ def check_config_keys(ex, argv: list[str]) -> None:
     except Exception:  # noqa: BLE001 - the named configs alone fail: Sacred's run reports that
         return
     known = sorted(k for k in flatten(config) if not any(part.startswith("__") for part in k.split(".")))
-    # A key is unknown when it names no config entry and sits at the top or directly in an
-    # ingredient; a new key inside a dict-valued entry (search_grid.wd) is Sacred's to accept.
-    sections = {""} | {ingredient.path for ingredient, depth in ex.traverse_ingredients() if depth > 0}
     given = flatten(updates)
-    unknown = [k for k in given if k not in known and (k.rpartition(".")[0] in sections or k.rpartition(".")[0] not in config_paths(config))]
+
+    def refused(key: str) -> bool:  # Sacred's own rule, one key at a time (a new key inside a dict entry or a Trainer argument passes)
+        try:
+            create_run(ex, command, _nested({key: given[key]}), named)
+        except ConfigAddedError:
+            return True
+        except Exception:  # noqa: BLE001 - another problem of that key: the run reports it
+            return False
+        return False
+
+    unknown = [key for key in given if key not in known and refused(key)]
     lines = []
     for key in unknown:
         close = _suggestions(key, known)
@@ -200,15 +229,6 @@ def check_config_keys(ex, argv: list[str]) -> None:
     raise SystemExit(
         f"unknown config key{'s' if len(lines) > 1 else ''} after `with`:\n" + "\n".join(lines) + f"\n`{listing}` lists every key with its comment"
     )
-
-
-def config_paths(config: dict, prefix: str = "") -> set[str]:
-    """Every dotted path of a nested config that holds a dict (``{"a": {"b": {}}}`` -> ``{"a", "a.b"}``)."""
-    paths = set()
-    for key, value in config.items():
-        if isinstance(value, dict):
-            paths |= {f"{prefix}{key}"} | config_paths(value, f"{prefix}{key}.")
-    return paths
 
 
 def run_commandline(ex, resume_hint: str) -> None:

@@ -153,15 +153,16 @@ def test_a_mistyped_key_is_named_with_the_keys_it_resembles(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     for argv in (["ex_maest.py", "with", "demo", "datamodule.batch_size_train=3", "trainer.max_epochs=2"],
                  ["ex_maest.py", "predict", "with", "demo", "predict.top_k=2", "-F", "records"],
-                 ["ex_maest.py", "print_config"], ["ex_maest.py", "with", "demo"]):
+                 ["ex_maest.py", "print_config"], ["ex_maest.py", "with", "demo"], ["ex_maest.py", "with", "demo", "trainer.limit_train_batches=5"]):
         check_config_keys(ex_maest.ex, argv)  # every key exists: nothing to say
     check_config_keys(ex_tl.ex, ["ex_tl.py", "with", "demo", "probe_search", "search_grid.wd=[0.1]"])  # inside a dict entry: Sacred accepts it
 
     with pytest.raises(SystemExit) as err:
         check_config_keys(ex_maest.ex, ["ex_maest.py", "extract_embeddings", "with", "demo", "predict.transformer_blok=2",
-                                        "batch_size_train=3", "trainer.max_epochs=2", "-F", "records"])
+                                        "batch_size_train=3", "trainer.max_epochs=2", "trainer.limit_train_batches=5", "-F", "records"])
     message = str(err.value)
     assert "unknown config keys after `with`:" in message
+    assert "limit_train_batches" not in message  # any Lightning Trainer argument is a trainer key (SPEC §4)
     assert "predict.transformer_blok=2: no such config key; did you mean predict.transformer_block?" in message
     assert "batch_size_train=3: no such config key; did you mean datamodule.batch_size_train?" in message
     assert "max_epochs" not in message  # a key that exists is not listed
