@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,10 @@ from .metrics import macro_metrics
 from .memory import release_freed_memory
 from .schedules import exp_warmup_linear_down, with_swa_phase
 from .step_in_backward import check_mode, step_in_backward
+
+# The evaluation metrics are computed on every rank from the gathered predictions of all ranks, so
+# they are not reduced again; Lightning would advise sync_dist=True for each, every epoch, under DDP.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)_", category=PossibleUserWarning)
 
 _logger = logging.getLogger(__name__)
 
