@@ -210,8 +210,11 @@ def test_an_au_archive_is_named_and_extract_says_which_suffix_to_pass(tmp_path, 
     assert "holds no track of the split as .wav but 8 as .au (e.g. blues/blues.00000.au): pass --audio-suffix .au" in caplog.text
     assert not (out / "failed.txt").exists()
 
-    assert main(["extract", *args, "--audio-suffix", ".au"]) == 0
+    assert main(["extract", *args, "--audio-suffix", "au"]) == 0  # with or without the dot
     assert len(load_groundtruth(out / "groundtruth-all.pk")) == 8 and not (out / "failed.txt").exists()
+    with pytest.raises(SystemExit):  # argparse: usage and the reason on stderr
+        main(["extract", *args, "--audio-suffix", "a/u"])
+    assert "'a/u' is not a file suffix: give one such as .wav or .au" in capsys.readouterr().err
 
 
 def test_failures_of_another_suffix_leave_the_list_and_the_exit_status(archive, tmp_path, capsys, caplog):

@@ -252,6 +252,14 @@ def mel_key(track: str) -> str:
     return PurePosixPath(track).with_suffix(".mmap").as_posix()
 
 
+def _suffix(text: str) -> str:
+    """``--audio-suffix``: ``.au`` or ``au`` (the dot added), one file suffix."""
+    suffix = text if text.startswith(".") else f".{text}"
+    if len(suffix) < 2 or "/" in suffix or suffix.count(".") != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file suffix: give one such as .wav or .au")
+    return suffix
+
+
 def check_audio_suffix(audio_files: Sequence[Path], audio_dir: Path, audio_suffix: str) -> None:
     """Refuse, before any work, a folder holding none of ``audio_files`` but the tracks in the other format.
 
@@ -344,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--audio-dir", type=Path, default=DEFAULT_AUDIO_DIR, help="where the wav files go")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the mels go (datamodule.base_dir)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for extract")
-    parser.add_argument("--audio-suffix", default=".wav", help="suffix of the audio files (default .wav)")
+    parser.add_argument("--audio-suffix", default=".wav", type=_suffix, help="suffix of the audio files (default .wav; au and .au are one)")
     parser.add_argument(
         "--split-dir", type=Path, default=SHIPPED_DIR, help="folder of the *_filtered.txt files and genres.txt (default: shipped)"
     )
