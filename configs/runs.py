@@ -110,6 +110,11 @@ def add_default_observer(ex, argv: list[str], environ=os.environ) -> Path | None
 
     observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith(("--file_storage=", "--mongo_db=")) for a in argv)
     main_rank = all(environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+    if not main_rank:
+        # The other ranks' run logs only errors: rank 0 says "Started", "Result" and "Completed" for the run,
+        # and theirs has no observer by design (Sacred would warn that none was added).
+        ex.logger = logging.getLogger(f"{ex.path}.other_ranks")
+        ex.logger.setLevel(logging.ERROR)
     if observed or not main_rank or len(argv) < 2 or argv[1] in INFO_COMMANDS:
         return None
     folder = Path(environ.get(SACRED_DIR_ENV) or OUTPUTS / "sacred")

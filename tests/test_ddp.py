@@ -238,6 +238,8 @@ def test_ex_maest_command_line_trains_with_ddp(ddp_run, tmp_path):
     assert proc.returncode == 0, f"ex_maest.py with DDP failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert proc.stdout.count("Training finished.") == 1  # the report comes from rank 0 only
     assert "It is recommended to use `self.log('val_" not in proc.stderr  # the gathered metrics need no reduction advice
+    output = proc.stdout + proc.stderr
+    assert output.count("Completed after") == 1 and "No observers have been added" not in output  # rank 1's run is quiet
     assert "It is recommended to use `self.log('train_loss'" not in proc.stderr  # the training loss is reduced (sync_dist)
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["epoch"] == EPOCHS - 1 and state["global_step"] == EPOCHS * EPOCH_LENGTH // 2 // BATCH_SIZE
