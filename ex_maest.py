@@ -434,7 +434,10 @@ def test(_run, synthetic_data, inference_checkpoint):
     setup = resolve_net(inference_checkpoint=inference_checkpoint)
     check_weights_given(setup, "test")
     datamodule = build_datamodule(clip_length=inference_clip_length(setup.config))
-    net = build_net(data_n_classes=datamodule.n_classes, inference_checkpoint=inference_checkpoint)
+    if datamodule.groundtruth["test"] is None:
+        raise ValueError("set datamodule.groundtruth_test to the ground-truth pickle of the tracks to test")
+    # The test split's classes: the training ground truth (millions of tracks for Discogs) is not read.
+    net = build_net(data_n_classes=datamodule.dataset("test").n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
     module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
     trainer = build_trainer(default_root=run_output("train"), log_scalar=_run.log_scalar)

@@ -160,6 +160,16 @@ def test_test_command_scores_every_test_clip(demo_run, data, tmp_path):
     assert results["test_loss"] == pytest.approx(F.binary_cross_entropy_with_logits(logits, y).item(), abs=1e-5)
 
 
+def test_test_command_reads_only_the_test_ground_truth(demo_run, data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "test")
+    updates["maest"]["checkpoint"] = demo_run.result["last_checkpoint"]
+    updates["datamodule"]["groundtruth_train"] = str(tmp_path / "not-there.pk")  # never opened by `test`
+    assert run("test", ["demo"], updates).status == "COMPLETED"
+    updates["datamodule"]["groundtruth_test"] = None
+    with pytest.raises(ValueError, match="set datamodule.groundtruth_test to the ground-truth pickle of the tracks to test"):
+        run("test", ["demo"], updates)
+
+
 def test_inference_checkpoint_replaces_maest_checkpoint_in_test(demo_run, data, tmp_path):
     updates = tiny_updates(data, tmp_path / "test")
     updates["inference_checkpoint"] = demo_run.result["last_checkpoint"]
