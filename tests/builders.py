@@ -31,3 +31,14 @@ def maest_datamodule(**arguments) -> MAESTDataModule:
 def maest_module(net, **arguments) -> MAESTModule:
     """A MAESTModule of ``net`` with ``arguments``, the others the module config's recipe (MODULE_ARGUMENTS)."""
     return MAESTModule(net, **{**MODULE_ARGUMENTS, **arguments})
+
+
+def main_not_interrupted(main, argv):
+    """``main(argv)`` of a command; a KeyboardInterrupt escaping it fails the test instead of stopping the
+    whole session (Ctrl-C would end in a traceback)."""
+    import pytest
+
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")

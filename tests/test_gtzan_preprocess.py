@@ -28,6 +28,7 @@ from datasets.gtzan.preprocess import (
 )
 from helpers.audio import audio_to_mel, load_audio
 from helpers.melfiles import MelReader, load_groundtruth
+from tests.builders import main_not_interrupted
 
 GENRES = ["blues", "jazz", "rock"]
 SPLIT = {  # split -> tracks; jazz.00054 is unreadable, as in Kaggle's copy of GTZAN
@@ -287,14 +288,6 @@ def test_extract_prints_the_settings_of_another_out_dir_and_target_gtzan_follows
         assert datamodule[f"groundtruth_{key}"] == f"{d}/groundtruth-{split}.pk" and Path(datamodule[f"groundtruth_{key}"]).is_file()
 
 
-def main_not_interrupted(argv):
-    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of stopping the whole session."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
-
-
 def test_ctrl_c_in_extract_stops_with_one_line(archive, tmp_path, capsys, monkeypatch):
     import datasets.prepare_folder
 
@@ -306,7 +299,7 @@ def test_ctrl_c_in_extract_stops_with_one_line(archive, tmp_path, capsys, monkey
     unpack(archive, audio, GENRES)
     monkeypatch.setattr(datasets.prepare_folder, "_extract_one", interrupted)
     args = ["--audio-dir", str(audio), "--out-dir", str(tmp_path / "mels"), "--split-dir", str(split_dir), "--jobs", "1"]
-    assert main_not_interrupted(["extract", *args]) == 130
+    assert main_not_interrupted(main, ["extract", *args]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "interrupted (0 of 8 mel file(s) complete, 0 of them written in this run); run the same command again to resume: "
         "finished files are kept, not made again"

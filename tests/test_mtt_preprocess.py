@@ -26,6 +26,7 @@ from datasets.mtt.preprocess import (
 )
 from helpers.failures import read_failure_list
 from helpers.melfiles import MelReader, load_groundtruth
+from tests.builders import main_not_interrupted
 
 TAGS = ["guitar", "piano", "techno"]
 CLIPS = {  # key -> (split, tags, has audio)
@@ -322,14 +323,6 @@ def test_target_mtt_has_one_label_per_tag():
     assert len(labels) == 50 and "female vocal" in labels  # tags with a space are one tag
 
 
-def main_not_interrupted(argv):
-    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of stopping the whole session."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
-
-
 def test_ctrl_c_in_extract_stops_with_one_line(mtt, tmp_path, capsys, monkeypatch):
     import datasets.prepare_folder
 
@@ -345,7 +338,7 @@ def test_ctrl_c_in_extract_stops_with_one_line(mtt, tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(datasets.prepare_folder, "_extract_one", interrupted_on_the_second)
     args = ["extract", "--audio-dir", str(audio_dir), "--out-dir", str(tmp_path / "mels"), "--jobs", "1", "--groundtruth-dir", str(gt_dir)]
-    assert main_not_interrupted(args) == 130
+    assert main_not_interrupted(main, args) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "interrupted (1 of 5 mel file(s) complete, 1 of them written in this run); run the same command again to resume: "
         "finished files are kept, not made again"

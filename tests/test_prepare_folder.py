@@ -11,6 +11,7 @@ import soundfile as sf
 from datasets.prepare_folder import labels_from_folders, main, mel_keys, prepare_folder, split_keys
 from helpers.failures import read_failure_list
 from helpers.melfiles import MelFileError, MelReader, load_groundtruth
+from tests.builders import main_not_interrupted
 
 FREQS = {"bass": 200.0, "treble": 3000.0}
 LENGTH_S = 0.5
@@ -334,14 +335,6 @@ def test_a_rerun_with_other_split_options_splits_afresh_and_says_so(audio_dir, t
     assert "rerun with --split 0.8 0.1 0.1 --seed 1 to keep the earlier one" in message
 
 
-def main_not_interrupted(argv):
-    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of stopping the whole session."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
-
-
 def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(audio_dir, tmp_path, capsys, monkeypatch):
     import datasets.prepare_folder as module
 
@@ -355,7 +348,7 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(audio_dir, tmp_
 
     monkeypatch.setattr(module, "_extract_one", interrupted_on_the_third)
     out = tmp_path / "out"
-    assert main_not_interrupted([str(audio_dir), str(out), "--jobs", "1"]) == 130
+    assert main_not_interrupted(main, [str(audio_dir), str(out), "--jobs", "1"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["interrupted (2 of 13 mel file(s) complete, 2 of them written in this run); run the same command "
                    "again to resume: finished files are kept, not made again"]
@@ -383,7 +376,7 @@ def test_ctrl_c_with_a_pool_of_workers_shuts_it_down(audio_dir, tmp_path, capsys
     monkeypatch.setattr(module.cf, "as_completed", interrupted_after_one)
     monkeypatch.setattr(module.cf, "ProcessPoolExecutor", thread_pool)
     out = tmp_path / "out"
-    assert main_not_interrupted([str(audio_dir), str(out), "--jobs", "2"]) == 130
+    assert main_not_interrupted(main, [str(audio_dir), str(out), "--jobs", "2"]) == 130
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("interrupted (") and "of 13 mel file(s) complete" in line
     assert pools[0]._shutdown
