@@ -196,23 +196,26 @@ def au_bytes(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_an_au_archive_is_named_and_extract_says_which_suffix_to_pass(tmp_path, caplog, capsys):
+def test_an_au_archive_is_named_and_extract_takes_its_suffix(tmp_path, caplog, capsys):
     split_dir = write_split(tmp_path / "split")
     tracks = sorted(excerpts())
     archive = write_tar(tmp_path / "genres.tar.gz", {f"genres/{Path(t).with_suffix('.au')}": au_bytes(i) for i, t in enumerate(tracks)})
     audio, out = tmp_path / "audio", tmp_path / "mels"
     with caplog.at_level(logging.INFO, logger="datasets.gtzan.preprocess"):
         assert unpack(archive, audio, GENRES) == len(tracks)
-    assert "8 .au excerpts" in caplog.text and "extract them with --audio-suffix .au" in caplog.text
+    assert "8 .au excerpts" in caplog.text and "extract takes them as they are (--audio-suffix .au)" in caplog.text
 
     caplog.clear()
     args = ["--audio-dir", str(audio), "--out-dir", str(out), "--split-dir", str(split_dir), "--jobs", "1"]
-    assert main(["extract", *args]) == 1  # the default .wav: refused before any work, with the fix
+    assert main(["extract", *args, "--audio-suffix", ".wav"]) == 1  # named, and not there: refused before any work, with the fix
     assert "holds no track of the split as .wav but 8 as .au (e.g. blues/blues.00000.au): pass --audio-suffix .au" in caplog.text
     assert not (out / "failed.txt").exists()
 
-    assert main(["extract", *args, "--audio-suffix", "au"]) == 0  # with or without the dot
+    with caplog.at_level(logging.INFO, logger="datasets.gtzan.preprocess"):
+        assert main(["extract", *args]) == 0  # not named: the suffix the folder holds
+    assert "holds the excerpts as .au files: extracting those" in caplog.text
     assert len(load_groundtruth(out / "groundtruth-all.pk")) == 8 and not (out / "failed.txt").exists()
+    assert main(["extract", *args, "--audio-suffix", "au"]) == 0  # with or without the dot: the same files, already there
     with pytest.raises(SystemExit):  # argparse: usage and the reason on stderr
         main(["extract", *args, "--audio-suffix", "a/u"])
     assert "'a/u' is not a file suffix: give one such as .wav or .au" in capsys.readouterr().err

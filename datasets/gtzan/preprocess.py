@@ -12,7 +12,7 @@
   (``--archive F``: a copy you have, a tar or zip such as Kaggle's, in which any folder may hold
   the genre folders) into ``--audio-dir``, skipping files already there and anything else in the
   archive (macOS ``._*`` files, Kaggle's images and CSVs); it logs the suffix of the excerpts it
-  found (``.au`` ones are extracted with ``--audio-suffix .au``);
+  found (``extract`` takes whichever the folder holds, ``--audio-suffix`` names one);
 - ``extract``: the mel of every track of the shipped split (``datasets/gtzan/*_filtered.txt``:
   443 train, 197 validation, 290 test tracks, Kereliuk et al. 2015) from
   ``<audio_dir>/<genre>/<genre>.000NN.wav`` to ``<out_dir>/<genre>/<genre>.000NN.mmap``, in
@@ -209,7 +209,7 @@ def unpack(
         written, audio_dir, kinds, found - written, ignored,
     )
     if ".wav" not in suffixes:
-        log.info("the excerpts are .au files: extract them with --audio-suffix .au (the default is .wav)")
+        log.info("the excerpts are .au files: extract takes them as they are (--audio-suffix .au)")
     return written
 
 
@@ -260,6 +260,17 @@ def _suffix(text: str) -> str:
     return suffix
 
 
+def detect_audio_suffix(tracks: Sequence[str], audio_dir: Path) -> str:
+    """The suffix the split's tracks have in ``audio_dir``: ``.wav`` where any is there, else ``.au``
+    where any is (copies of Marsyas' archive), else ``.wav`` (every track then fails as missing)."""
+    for suffix in (".wav", ".au"):
+        if any((audio_dir / track).with_suffix(suffix).is_file() for track in tracks):
+            if suffix != ".wav":
+                log.info("%s holds the excerpts as %s files: extracting those (--audio-suffix names another)", audio_dir, suffix)
+            return suffix
+    return ".wav"
+
+
 def check_audio_suffix(audio_files: Sequence[Path], audio_dir: Path, audio_suffix: str) -> None:
     """Refuse, before any work, a folder holding none of ``audio_files`` but the tracks in the other format.
 
@@ -287,9 +298,11 @@ def extract(
     out_dir: Path = DEFAULT_OUT_DIR,
     jobs: int = 1,
     split_dir: Path = SHIPPED_DIR,
-    audio_suffix: str = ".wav",
+    audio_suffix: str | None = None,
 ) -> dict[str, Path]:
     """Mels of every track of the split under ``out_dir``, and ground truth next to them.
+
+    ``audio_suffix``: the excerpts' suffix; None: the one the folder holds (``detect_audio_suffix``).
 
     Returns ``{split: path}`` of the ground truth (``train``, ``validation``, ``test``, ``all``),
     which holds only the tracks whose mel exists; ``out_dir/failed.txt`` lists the rest.
@@ -300,6 +313,7 @@ def extract(
     if not audio_dir.is_dir():
         raise GTZANError(f"audio folder {audio_dir} does not exist: run the unpack command first (or pass --audio-dir)")
     tracks = sorted(t for split in splits.values() for t in split)
+    audio_suffix = audio_suffix or detect_audio_suffix(tracks, audio_dir)
     tasks = [(audio_dir / Path(track).with_suffix(audio_suffix), out_dir / mel_key(track)) for track in tracks]
     check_audio_suffix([audio for audio, _ in tasks], audio_dir, audio_suffix)
     result = extract_mel_files(tasks, n_jobs=jobs, desc="GTZAN mels")
@@ -352,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--audio-dir", type=Path, default=DEFAULT_AUDIO_DIR, help="where the wav files go")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the mels go (datamodule.base_dir)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes for extract")
-    parser.add_argument("--audio-suffix", default=".wav", type=_suffix, help="suffix of the audio files (default .wav; au and .au are one)")
+    parser.add_argument(
+        "--audio-suffix", default=None, type=_suffix,
+        help="suffix of the audio files (default: .wav, or .au where the folder holds only those; au and .au are one)",
+    )
     parser.add_argument(
         "--split-dir", type=Path, default=SHIPPED_DIR, help="folder of the *_filtered.txt files and genres.txt (default: shipped)"
     )
