@@ -4,6 +4,7 @@ mel dtypes, patchout that would remove every patch, config values of the wrong t
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -335,3 +336,12 @@ def test_commands_refuse_an_output_folder_that_is_a_file(tmp_path, command, sect
     updates = demo_updates(tmp_path, **{section: {key: str(a_file)}}, maest={"allow_random_weights": True})
     with pytest.raises(NotADirectoryError, match=rf"{section}.{key}={a_file} is a file"):
         run(command, ["demo"], {**updates, "inference_checkpoint": None})
+
+
+def test_sacred_notices_about_trainer_arguments_are_dropped_others_kept(caplog):
+    with caplog.at_level(logging.WARNING):
+        ex.run("print_config", named_configs=["demo", "mini_train"], config_updates={"trainer": {"devices": 1}, "maest": {"fused_attention": 0}},
+               options={"--loglevel": "WARNING"})
+    assert "limit_train_batches" not in caplog.text  # any Lightning Trainer argument is a trainer key (SPEC §4)
+    assert 'Changed type of config entry "devices"' not in caplog.text  # "auto" or a count: both Lightning's
+    assert 'Changed type of config entry "fused_attention" from bool to int' in caplog.text  # another key's notice stays

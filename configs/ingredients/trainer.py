@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -50,6 +53,31 @@ def _accept_trainer_arguments(f):
     params = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     f.__signature__ = own.replace(parameters=params + extra)
     return f
+
+
+class _TrainerArgumentNotices(logging.Filter):
+    """Drops Sacred's notices about ``trainer.<Lightning Trainer argument>`` keys, which the ingredient takes
+    by design (SPEC §4): "Added new config entry" for an argument its config does not list
+    (``mini_train``'s ``limit_train_batches``) and "Changed type" for one Lightning takes in several
+    types (``devices``: "auto" or 4). Notices about any other key pass."""
+
+    NOTICE = re.compile(r'(?:Added new config entry: "|Changed type of config entry ")(\w+)"')
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self.NOTICE.match(record.getMessage())
+        return match is None or match.group(1) not in _lightning_trainer_arguments()
+
+
+@functools.cache
+def _lightning_trainer_arguments() -> frozenset[str]:
+    import inspect
+
+    import lightning.pytorch as pl
+
+    return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+logging.getLogger(trainer_ing.path).addFilter(_TrainerArgumentNotices())  # Sacred's logger of the ingredient's config
 
 
 @trainer_ing.capture
