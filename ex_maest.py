@@ -118,7 +118,7 @@ def check_resume_checkpoint(path: str, module) -> None:
     what differs (Lightning would stop on a page of size mismatches, a KeyError or an optimizer error)."""
     from models.checkpoints import CheckpointError, read_checkpoint, record_of
 
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, mmap=True)  # shapes and entries only: the weights are read once, by Lightning
     source = f"ckpt_path={path}"
     if not isinstance(obj, dict) or "pytorch-lightning_version" not in obj or not isinstance(obj.get("state_dict"), dict):
         raise CheckpointError(

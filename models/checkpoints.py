@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -79,13 +80,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} (the file is truncated or not a safetensors file)") from e
 
 
-def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict:
+def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False, mmap: bool = False) -> dict:
     """Load a checkpoint file on CPU without running code from it.
 
     torch's weights-only reader comes first; a file it refuses (hyper-parameter objects, Sacred
     containers) is read by ``models.safe_unpickle.safe_load``: tensors and plain containers are
     rebuilt, any other object stays inert data and is logged. ``trust_checkpoint=True`` unpickles
-    the file fully, which runs whatever code it holds: only for files you trust.
+    the file fully, which runs whatever code it holds: only for files you trust. ``mmap``: the
+    tensors of a zip-format file are mapped, not read (for a look at shapes and entries).
     """
     path = Path(path)
     if path.is_dir():
@@ -106,7 +108,7 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         lines = str(e).splitlines()
         refused = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line), "objects besides tensors")

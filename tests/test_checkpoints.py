@@ -233,3 +233,14 @@ def test_released_weights_carry_the_discogs_style_names(tmp_path):
     model = get_maest("discogs-maest-10s-pw-129e", pretrained=True, weights_directory=tmp_path, **small)
     assert len(model.labels) == 400 and model.labels[0] == "Blues---Boogie Woogie"  # what export_hf writes as id2label
     assert get_maest("discogs-maest-10s-pw-129e", pretrained=True, weights_directory=tmp_path, n_classes=7, reinit_heads=True, **small).labels is None
+
+
+def test_read_checkpoint_maps_a_zip_file_and_reads_a_legacy_one_alike(tmp_path):
+    from models.checkpoints import read_checkpoint
+
+    obj = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 2}
+    torch.save(obj, tmp_path / "zip.ckpt")
+    torch.save(obj, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)  # torch cannot map this format
+    for name in ("zip.ckpt", "legacy.ckpt"):
+        got = read_checkpoint(tmp_path / name, mmap=True)
+        assert got["epoch"] == 2 and torch.equal(got["state_dict"]["w"], obj["state_dict"]["w"]), name
