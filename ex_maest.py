@@ -23,11 +23,14 @@ import functools
 import json
 import logging
 import sys
+import warnings
 import typing
 from pathlib import Path
 
 import torch
-from sacred import Experiment
+# sacred 0.8.7 imports pkg_resources, which warns on every run; setuptools<81 is pinned so that it stays
+warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+from sacred import Experiment  # noqa: E402
 
 from configs.checks import check_config_values, default_config
 from configs.ingredients.datamodule import build_datamodule, check_training_clip, datamodule_ing, inference_clip_length, training_labels

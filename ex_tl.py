@@ -25,13 +25,16 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from sacred import Experiment
+# sacred 0.8.7 imports pkg_resources, which warns on every run; setuptools<81 is pinned so that it stays
+warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+from sacred import Experiment  # noqa: E402
 
 from configs.runs import add_default_observer, check_config_files, check_config_keys, run_commandline
 from configs.tl import register

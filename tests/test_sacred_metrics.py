@@ -147,6 +147,7 @@ def test_a_missing_config_file_after_with_is_named_as_a_file(tmp_path, monkeypat
     done = subprocess.run([sys.executable, str(ROOT / "ex_tl.py"), "with", "demo", "typo/dataset.json"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "config file typo/dataset.json does not exist" in done.stderr
+    assert "pkg_resources" not in done.stderr  # sacred's import warning is not shown on every run
 
 
 def test_a_mistyped_key_is_named_with_the_keys_it_resembles(tmp_path, monkeypatch):
@@ -173,6 +174,7 @@ def test_a_mistyped_key_is_named_with_the_keys_it_resembles(tmp_path, monkeypatc
     assert done.returncode == 1
     assert "datamodule.batch_sise_train=3: no such config key; did you mean datamodule.batch_size_train" in done.stderr
     assert not (tmp_path / "outputs").exists()  # refused before any run record or data
+    assert "pkg_resources" not in done.stderr
 
 
 @pytest.mark.parametrize("program", [ex_maest, ex_tl])
