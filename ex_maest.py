@@ -432,10 +432,10 @@ def _report(_run, result, n_classes: int):
 @ex.command
 def test(_run, synthetic_data, inference_checkpoint):
     """Test maest.checkpoint (or the configured weights) on datamodule.groundtruth_test, every clip."""
-    _prepare_synthetic(synthetic_data)
     inference_checkpoint = _inference_checkpoint()
     setup = resolve_net(inference_checkpoint=inference_checkpoint)
-    check_weights_given(setup, "test")
+    check_weights_given(setup, "test")  # the model is checked before the demo data is generated
+    _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule(clip_length=inference_clip_length(setup.config))
     if datamodule.groundtruth["test"] is None:
         raise ValueError("set datamodule.groundtruth_test to the ground-truth pickle of the tracks to test")
@@ -522,12 +522,12 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
     output_dir(out_dir, "predict.out_dir")  # a file or a read-only folder: said now, not after the model is loaded
     if datamodule_cfg["groundtruth_predict"] is None:
         raise ValueError("set datamodule.groundtruth_predict to the ground-truth pickle that lists the files to extract (e.g. with target_mtt)")
+    setup = resolve_net(inference_checkpoint=_inference_checkpoint())
+    check_weights_given(setup, f"extract_{kind}")  # before any process starts or the demo data is generated
     fabric = start_processes(predict["device"], predict["devices"], predict["num_nodes"])
     if fabric.global_rank == 0:  # one process generates the demo data; the others wait for it
         _prepare_synthetic(synthetic_data)
     fabric.barrier()
-    setup = resolve_net(inference_checkpoint=_inference_checkpoint())
-    check_weights_given(setup, f"extract_{kind}")
     clip_length = inference_clip_length(setup.config)
     n_frames = n_frames_for(clip_length)
     hop_frames = hop_frames_for(hop, n_frames)

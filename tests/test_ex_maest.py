@@ -197,6 +197,14 @@ def test_inference_without_weights_is_refused_unless_random_weights_are_asked_fo
     assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()  # refused before any output
 
 
+@pytest.mark.parametrize("command", ["test", "extract_embeddings"])
+def test_a_missing_checkpoint_is_said_before_the_demo_data_is_generated(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo generates its data in outputs/demo/data, relative to here
+    with pytest.raises(FileNotFoundError, match="checkpoint missing.ckpt does not exist"):
+        run(command, ["demo"], {"inference_checkpoint": "missing.ckpt"})
+    assert not (tmp_path / "outputs" / "demo" / "data").exists()
+
+
 def test_random_weights_on_purpose_extract(data, tmp_path):
     updates = tiny_updates(data, tmp_path / "root")
     updates["maest"]["allow_random_weights"] = True
