@@ -72,7 +72,7 @@ import numpy as np
 from tqdm import tqdm
 
 from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_audio_files, load_audio
-from helpers.failures import format_failures, update_failure_list
+from helpers.failures import format_failures, read_failure_list, update_failure_list
 from helpers.files import write_text_atomic
 from helpers.melfiles import (
     MelFileError,
@@ -116,6 +116,23 @@ class ExtractionInterrupted(KeyboardInterrupt):
     def __init__(self, complete: int, total: int, written: int):
         super().__init__(f"interrupted with {complete} of {total} mel file(s) complete")
         self.complete, self.total, self.written = complete, total, written
+
+
+class NothingPrepared(ValueError):
+    """Every input of a set (a folder, a split) failed: the message names the set, ``failed_list`` each file's reason."""
+
+    def __init__(self, message: str, failed_list: Path):
+        super().__init__(message)
+        self.failed_list = Path(failed_list)
+
+
+def report_nothing_prepared(error: NothingPrepared) -> int:
+    """A preparer's exit when nothing could be prepared: the error, then the FAILED line of each file (status 1)."""
+    log.error("%s", error)
+    failed = read_failure_list(error.failed_list)
+    if failed:
+        print(format_failures(failed, error.failed_list, "audio file"), file=sys.stderr)
+    return 1
 
 
 def interrupted_message(error: KeyboardInterrupt) -> str:
@@ -656,7 +673,7 @@ def prepare_folder(
         vector[[index[n] for n in file_labels[f]]] = True
         gt[key] = vector
     if not gt:
-        raise ValueError(f"none of the audio files in {audio_dir} could be read: see {out_dir / 'failed.txt'}")
+        raise NothingPrepared(f"none of the audio files in {audio_dir} could be read: see {out_dir / 'failed.txt'}", out_dir / "failed.txt")
 
     paths = {}
     parts = keep_or_redo_split(earlier, {k: tuple(file_labels[f]) for f, k in keys.items() if k in gt}, fractions, seed, out_dir)
@@ -711,6 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = prepare_folder(**vars(args))
+    except NothingPrepared as e:
+        return report_nothing_prepared(e)
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 1

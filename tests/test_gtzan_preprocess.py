@@ -307,3 +307,15 @@ def test_ctrl_c_in_extract_stops_with_one_line(archive, tmp_path, capsys, monkey
         "interrupted (0 of 8 mel file(s) complete, 0 of them written in this run); run the same command again to resume: "
         "finished files are kept, not made again"
     ]
+
+
+def test_a_split_where_every_track_fails_names_each_track(archive, tmp_path, capsys, caplog):
+    split_dir = write_split(tmp_path / "split")
+    audio, out = tmp_path / "audio", tmp_path / "mels"
+    unpack(archive, audio, GENRES)
+    for path in audio.rglob("*.wav"):
+        path.write_bytes(b"not audio" * 10)
+    assert main(["extract", "--audio-dir", str(audio), "--out-dir", str(out), "--split-dir", str(split_dir), "--jobs", "1"]) == 1
+    assert "split has a mel in" in caplog.text
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == len(excerpts())  # the error, and why each track failed

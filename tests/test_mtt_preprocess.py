@@ -343,3 +343,14 @@ def test_ctrl_c_in_extract_stops_with_one_line(mtt, tmp_path, capsys, monkeypatc
         "interrupted (1 of 5 mel file(s) complete, 1 of them written in this run); run the same command again to resume: "
         "finished files are kept, not made again"
     ]
+
+
+def test_a_split_where_every_clip_fails_names_each_clip(mtt, tmp_path, capsys, caplog):
+    gt_dir, audio_dir = mtt
+    for path in audio_dir.rglob("*.mp3"):
+        path.write_bytes(b"not audio" * 10)
+    args = ["extract", "--audio-dir", str(audio_dir), "--out-dir", str(tmp_path / "mels"), "--jobs", "1", "--groundtruth-dir", str(gt_dir)]
+    assert main(args) == 1
+    assert "split has a mel in" in caplog.text
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == len(CLIPS)  # the error, and why each clip failed

@@ -384,3 +384,15 @@ def test_ctrl_c_with_a_pool_of_workers_shuts_it_down(audio_dir, tmp_path, capsys
     monkeypatch.undo()
     result = prepare_folder(audio_dir, out)  # the same command resumes: what the pool finished is kept
     assert result.n_written + result.n_skipped == 12 and result.n_skipped >= 1
+
+
+def test_a_folder_where_every_file_fails_names_each_file(tmp_path, capsys, caplog):
+    audio = tmp_path / "audio"
+    for name in ("a/one.wav", "b/two.flac"):
+        (audio / name).parent.mkdir(parents=True, exist_ok=True)
+        (audio / name).write_bytes(b"not audio" * 10)
+    assert main([str(audio), str(tmp_path / "out"), "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "none of the audio files in" in caplog.text
+    failed = sorted(line.split(":")[0] for line in err.splitlines() if line.startswith("FAILED"))
+    assert failed == ["FAILED a/one.wav", "FAILED b/two.flac"]  # the error, and why each file failed

@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.mtt.preprocess import MTTError, download_file, next_commands
-from datasets.prepare_folder import extract_mel_files, interrupted_message, write_failed_list
+from datasets.prepare_folder import NothingPrepared, extract_mel_files, interrupted_message, report_nothing_prepared, write_failed_list
 from helpers.failures import format_failures, read_failure_list
 from helpers.files import atomic_path
 from helpers.melfiles import save_groundtruth
@@ -338,8 +338,9 @@ def extract(
     for split, split_tracks in splits.items():
         gt = {mel_key(t): one_hot(t.split("/")[0], genres) for t in split_tracks if t in present}
         if not gt:
-            raise GTZANError(
-                f"no track of the {split} split has a mel in {out_dir}: check --audio-dir and {out_dir / 'failed.txt'}"
+            raise NothingPrepared(
+                f"no track of the {split} split has a mel in {out_dir}: check --audio-dir and {out_dir / 'failed.txt'}",
+                out_dir / "failed.txt",
             )
         paths[split] = save_groundtruth(out_dir / f"groundtruth-{split}.pk", gt)
         everything.update(gt)
@@ -395,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if failed:  # SPEC §8: the other tracks are prepared; the missing ones are listed and the command fails
                 print(format_failures(failed, args.out_dir / "failed.txt", "audio file"), file=sys.stderr)
                 return 1
+    except NothingPrepared as e:  # the error, then each file's FAILED line
+        return report_nothing_prepared(e)
     except (GTZANError, MTTError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1

@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from datasets.prepare_folder import extract_mel_files, interrupted_message, write_failed_list
+from datasets.prepare_folder import NothingPrepared, extract_mel_files, interrupted_message, report_nothing_prepared, write_failed_list
 from helpers.failures import format_failures, read_failure_list
 from helpers.files import atomic_path
 from helpers.melfiles import load_groundtruth, save_groundtruth
@@ -291,7 +291,10 @@ def extract(
     for split, gt in gts.items():
         kept = {k: v for k, v in gt.items() if k in present}
         if not kept:
-            raise MTTError(f"no clip of the {split} split has a mel in {out_dir}: check --audio-dir and {out_dir / 'failed.txt'}")
+            raise NothingPrepared(
+                f"no clip of the {split} split has a mel in {out_dir}: check --audio-dir and {out_dir / 'failed.txt'}",
+                out_dir / "failed.txt",
+            )
         paths[split] = save_groundtruth(out_dir / f"groundtruth-{split}.pk", kept)
         kept_all.update(kept)
     paths["all"] = save_groundtruth(out_dir / "groundtruth-all.pk", kept_all)
@@ -335,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if failed:  # SPEC §8: the other clips are prepared; the missing ones are listed and the command fails
                 print(format_failures(failed, args.out_dir / "failed.txt", "audio file"), file=sys.stderr)
                 return 1
+    except NothingPrepared as e:  # the error, then each file's FAILED line
+        return report_nothing_prepared(e)
     except (MTTError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 1
