@@ -15,11 +15,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import linecache
 import logging
 import os
 import re
 import sys
 from pathlib import Path, PurePath
+
+import sacred.utils as sacred_utils
 
 from configs.checks import flatten
 
@@ -236,11 +239,50 @@ def _check_config_keys(ex, argv: list[str]) -> None:
     )
 
 
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def raised_for_the_user(error: BaseException) -> bool:
+    """True for an exception a ``raise`` statement of this project raised with its own message (a clear error:
+    a missing checkpoint, a bad config value), False for one raised inside a library or by a failing expression
+    (a bug: its traceback is what a report needs)."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    file = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not file.is_relative_to(PROJECT) or any(part in ("site-packages", "dist-packages", ".venv") for part in file.parts):
+        return False
+    statement = linecache.getline(str(file), tb.tb_lineno).strip()
+    return statement.startswith("raise ") and not statement.startswith("raise e")
+
+
+def _print_error(filter_traceback: str = "default") -> None:
+    """Sacred's report of a failed command: the message alone where this project wrote it for the user, Sacred's
+    filtered traceback otherwise; ``-d`` (Sacred's --debug) shows the whole traceback of either."""
+    error = sys.exc_info()[1]
+    if error is not None and raised_for_the_user(error):
+        print(f"{type(error).__name__}: {error}\n(add -d to the command for the traceback)", file=sys.stderr)
+    else:
+        sacred_utils.print_filtered_stacktrace(filter_traceback)
+
+
 def run_commandline(ex, resume_hint: str) -> None:
-    """``ex.run_commandline()``, with Ctrl-C ending in one line that says what is kept and how to go on
-    (exit status 130, as a shell reports SIGINT) instead of a traceback from whatever code it stopped in."""
+    """``ex.run_commandline()``, with two changes to what a failure prints:
+
+    - Ctrl-C ends in one line that says what is kept and how to go on (exit status 130, as a shell reports
+      SIGINT) instead of a traceback from whatever code it stopped in;
+    - an error this project raised for the user (``raised_for_the_user``) is printed as its message, without
+      the traceback around it (exit status 1, as before; the run record still says FAILED, with the traceback).
+    """
+    import sacred.experiment
+
+    sacred.experiment.print_filtered_stacktrace = _print_error
     try:
         ex.run_commandline()
     except KeyboardInterrupt:
         print(f"\ninterrupted (Ctrl-C): {resume_hint}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        sacred.experiment.print_filtered_stacktrace = sacred_utils.print_filtered_stacktrace

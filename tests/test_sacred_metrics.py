@@ -190,3 +190,46 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_go_on(program, monkeypatch, capsy
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert err.strip() == f"interrupted (Ctrl-C): {program.RESUME_HINT}" and "rerun the same command" in err
+
+
+def _raises_for_the_user():
+    raise ValueError("a message written for the user")
+
+
+def _fails_in_an_expression():
+    return {}["missing"]
+
+
+def _fails_in_a_library():
+    return json.loads("{not json")
+
+
+def _caught(function) -> BaseException:
+    try:
+        function()
+    except Exception as e:  # noqa: BLE001 - the exception itself is what is checked
+        return e
+    raise AssertionError(f"{function.__name__} did not raise")
+
+
+def test_only_errors_raised_by_this_project_for_the_user_lose_their_traceback():
+    from configs.runs import raised_for_the_user
+
+    assert raised_for_the_user(_caught(_raises_for_the_user))
+    assert not raised_for_the_user(_caught(_fails_in_an_expression))  # a bug: the traceback is what a report needs
+    assert not raised_for_the_user(_caught(_fails_in_a_library))
+    assert not raised_for_the_user(ValueError("never raised"))
+
+
+def test_a_clear_error_prints_its_message_alone_and_the_record_keeps_the_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), SACRED_DIR_ENV: str(tmp_path / "records")}
+    command = [sys.executable, str(ROOT / "ex_maest.py"), "test", "with", "demo", "inference_checkpoint=missing.ckpt"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "FileNotFoundError: checkpoint missing.ckpt does not exist\n(add -d to the command for the traceback)" in done.stderr
+    assert "Traceback" not in done.stderr
+    record = json.loads((tmp_path / "records" / "1" / "run.json").read_text())
+    assert record["status"] == "FAILED" and "raise missing_checkpoint_error(path)" in "".join(record["fail_trace"])
+
+    debug = subprocess.run([*command, "-d"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr  # -d: the whole traceback
