@@ -20,10 +20,11 @@ Output, with ``datamodule.base_dir=OUT_DIR``:
 
 - ``OUT_DIR/mels/<path relative to AUDIO_DIR, suffix .mmap or .npy>``: ``(frames, 96)`` compressed
   log mels at 16 kHz (``helpers.audio.audio_to_mel``); if two files differ only by their audio
-  suffix (``a.wav``, ``a.mp3``) both keep it (``a.wav.mmap``, ``a.mp3.mmap``);
+  suffix (``a.wav``, ``a.mp3``) both keep it (``a.wav.mmap``, ``a.mp3.mmap``); a file an earlier
+  run prepared keeps its mel key (``split.json``), so adding or removing such a twin renames nothing;
 - ``groundtruth-{train,validation,test,all}.pk``: mel key -> bool multi-hot vector, split with
   ``--seed``, stratified by label set; ``labels.txt``: label names in vector order; ``split.json``:
-  the ``--split`` and ``--seed`` of that split;
+  the ``--split`` and ``--seed`` of that split, and each audio file's mel key;
 - ``dataset.json``: a Sacred config file with every ``datamodule`` key of this data (absolute
   paths, so it works from any directory; prepare again after moving OUT_DIR), the label names
   (``datamodule.labels``) and ``maest.n_classes``: ``python ex_maest.py with <training config>
@@ -41,7 +42,7 @@ rerun with another ``--split`` or ``--seed`` than ``split.json`` records splits 
 with a warning saying how many files changed split.
 
 The run is resumable: mel files are written atomically, and complete ones are not computed again
-(a mel file that is truncated or holds NaN or inf is). Ctrl-C stops it with one line saying how far
+(a mel file that is truncated, holds NaN or inf, or is older than its audio file, is). Ctrl-C stops it with one line saying how far
 it got (exit status 130); the same command resumes.
 It shows a progress bar over the files (on a terminal), warns about files shorter than one
 16-frame patch (they are zero-padded when read), and logs how many files of each label every
@@ -90,7 +91,7 @@ from models.mel import HOP_LENGTH, SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test")
-SPLIT_RECORD = "split.json"  # the --split and --seed of the split in OUT_DIR's ground truth
+SPLIT_RECORD = "split.json"  # the --split and --seed of the split in OUT_DIR's ground truth, and each file's mel key
 LABEL_SEPARATORS = re.compile(r"[;|]")
 MEL_FORMATS = ("mmap", "npy")
 # The model's input must hold one patch: shorter mels are zero-padded (a file of 0.05 s is mostly padding).
@@ -196,8 +197,17 @@ def _started_ignoring_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _newer(audio_path: Path, mel_path: Path) -> bool:
+    """True where the audio file was modified after its mel file was written (as ``make`` decides)."""
+    try:
+        return audio_path.stat().st_mtime_ns > mel_path.stat().st_mtime_ns
+    except OSError:  # audio deleted after its mel was made: the mel is kept
+        return False
+
+
 def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc: str = "mel") -> ExtractionResult:
-    """Compute ``(audio_path, mel_path)`` tasks with ``n_jobs`` processes, skipping complete mel files.
+    """Compute ``(audio_path, mel_path)`` tasks with ``n_jobs`` processes, skipping complete mel files
+    newer than their audio file (a replaced audio file gets its mel made again).
 
     Unreadable audio files are collected in ``result.failed`` (logged at DEBUG only: the caller
     reports them, once); any other error stops the run. Ctrl-C cancels the files not started and
@@ -207,14 +217,20 @@ def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc:
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be >= 1, got {n_jobs}")
     result = ExtractionResult()
-    todo = []
+    todo, changed = [], 0
     for audio_path, mel_path in tasks:
         if mel_file_is_complete(Path(mel_path)):
-            result.skipped.append(Path(mel_path))
+            if _newer(Path(audio_path), Path(mel_path)):  # the audio was replaced after its mel was made
+                changed += 1
+                todo.append((Path(audio_path), Path(mel_path)))
+            else:
+                result.skipped.append(Path(mel_path))
         else:
             todo.append((Path(audio_path), Path(mel_path)))
     if result.skipped:
         log.info("%d mel file(s) already complete: skipped", len(result.skipped))
+    if changed:
+        log.info("%d mel file(s) older than their audio file: made again", changed)
 
     def record(task: tuple[Path, Path], reason: str | None) -> None:
         if reason is None:
@@ -391,8 +407,15 @@ def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
 # ---------------------------------------------------------------- keys and split
 
 
-def mel_keys(audio_dir: Path, files: Sequence[Path], mel_format: str) -> dict[Path, str]:
-    """``{audio file: "mels/<relative path>.<mel_format>"}``, keeping the audio suffix where two would clash."""
+def mel_keys(
+    audio_dir: Path, files: Sequence[Path], mel_format: str, earlier: Mapping[str, str] | None = None
+) -> dict[Path, str]:
+    """``{audio file: "mels/<relative path>.<mel_format>"}``, keeping the audio suffix where two would clash.
+
+    ``earlier``: ``{audio path relative to audio_dir: mel key without format suffix}`` of an earlier run
+    (``split.json``): those files keep their key, so adding ``a.mp3`` next to a prepared ``a.wav`` (or
+    removing one of the two) changes no earlier file's key, mel file or split.
+    """
     stems = defaultdict(list)
     for f in files:
         try:
@@ -400,10 +423,15 @@ def mel_keys(audio_dir: Path, files: Sequence[Path], mel_format: str) -> dict[Pa
         except ValueError:
             raise ValueError(f"{f} is not inside {audio_dir}: list audio paths relative to AUDIO_DIR") from None
         stems[rel.with_suffix("")].append(rel)
-    keys = {}
+    earlier = earlier or {}
+    keys = {audio_dir / rel: f"{earlier[rel.as_posix()]}.{mel_format}" for rels in stems.values() for rel in rels if rel.as_posix() in earlier}
+    taken = {_split_id(key) for key in keys.values()}
     for stem, rels in stems.items():
         for rel in rels:
-            name = rel if len(rels) > 1 else stem  # a.wav and a.mp3 -> a.wav.mmap and a.mp3.mmap
+            if audio_dir / rel in keys:
+                continue
+            alone = len(rels) == 1 and f"mels/{stem.as_posix()}" not in taken
+            name = stem if alone else rel  # a.wav and a.mp3 -> a.wav.mmap and a.mp3.mmap
             keys[audio_dir / rel] = f"mels/{name.as_posix()}.{mel_format}"
     # Names that differ only in Unicode form (NFC, NFD) can both exist (not on macOS); their mel keys
     # would name one file to every reader of the ground truth (helpers.melfiles.check_keys).
@@ -464,6 +492,7 @@ class EarlierSplit:
     assigned: dict[str, str]
     fractions: tuple[float, ...] | None  # None: no split.json (a folder prepared before it was written)
     seed: int | None
+    keys: dict[str, str] = field(default_factory=dict)  # audio path relative to AUDIO_DIR -> mel key without suffix
 
 
 def read_earlier_split(out_dir: Path) -> EarlierSplit:
@@ -485,12 +514,13 @@ def read_earlier_split(out_dir: Path) -> EarlierSplit:
     try:
         record = json.loads(record_path.read_text())
         fractions, seed = tuple(float(x) for x in record["split"]), int(record["seed"])
-    except (ValueError, KeyError, TypeError) as e:
+        keys = {str(audio): str(key) for audio, key in record.get("keys", {}).items()}  # absent before it was written
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(
             f"{record_path} cannot be read ({type(e).__name__}: {e}); it records the --split and --seed of the ground "
             f"truth in {out_dir}: delete it and rerun with the options of the earlier run (the split of the files is kept)"
         ) from None
-    return EarlierSplit(assigned, fractions, seed)
+    return EarlierSplit(assigned, fractions, seed, keys)
 
 
 def _options(fractions: Sequence[float], seed: int) -> str:
@@ -657,7 +687,7 @@ def prepare_folder(
     label_names = sorted({name for names in file_labels.values() for name in names})
     log.info("%d audio file(s), %d label(s) in %s", len(file_labels), len(label_names), audio_dir)
 
-    keys = mel_keys(audio_dir, sorted(file_labels), mel_format)
+    keys = mel_keys(audio_dir, sorted(file_labels), mel_format, earlier.keys)
     result = extract_mel_files([(f, out_dir / key) for f, key in keys.items()], n_jobs=jobs, desc=audio_dir.name)
     failed.update(result.failed)
     write_failed_list(
@@ -685,7 +715,9 @@ def prepare_folder(
             path.unlink(missing_ok=True)
             log.warning("the %s split is empty (fraction %s of %d files): no %s written", name,
                         dict(zip(SPLIT_NAMES, fractions)).get(name), len(gt), path.name)
-    write_text_atomic(out_dir / SPLIT_RECORD, json.dumps({"split": list(fractions), "seed": seed}) + "\n")
+    record = {"split": list(fractions), "seed": seed,
+              "keys": {f.relative_to(audio_dir).as_posix(): _split_id(key) for f, key in sorted(keys.items()) if key in gt}}
+    write_text_atomic(out_dir / SPLIT_RECORD, json.dumps(record, indent=0, ensure_ascii=False) + "\n")
     write_text_atomic(out_dir / "labels.txt", "\n".join(label_names) + "\n")
     config_path = out_dir / "dataset.json"
     write_text_atomic(config_path, json.dumps(dataset_config(out_dir, paths, label_names), indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import unicodedata
 
 import numpy as np
@@ -320,7 +321,9 @@ def test_a_rerun_with_added_files_keeps_the_split_of_the_earlier_ones(audio_dir,
     assert len(after) == 18
     assert [sum(name == split for name in after.values()) for split in ("train", "validation", "test")] == [14, 2, 2]
     assert "split: 12 file(s) kept their split from the earlier run" in caplog.text and "6 newly assigned" in caplog.text
-    assert json.loads((out / "split.json").read_text()) == {"split": [0.8, 0.1, 0.1], "seed": 1}
+    record = json.loads((out / "split.json").read_text())
+    assert (record["split"], record["seed"]) == ([0.8, 0.1, 0.1], 1)
+    assert record["keys"]["bass/bass_6.wav"] == "mels/bass/bass_6" and len(record["keys"]) == 18
 
 
 def test_a_rerun_with_other_split_options_splits_afresh_and_says_so(audio_dir, tmp_path, caplog):
@@ -396,3 +399,36 @@ def test_a_folder_where_every_file_fails_names_each_file(tmp_path, capsys, caplo
     assert "none of the audio files in" in caplog.text
     failed = sorted(line.split(":")[0] for line in err.splitlines() if line.startswith("FAILED"))
     assert failed == ["FAILED a/one.wav", "FAILED b/two.flac"]  # the error, and why each file failed
+
+
+def test_a_twin_added_next_to_a_prepared_file_renames_nothing(audio_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(audio_dir, out, seed=1)
+    before = _split_of(out)
+    mel = (out / "mels" / "bass" / "bass_0.mmap").read_bytes()
+    sf.write(audio_dir / "bass" / "bass_0.flac", tone(FREQS["treble"], 16000, 1), 16000)  # a.flac next to a.wav
+
+    prepare_folder(audio_dir, out, seed=1)
+
+    after = _split_of(out)
+    assert {key: after[key] for key in before} == before  # the earlier file keeps its key, mel and split
+    assert (out / "mels" / "bass" / "bass_0.mmap").read_bytes() == mel
+    assert set(after) - set(before) == {"mels/bass/bass_0.flac.mmap"}  # the newcomer keeps its suffix
+
+    (audio_dir / "bass" / "bass_0.flac").unlink()
+    prepare_folder(audio_dir, out, seed=1)
+    assert _split_of(out) == before
+
+
+def test_a_replaced_audio_file_gets_its_mel_made_again(audio_dir, tmp_path):
+    out = tmp_path / "out"
+    prepare_folder(audio_dir, out)
+    mel_path = out / "mels" / "bass" / "bass_0.mmap"
+    sf.write(audio_dir / "bass" / "bass_0.wav", tone(FREQS["treble"], 44100, 2), 44100)  # another recording
+    later = mel_path.stat().st_mtime_ns + 10**9
+    os.utime(audio_dir / "bass" / "bass_0.wav", ns=(later, later))
+
+    result = prepare_folder(audio_dir, out)
+
+    assert (result.n_written, result.n_skipped) == (1, 11)
+    assert 60 < int(np.argmax(MelReader(out).read("mels/bass/bass_0.mmap").mean(axis=0))) < 70  # the treble tone now
