@@ -35,7 +35,7 @@ from sacred import Experiment  # noqa: E402
 from configs.checks import check_config_values, default_config
 from configs.ingredients.datamodule import build_datamodule, check_training_clip, datamodule_ing, inference_clip_length, training_labels
 from configs.ingredients.export import export_ing
-from configs.ingredients.maest import NetSetup, build_net, check_pretrained_weights, check_weights_given, maest_ing, resolve_net
+from configs.ingredients.maest import NetSetup, build_net, check_pretrained_weights, check_same_labels, check_weights_given, maest_ing, resolve_net
 from configs.ingredients.module import build_module, module_ing
 from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
@@ -144,6 +144,12 @@ def check_resume_checkpoint(path: str, module) -> None:
             f"{'; '.join(problems[:4])}. Resume it with the named configs and keys that trained it, or start from its "
             "weights with maest.checkpoint=FILE (on other labels: the finetune named config)"
         )
+    record, labels = record_of(obj, source), module.record.get("labels")
+    if record is not None and record.get("labels") is not None and labels is not None:
+        try:
+            check_same_labels(list(record["labels"]), list(labels), source, training=False)
+        except ValueError as e:
+            raise CheckpointError(f"{e}; resume with the ground truth and datamodule.labels of the run that wrote it") from None
     progress = obj.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
     done = progress.get("current", {}).get("processed")
     where = (f"epoch {obj.get('epoch')} complete" if progress.get("is_last_batch") or not done
@@ -361,7 +367,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     check_pretrained_weights()
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule(clip_length=clip_length)
-    setup = resolve_net(data_n_classes=datamodule.n_classes, training=True)
+    setup = resolve_net(data_n_classes=datamodule.n_classes, training=True, data_labels=_config["datamodule"]["labels"])
     net = build_net(setup=setup)
     module = build_module(net, arch=setup.arch, labels=training_labels(setup.config.n_classes))
     has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
@@ -430,10 +436,10 @@ def _report(_run, result, n_classes: int):
 
 
 @ex.command
-def test(_run, synthetic_data, inference_checkpoint):
+def test(_run, _config, synthetic_data, inference_checkpoint):
     """Test maest.checkpoint (or the configured weights) on datamodule.groundtruth_test, every clip."""
     inference_checkpoint = _inference_checkpoint()
-    setup = resolve_net(inference_checkpoint=inference_checkpoint)
+    setup = resolve_net(inference_checkpoint=inference_checkpoint, data_labels=_config["datamodule"]["labels"])
     check_weights_given(setup, "test")  # the model is checked before the demo data is generated
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule(clip_length=inference_clip_length(setup.config))

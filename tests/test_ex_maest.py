@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 from pathlib import Path
 
@@ -496,3 +497,38 @@ def test_demo_config_is_self_contained(resolved):
     # Its outputs are the documented outputs/demo/... folders, derived from run_name "demo".
     assert demo["run_name"] == "demo" and demo["trainer"]["default_root_dir"] is None
     assert demo["inference_checkpoint"] == "last"  # the newest of outputs/demo/train/checkpoints/ (ex_maest._inference_checkpoint)
+
+
+def test_labels_other_than_the_models_are_refused_in_test_and_on_resume(data, tmp_path):
+    from models.checkpoints import CheckpointError
+
+    root = tmp_path / "named"
+    names = [f"style_{i}" for i in range(10)]
+    updates = tiny_updates(data, root, max_epochs=1)
+    updates["datamodule"]["labels"] = names
+    run("main", ["demo"], updates)
+    last = str(root / "checkpoints" / "last.ckpt")
+
+    test = {**tiny_updates(data, root), "inference_checkpoint": last}
+    test["datamodule"]["labels"] = names
+    assert run("test", ["demo"], test).result["test_loss"] > 0  # the model's labels: scored
+
+    renamed = [*names[:3], "other", *names[4:]]  # one class renamed, as a re-prepared folder might have it
+    test["datamodule"]["labels"] = renamed
+    with pytest.raises(ValueError, match=rf"datamodule.labels are not the labels checkpoint {re.escape(last)} was trained on: "
+                                         r"1 of 10 positions differ \(3: 'other' here, 'style_3' in the model\)"):
+        run("test", ["demo"], test)
+    test["datamodule"]["labels"] = names[::-1]
+    with pytest.raises(ValueError, match=r"\(the same names in another order\): 10 of 10 positions differ"):
+        run("test", ["demo"], test)
+
+    resume = tiny_updates(data, root, max_epochs=2)
+    resume["datamodule"]["labels"], resume["ckpt_path"] = renamed, "last"
+    with pytest.raises(CheckpointError, match="resume with the ground truth and datamodule.labels of the run that wrote it"):
+        run("main", ["demo"], resume)
+    finetune = tiny_updates(data, tmp_path / "finetune", max_epochs=1)
+    finetune["datamodule"]["labels"], finetune["maest"] = renamed, {**TINY_MAEST, "checkpoint": last}
+    with pytest.raises(ValueError, match="or fine-tune it on these labels with maest.reinit_heads=True"):
+        run("main", ["demo"], finetune)
+    finetune["maest"]["reinit_heads"] = True
+    assert run("main", ["demo"], finetune).status == "COMPLETED"  # other labels, new heads: allowed

@@ -80,14 +80,18 @@ class NetSetup(typing.NamedTuple):
 
 
 @maest_ing.capture
-def resolve_net(_config, data_n_classes: int | None = None, inference_checkpoint: str | None = None, training: bool = False) -> NetSetup:
+def resolve_net(
+    _config, data_n_classes: int | None = None, inference_checkpoint: str | None = None, training: bool = False,
+    data_labels: list | None = None,
+) -> NetSetup:
     """The network of the ``maest`` config, before any weights are read.
 
     The checkpoint's record (SPEC §5.6) fixes the architecture; ``maest.*`` keys left at None
     (arch, n_classes, input_t, distilled_type) take its values, a given key that contradicts it is
     an error. Without a record: the arch's config (``maest.arch``, else DEFAULT_ARCH without a
     checkpoint). ``inference_checkpoint`` replaces ``maest.checkpoint``; ``maest.reinit_heads``
-    acts only in training.
+    acts only in training. ``data_labels`` (``datamodule.labels``) must be the checkpoint's label names, in
+    its order, where both are known: the outputs are scored column by column.
     """
     checkpoint = inference_checkpoint or _config["checkpoint"]
     reinit = bool(_config["reinit_heads"] and training)
@@ -103,6 +107,8 @@ def resolve_net(_config, data_n_classes: int | None = None, inference_checkpoint
             f"the ground truth has {data_n_classes} classes but {source} predicts {record['config']['n_classes']}: "
             f"use the ground truth of the checkpoint's labels{hint}"
         )
+    if record is not None and not reinit and record.get("labels") is not None and data_labels is not None:
+        check_same_labels(list(record["labels"]), [str(name) for name in data_labels], source, training)
     if options["n_classes"] is None and (record is None or reinit):
         options["n_classes"] = data_n_classes  # None: the checkpoint's or the arch's
     arch, config = config_from_record(arch, record, options, source, reinit_heads=reinit)
@@ -113,6 +119,22 @@ def resolve_net(_config, data_n_classes: int | None = None, inference_checkpoint
     ):
         _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], config.input_t)
     return NetSetup(arch, config, checkpoint, record, reinit)
+
+
+def check_same_labels(model_labels: list[str], data_labels: list[str], source: str, training: bool) -> None:
+    """Refuse data whose label names (``datamodule.labels``) are not those the model's outputs stand for, in order."""
+    if model_labels == data_labels or len(model_labels) != len(data_labels):  # a count mismatch is said with the classes
+        return
+    differ = [i for i, (ours, theirs) in enumerate(zip(data_labels, model_labels)) if ours != theirs]
+    shown = ", ".join(f"{i}: {data_labels[i]!r} here, {model_labels[i]!r} in the model" for i in differ[:5])
+    more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+    order = " (the same names in another order)" if sorted(data_labels) == sorted(model_labels) else ""
+    hint = ", or fine-tune it on these labels with maest.reinit_heads=True (the finetune named config)" if training else ""
+    raise ValueError(
+        f"datamodule.labels are not the labels {source} was trained on{order}: {len(differ)} of {len(data_labels)} "
+        f"positions differ ({shown}{more}). Its outputs would be scored against the wrong labels: use a ground truth "
+        f"of the model's labels, in its order{hint}"
+    )
 
 
 @maest_ing.capture
