@@ -277,11 +277,12 @@ def find_audio_files(
 def _audio_files_under(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Audio files below ``folder``, through symlinked folders too (``os.walk`` would skip those).
 
-    Each folder on the stack carries the real paths of the folders it lies in: a link to one of
-    them is a cycle and is not entered. A folder reached by two links is listed under both names.
+    Each folder on the stack carries the real paths of the folders it lies in, ``folder``'s own
+    parents included: a link to one of them is a cycle (it holds the link) and is not entered. A
+    folder reached by two links is listed under both names.
     """
     files = []
-    stack = [(folder, frozenset())]
+    stack = [(folder, frozenset(str(p) for p in Path(os.path.realpath(folder)).parents))]
     while stack:
         current, inside = stack.pop()
         real = os.path.realpath(current)

@@ -168,6 +168,7 @@ def test_symlinked_folders_are_followed_and_cycles_skipped(tmp_path, caplog):
     (labelled / "jazz/again").symlink_to(labelled, target_is_directory=True)  # a cycle: a link to an ancestor
     (tmp_path / "my_audio/rock/live/up").symlink_to("..", target_is_directory=True)  # a cycle through the first link
     (labelled / "jazz/gone.wav").symlink_to(tmp_path / "nowhere.wav")  # a link to nothing is listed (reading reports it)
+    (labelled / "jazz/above").symlink_to("../..", target_is_directory=True)  # a cycle: a link to a folder above the one given
 
     with caplog.at_level("WARNING", logger="helpers.audio"):
         found = list_audio_files([labelled])
@@ -175,6 +176,7 @@ def test_symlinked_folders_are_followed_and_cycles_skipped(tmp_path, caplog):
     assert found == [labelled / "jazz/c.flac", labelled / "jazz/gone.wav", labelled / "rock/a.wav", labelled / "rock/live/b.mp3"]
     skipped = sorted(r.getMessage() for r in caplog.records if "a cycle" in r.getMessage())
     assert skipped == [
+        f"not following {labelled / 'jazz/above'}: it links to {os.path.realpath(tmp_path)}, a folder it lies in (a cycle)",
         f"not following {labelled / 'jazz/again'}: it links to {os.path.realpath(labelled)}, a folder it lies in (a cycle)",
         f"not following {labelled / 'rock/live/up'}: it links to {os.path.realpath(tmp_path / 'my_audio/rock')}, a folder it lies in (a cycle)",
     ]
