@@ -41,7 +41,8 @@ from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
-    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, run_commandline, run_dir, run_name_for,
+    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning, run_commandline, run_dir,
+    run_name_for,
     trained_run_name, uses_synthetic_data,
 )
 from helpers.data import hop_frames_for
@@ -56,11 +57,14 @@ from models.registry import REGISTRY
 
 _logger = logging.getLogger("ex_maest")
 # What a Ctrl-C leaves and how to go on (configs.runs.run_commandline).
-RESUME_HINT = (
-    "finished work is kept. Training: its checkpoints (rerun the same command with ckpt_path=last to go on; "
-    "checkpoint_every_n_train_steps=N saves within an epoch). Extraction and data preparation: every file written "
-    "(rerun the same command: it skips them)."
-)
+_EXTRACTION_HINT = "every file written so far is kept; rerun the same command: it skips them."
+RESUME_HINT = {
+    "main": "training keeps its checkpoints; rerun the same command with ckpt_path=last to go on "
+            "(checkpoint_every_n_train_steps=N also saves within an epoch).",
+    "extract_embeddings": _EXTRACTION_HINT, "extract_logits": _EXTRACTION_HINT, "extract_timestamps": _EXTRACTION_HINT,
+    "predict": "predict writes its output once every file is labelled, so nothing was written; rerun the same command.",
+    "*": "nothing is left half-written (outputs appear whole or not at all); rerun the same command.",
+}
 
 ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
 
@@ -380,7 +384,8 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     if resume_from is not None:
         check_resume_checkpoint(resume_from, module)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and the resume line, not "Failed" (exit 130)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
     result = {

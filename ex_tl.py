@@ -36,7 +36,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 from sacred import Experiment  # noqa: E402
 
-from configs.runs import add_default_observer, check_config_files, check_config_keys, run_commandline
+from configs.runs import add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, run_commandline
 from configs.tl import register
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
@@ -297,7 +297,8 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
     module = make_module(net=net, task=task)
     trainer, checkpoint = make_trainer(metric=metric)
 
-    trainer.fit(module, datamodule=datamodule)
+    with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and the resume line, not "Failed" (exit 130)
+        trainer.fit(module, datamodule=datamodule)
     best = checkpoint.best_model_path
     if not best:
         raise RuntimeError(

@@ -12,6 +12,7 @@ experiments overwrite each other's checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -268,11 +269,30 @@ def _print_error(filter_traceback: str = "default") -> None:
         sacred_utils.print_filtered_stacktrace(filter_traceback)
 
 
-def run_commandline(ex, resume_hint: str) -> None:
+@contextlib.contextmanager
+def ctrl_c_from_lightning(trainer):
+    """Lightning ends a ``fit`` that Ctrl-C stopped with ``sys.exit(1)``, after its graceful shutdown (checkpoints
+    kept). Turned back into the KeyboardInterrupt it was, the Sacred record says INTERRUPTED, not FAILED, and
+    ``run_commandline`` prints how to go on (exit status 130)."""
+    try:
+        yield
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
+def command_of(ex, argv: list[str]) -> str:
+    """The command an ``ex.py`` command line runs: its first argument where that is a command, else ``main``."""
+    return argv[1] if len(argv) > 1 and argv[1] in ex.commands else "main"
+
+
+def run_commandline(ex, resume_hint: str | dict[str, str]) -> None:
     """``ex.run_commandline()``, with two changes to what a failure prints:
 
     - Ctrl-C ends in one line that says what is kept and how to go on (exit status 130, as a shell reports
-      SIGINT) instead of a traceback from whatever code it stopped in;
+      SIGINT) instead of a traceback from whatever code it stopped in; ``resume_hint`` is that line, or
+      ``{command: line}`` with a ``"*"`` entry for the other commands;
     - an error this project raised for the user (``raised_for_the_user``) is printed as its message, without
       the traceback around it (exit status 1, as before; the run record still says FAILED, with the traceback).
     """
@@ -282,6 +302,8 @@ def run_commandline(ex, resume_hint: str) -> None:
     try:
         ex.run_commandline()
     except KeyboardInterrupt:
+        if isinstance(resume_hint, dict):
+            resume_hint = resume_hint.get(command_of(ex, sys.argv), resume_hint["*"])
         print(f"\ninterrupted (Ctrl-C): {resume_hint}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:

@@ -532,3 +532,21 @@ def test_labels_other_than_the_models_are_refused_in_test_and_on_resume(data, tm
         run("main", ["demo"], finetune)
     finetune["maest"]["reinit_heads"] = True
     assert run("main", ["demo"], finetune).status == "COMPLETED"  # other labels, new heads: allowed
+
+
+def test_ctrl_c_in_training_is_an_interruption_not_a_failure(data, tmp_path, monkeypatch):
+    from helpers.module import MAESTModule
+
+    step = MAESTModule.training_step
+
+    def pressed_at_the_third_step(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(MAESTModule, "training_step", pressed_at_the_third_step)
+    records = tmp_path / "records"
+    with pytest.raises(KeyboardInterrupt):  # Lightning's sys.exit(1) after its graceful shutdown, turned back
+        ex.run("main", named_configs=["demo"], config_updates=tiny_updates(data, tmp_path / "run", max_epochs=1),
+               options={"--loglevel": "ERROR", "--file_storage": str(records)})
+    assert json.loads((records / "1" / "run.json").read_text())["status"] == "INTERRUPTED"

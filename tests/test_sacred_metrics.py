@@ -177,19 +177,26 @@ def test_a_mistyped_key_is_named_with_the_keys_it_resembles(tmp_path, monkeypatc
     assert "pkg_resources" not in done.stderr
 
 
-@pytest.mark.parametrize("program", [ex_maest, ex_tl])
-def test_ctrl_c_ends_in_one_line_saying_how_to_go_on(program, monkeypatch, capsys):
+@pytest.mark.parametrize("program, argv, expected", [
+    (ex_tl, ["ex_tl.py", "with", "demo"], ex_tl.RESUME_HINT),
+    (ex_maest, ["ex_maest.py", "with", "demo"], "training keeps its checkpoints; rerun the same command with ckpt_path=last"),
+    (ex_maest, ["ex_maest.py", "extract_logits", "with", "demo"], "every file written so far is kept; rerun the same command"),
+    (ex_maest, ["ex_maest.py", "predict", "with", "demo"], "predict writes its output once every file is labelled, so nothing was written"),
+    (ex_maest, ["ex_maest.py", "export_onnx", "with", "demo"], "nothing is left half-written"),
+])
+def test_ctrl_c_ends_in_one_line_saying_how_to_go_on(program, argv, expected, monkeypatch, capsys):
     from configs.runs import run_commandline
 
     def interrupted():
         raise KeyboardInterrupt
 
     monkeypatch.setattr(program.ex, "run_commandline", interrupted)
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         run_commandline(program.ex, program.RESUME_HINT)
     assert exit_info.value.code == 130
-    err = capsys.readouterr().err
-    assert err.strip() == f"interrupted (Ctrl-C): {program.RESUME_HINT}" and "rerun the same command" in err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"interrupted (Ctrl-C): {expected}") and "rerun the same command" in err and len(err.splitlines()) == 1
 
 
 def _raises_for_the_user():
