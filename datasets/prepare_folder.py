@@ -9,9 +9,12 @@ Labels come from one of two places:
   (``AUDIO_DIR/rock/album/x.mp3`` is ``rock``; symlinked folders are followed); files directly in
   AUDIO_DIR are skipped;
 - ``--labels-csv F``: rows ``path,labels`` (``.tsv``: tab separated), ``path`` relative to
-  AUDIO_DIR, ``labels`` separated by ``;`` or ``|`` (e.g. ``rock;live``; may be empty). An
-  optional header row starts with ``path``; lines starting with ``#`` are comments. Audio files
-  not in the CSV are ignored; CSV rows whose file is missing are listed as failed. Rows with more
+  AUDIO_DIR with ``/`` between folders, ``labels`` separated by ``;`` or ``|`` (e.g. ``rock;live``;
+  may be empty: a negative of every label, warned about). An optional header row is a first row
+  that names no audio file (``path,labels``, ``file,label``; logged); lines starting with ``#``
+  are comments. Audio files not in the CSV are ignored; CSV rows whose file is missing are listed
+  as failed (all of them missing: an error). Labels that differ only in case, and a label on every
+  file (it cannot be scored), are warned about. Rows with more
   than two columns, absolute paths, paths with a ``..`` part and paths listed twice are refused
   before any work, every such row listed in one error. Paths match the files whatever their
   Unicode form (a CSV written on macOS spells names decomposed, NFD); label names are NFC.
@@ -347,6 +350,14 @@ def _on_disk(audio_dir: Path, rel: Path, listings: dict[Path, dict[str, str]]) -
     return current
 
 
+def _is_header(name: str, audio_dir: Path) -> bool:
+    """A first row naming no audio file: ``path``, or any column title (``file``, ``filename``) that has no
+    audio suffix and is no file in ``audio_dir``."""
+    return name.lower() == "path" or (
+        not name.lower().endswith(AUDIO_EXTENSIONS) and not (audio_dir / name).is_file() and key_problem(name) is None
+    )
+
+
 def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
     """Rows ``path,labels`` (tab separated for ``.tsv``) -> ``{audio_dir / path: [label, ...]}``.
 
@@ -366,8 +377,9 @@ def read_labels_csv(csv_path: Path, audio_dir: Path) -> dict[Path, list[str]]:
         for line_no, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            if not first_line and not (columns or outside or twice) and row[0].strip().lower() == "path":
-                continue  # header
+            if not first_line and not (columns or outside or twice) and _is_header(row[0].strip(), audio_dir):
+                log.info("%s:%d taken as a header (%s): it names no audio file", csv_path, line_no, ",".join(row))
+                continue
             if len(row) > 2:
                 columns.append(
                     f"{csv_path}:{line_no}: expected 2 columns (path, labels) but got {len(row)}: {row!r}; "
@@ -642,6 +654,21 @@ def class_counts(gt: dict[str, np.ndarray], splits: dict[str, list[str]], labels
     return counts
 
 
+def _warn_about_labels(label_names: list[str], file_labels: Mapping[Path, list[str]]) -> None:
+    """Labels that look like mistakes: two spellings of one name, one on every file, files without any."""
+    by_case = defaultdict(list)
+    for name in label_names:
+        by_case[name.casefold()].append(name)
+    for names in (n for n in by_case.values() if len(n) > 1):
+        log.warning("labels %s differ only in case: they are %d labels; write them alike if they are one", " and ".join(map(repr, names)), len(names))
+    for name in label_names:
+        if len(file_labels) > 1 and all(name in names for names in file_labels.values()):
+            log.warning("label %r is on every file: with no file without it, it cannot be scored (ROC-AUC needs both)", name)
+    unlabelled = [p for p, names in file_labels.items() if not names]
+    if unlabelled:
+        log.warning("%d file(s) have no label (e.g. %s): they are negatives of every label", len(unlabelled), unlabelled[0])
+
+
 def _check_split(split: Sequence[float]) -> tuple[float, float, float]:
     if len(split) != 3 or min(split) < 0 or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
         raise ValueError(
@@ -676,9 +703,17 @@ def prepare_folder(
         file_labels = labels_from_folders(audio_dir, in_folder)
     else:
         file_labels = read_labels_csv(Path(labels_csv), audio_dir)
-        for path in [p for p in file_labels if not p.is_file()]:
-            failed[path] = f"listed in {labels_csv} but not found"
+        missing = [p for p in file_labels if not p.is_file()]
+        for path in missing:
+            windows = "; separate folders with '/', not '\\'" if "\\" in str(path.relative_to(audio_dir)) else ""
+            failed[path] = f"listed in {labels_csv} but not found{windows}"
             del file_labels[path]
+        if not file_labels:
+            examples = ", ".join(str(p.relative_to(audio_dir)) for p in missing[:3])
+            raise ValueError(
+                f"none of the {len(missing)} file(s) that {labels_csv} lists exists in {audio_dir} (e.g. {examples}): "
+                "the CSV's paths are relative to AUDIO_DIR, with '/' between folders"
+            )
     if not file_labels:
         raise ValueError(
             f"no labelled audio files ({', '.join(extensions)}) in {audio_dir}: put them in one sub-folder "
@@ -686,6 +721,7 @@ def prepare_folder(
         )
     label_names = sorted({name for names in file_labels.values() for name in names})
     log.info("%d audio file(s), %d label(s) in %s", len(file_labels), len(label_names), audio_dir)
+    _warn_about_labels(label_names, file_labels)
 
     keys = mel_keys(audio_dir, sorted(file_labels), mel_format, earlier.keys)
     result = extract_mel_files([(f, out_dir / key) for f, key in keys.items()], n_jobs=jobs, desc=audio_dir.name)

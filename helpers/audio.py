@@ -213,7 +213,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
         )
     mono = audio.mean(axis=1, dtype=np.float32)  # (samples,)
     if not np.isfinite(mono).all():
-        raise AudioLoadError(f"audio file {path} contains NaN or inf samples")
+        raise AudioLoadError(
+            f"audio file {path} contains NaN or inf samples (a float file written from a broken computation): "
+            "export it again from its source, or remove it"
+        )
     if file_sr != sample_rate:
         mono = librosa.resample(mono, orig_sr=file_sr, target_sr=sample_rate, res_type=RESAMPLE_TYPE)
     return np.ascontiguousarray(mono, dtype=np.float32)

@@ -432,3 +432,40 @@ def test_a_replaced_audio_file_gets_its_mel_made_again(audio_dir, tmp_path):
 
     assert (result.n_written, result.n_skipped) == (1, 11)
     assert 60 < int(np.argmax(MelReader(out).read("mels/bass/bass_0.mmap").mean(axis=0))) < 70  # the treble tone now
+
+
+def test_a_csv_header_of_any_title_is_skipped_and_said(audio_dir, tmp_path, caplog):
+    table = tmp_path / "labels.csv"
+    table.write_text("file,label\nbass/bass_0.wav,low\ntreble/treble_0.wav,high\n")
+    with caplog.at_level(logging.INFO, logger="datasets.prepare_folder"):
+        result = prepare_folder(audio_dir, tmp_path / "out", labels_csv=table)
+    assert result.labels == ["high", "low"] and not result.failed
+    assert "labels.csv:1 taken as a header (file,label): it names no audio file" in caplog.text
+
+
+def test_a_csv_naming_no_existing_file_says_so(audio_dir, tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("bass\\bass_0.wav,low\nnowhere.wav,high\n")
+    with pytest.raises(ValueError, match=r"none of the 2 file\(s\) that .*labels.csv lists exists in .*audio \(e.g. bass\\bass_0.wav, "
+                                         r"nowhere.wav\): the CSV's paths are relative to AUDIO_DIR, with '/' between folders"):
+        prepare_folder(audio_dir, tmp_path / "out", labels_csv=table)
+
+    table.write_text("bass\\bass_0.wav,low\nbass/bass_1.flac,low\n")
+    result = prepare_folder(audio_dir, tmp_path / "out", labels_csv=table)
+    assert result.failed[audio_dir / "bass\\bass_0.wav"].endswith("but not found; separate folders with '/', not '\\'")
+
+
+def test_labels_that_look_like_mistakes_are_warned_about(audio_dir, tmp_path, caplog):
+    table = tmp_path / "labels.csv"
+    table.write_text("bass/bass_0.wav,Low;mix\nbass/bass_1.flac,low;mix\ntreble/treble_0.wav,mix\ntreble/treble_1.flac,\n")
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare_folder"):
+        prepare_folder(audio_dir, tmp_path / "out", labels_csv=table)
+    assert "labels 'Low' and 'low' differ only in case: they are 2 labels" in caplog.text
+    assert "label 'mix' is on every file" not in caplog.text  # treble_1 has none
+    assert "1 file(s) have no label (e.g. " in caplog.text and "treble_1.flac): they are negatives of every label" in caplog.text
+
+    caplog.clear()
+    table.write_text("bass/bass_0.wav,mix\nbass/bass_1.flac,mix\n")
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare_folder"):
+        prepare_folder(audio_dir, tmp_path / "all", labels_csv=table)
+    assert "label 'mix' is on every file: with no file without it, it cannot be scored" in caplog.text
