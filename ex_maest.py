@@ -42,7 +42,7 @@ from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
     INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning, run_commandline, run_dir,
-    run_name_for,
+    run_name_for, shorten_result_lines,
     trained_run_name, uses_synthetic_data,
 )
 from helpers.data import hop_frames_for
@@ -67,6 +67,7 @@ RESUME_HINT = {
 }
 
 ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
+shorten_result_lines(ex)  # predict's result lists every file: the log line says how long it is
 
 
 @ex.config

@@ -36,7 +36,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 from sacred import Experiment  # noqa: E402
 
-from configs.runs import add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, run_commandline
+from configs.runs import add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, run_commandline, shorten_result_lines
 from configs.tl import register
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
@@ -51,6 +51,7 @@ RESUME_HINT = (
 )
 
 ex = Experiment("maest_tl")
+shorten_result_lines(ex)  # a long result is shortened in the log line; the run record keeps it whole
 
 
 @ex.config

@@ -269,6 +269,24 @@ def _print_error(filter_traceback: str = "default") -> None:
         sacred_utils.print_filtered_stacktrace(filter_traceback)
 
 
+class ShortResultLine(logging.Filter):
+    """Shortens Sacred's ``Result: ...`` log line (a command's return value: every file ``predict`` labelled)
+    to ``LIMIT`` characters; the run record and Python callers keep the whole result."""
+
+    LIMIT = 400
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Result: ") and len(message) > self.LIMIT:
+            record.msg, record.args = f"{message[:self.LIMIT]} ... ({len(message)} characters; the run record has them all)", ()
+        return True
+
+
+def shorten_result_lines(ex) -> None:
+    """Install ``ShortResultLine`` on the logger Sacred writes ``ex``'s run lines with."""
+    logging.getLogger(ex.path).addFilter(ShortResultLine())
+
+
 @contextlib.contextmanager
 def ctrl_c_from_lightning(trainer):
     """Lightning ends a ``fit`` that Ctrl-C stopped with ``sys.exit(1)``, after its graceful shutdown (checkpoints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -240,3 +241,15 @@ def test_a_clear_error_prints_its_message_alone_and_the_record_keeps_the_traceba
 
     debug = subprocess.run([*command, "-d"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr  # -d: the whole traceback
+
+
+def test_a_long_result_line_is_shortened_in_the_log_only(caplog):
+    result = [{"file": f"track_{i}.wav", "labels": ["rock"]} for i in range(200)]
+    logger = logging.getLogger(ex_maest.ex.path)  # the one Sacred writes its run lines with
+    with caplog.at_level(logging.INFO, logger=ex_maest.ex.path):
+        logger.info("Result: {}".format(result))
+        logger.info("Result: {}".format(result[:2]))
+    long, short = (r.getMessage() for r in caplog.records[-2:])
+    assert long.startswith("Result: [{'file': 'track_0.wav'") and len(long) < 500
+    assert long.endswith(f"... ({len('Result: ' + str(result))} characters; the run record has them all)")
+    assert short == "Result: {}".format(result[:2])  # short results are left whole
