@@ -24,7 +24,7 @@ from torch import nn
 
 from .inference import check_count, pad_centre, stitch_columns
 from .maest import MAEST
-from .mel import HOP_LENGTH, SAMPLE_RATE, MelSpectrogram, normalize
+from .mel import HOP_LENGTH, SAMPLE_RATE, MelSpectrogram, check_audio, normalize
 
 FRAME_MS = 1000.0 * HOP_LENGTH / SAMPLE_RATE  # 16 ms between mel frames
 
@@ -132,7 +132,8 @@ class MAESTEncoder(nn.Module):
     ``i`` at index ``i``; no input-embedding layer), from one forward pass per clip, clips stitched
     on a regular 160 ms grid (``frame_embeddings``). ``times_ms(n_samples)`` gives the centre of
     each of the ``T`` frames; ``forward_with_times`` returns both. The tracks of a batch have the
-    same length (pad them first, as MARBLE's data loaders do).
+    same length (pad them first, as MARBLE's data loaders do). The waveforms must pass
+    ``models.mel.check_audio`` (real floating-point, mono, finite); errors name the waveform.
     """
 
     sample_rate = SAMPLE_RATE
@@ -160,9 +161,9 @@ class MAESTEncoder(nn.Module):
         return frame_times_ms(self.model, self.mel.n_frames(check_count("n_samples", n_samples)))
 
     def forward_with_times(self, waveforms: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        if not torch.is_tensor(waveforms) or waveforms.dim() != 2:
-            shape = tuple(waveforms.shape) if torch.is_tensor(waveforms) else type(waveforms).__name__
-            raise ValueError(f"MAESTEncoder expects waveforms (B, samples) at 16 kHz, got {shape}")
+        if not torch.is_tensor(waveforms):
+            raise TypeError(f"MAESTEncoder expects a torch.Tensor of waveforms (B, samples) at 16 kHz, got {type(waveforms).__name__}")
+        check_audio(waveforms, "MAESTEncoder", "waveforms (B, samples) at 16 kHz", name="the batch", rows="waveform", ndims=(2,))
         device = next(self.model.parameters()).device
         mels = self.mel.to(device)(waveforms.to(device))
         return frame_embeddings(self.model, mels, self.blocks, self.batch_size)

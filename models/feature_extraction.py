@@ -33,7 +33,19 @@ import numpy as np
 import torch
 
 from .inference import pad_centre
-from .mel import DISCOGS_MEAN, DISCOGS_STD, HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, MelSpectrogram, normalize
+from .mel import (
+    DISCOGS_MEAN,
+    DISCOGS_STD,
+    HOP_LENGTH,
+    N_FFT,
+    N_MELS,
+    RESAMPLE_HINT,
+    SAMPLE_RATE,
+    MelSpectrogram,
+    check_audio,
+    check_layout,
+    normalize,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -130,6 +142,11 @@ class MAESTFeatureExtractor(_Base):
             )
         if max_length < 1:
             raise ValueError(f"max_length must be a positive number of frames, got {max_length}")
+        if sampling_rate != SAMPLE_RATE:
+            raise ValueError(
+                f"sampling_rate={sampling_rate!r}: the MAEST front end is fixed at {SAMPLE_RATE} Hz (SPEC §2); "
+                f"keep sampling_rate={SAMPLE_RATE} and {RESAMPLE_HINT}"
+            )
         padding_side = kwargs.pop("padding_side", PADDING_SIDE)
         if padding_side != PADDING_SIDE:
             _logger.info(
@@ -167,19 +184,14 @@ class MAESTFeatureExtractor(_Base):
 
     # ------------------------------------------------------------------ input handling
     def _as_waveforms(self, raw_speech) -> list[np.ndarray]:
-        """One float32 1-D array per clip, from any of the accepted input forms."""
+        """One float32 1-D array per clip, from any of the accepted input forms; each clip passes ``check_audio``."""
+        who = type(self).__name__
         if torch.is_tensor(raw_speech):
             raw_speech = raw_speech.detach().cpu().numpy()
         if isinstance(raw_speech, np.ndarray):
-            if raw_speech.ndim == 1:
-                clips = [raw_speech]
-            elif raw_speech.ndim == 2:
-                clips = list(raw_speech)
-            else:
-                raise ValueError(
-                    f"{type(self).__name__} takes mono audio (samples,) or a batch (batch, samples), got an array of "
-                    f"shape {raw_speech.shape}; mix multi-channel audio down to mono first"
-                )
+            # (samples, channels) would otherwise be read as a batch of `samples` clips: refused before splitting.
+            check_layout(raw_speech.shape, who, "mono audio (samples,) or a batch (batch, samples)", name="the input")
+            clips = [raw_speech] if raw_speech.ndim == 1 else list(raw_speech)
         elif isinstance(raw_speech, (list, tuple)):
             if len(raw_speech) == 0:
                 raise ValueError(f"{type(self).__name__} got an empty list of clips")
@@ -195,12 +207,9 @@ class MAESTFeatureExtractor(_Base):
         for i, clip in enumerate(clips):
             if torch.is_tensor(clip):
                 clip = clip.detach().cpu().numpy()
-            clip = np.asarray(clip, dtype=np.float32)
-            if clip.ndim != 1:
-                raise ValueError(f"clip {i} has shape {clip.shape}: each clip must be mono audio (samples,)")
-            if clip.size == 0:
-                raise ValueError(f"clip {i} is empty (0 samples)")
-            out.append(clip)
+            clip = np.asarray(clip)  # its own dtype first: integer PCM is refused, not cast
+            check_audio(clip, who, "mono audio (samples,) per clip", name=f"clip {i}", ndims=(1,))
+            out.append(clip.astype(np.float32, copy=False))
         return out
 
     def _n_frames(self, n_samples: int) -> int:
@@ -221,7 +230,9 @@ class MAESTFeatureExtractor(_Base):
         """Audio -> ``{"input_values": (B, frames, num_mel_bins)}`` (and ``attention_mask`` on request).
 
         ``raw_speech``: one clip (1-D array, list of floats, tensor) or a batch (2-D array, list of
-        1-D arrays). ``sampling_rate`` must equal the extractor's (16000): resample first otherwise.
+        1-D arrays) of real floating-point samples in [-1, 1]; integer PCM, ``(samples, channels)``
+        arrays, empty clips and NaN or inf samples are refused (``models.mel.check_audio``).
+        ``sampling_rate`` must equal the extractor's (16000): resample first otherwise.
         ``padding``: ``"max_length"`` (every clip to ``max_length`` frames, what AST needs),
         ``"longest"``/``True`` (to the longest clip of the batch) or ``"do_not_pad"``/``False``;
         a clip's frames are centred in the padded length (``models.inference.pad_centre``).

@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import torch
 
-from .mel import HOP_LENGTH, SAMPLE_RATE, MelSpectrogram, normalize
+from .mel import HOP_LENGTH, SAMPLE_RATE, MelSpectrogram, check_audio, normalize
 
 
 def check_count(name: str, value, minimum: int = 1) -> int:
@@ -80,11 +80,12 @@ def split_into_clips(mel: torch.Tensor, n_frames: int, hop_frames: int | None = 
     if mel.dim() != 2:
         raise ValueError(f"split_into_clips expects one mel (n_mels, frames), got shape {tuple(mel.shape)}")
     n_frames = check_count("n_frames", n_frames)
-    hop_frames = n_frames if hop_frames is None else check_count("hop_frames (None: one clip, consecutive clips)", hop_frames)
-    if hop_frames > n_frames:
+    if hop_frames is None:
+        hop_frames = n_frames
+    elif isinstance(hop_frames, bool) or not isinstance(hop_frames, numbers.Integral) or not 1 <= hop_frames <= n_frames:
         raise ValueError(
-            f"split_into_clips got hop_frames={hop_frames} longer than n_frames={n_frames}: the frames between clips "
-            "would be dropped; use a hop of at most one clip (None: one clip)"
+            f"split_into_clips: hop_frames must be an integer from 1 to n_frames={n_frames} (a longer hop would drop "
+            f"the frames between clips), or None for consecutive clips; got {hop_frames!r}"
         )
     T = mel.shape[1]
     if T <= n_frames:
@@ -104,12 +105,13 @@ def track_probabilities(
     mel: MelSpectrogram | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """Mean sigmoid probabilities ``(n_classes,)`` per track for 16 kHz mono audio tensors.
+    """Mean sigmoid probabilities ``(n_classes,)`` per track for 16 kHz mono audio (tensors or numpy arrays).
 
     Each track is cut into clips of ``n_frames`` every ``hop_frames`` (None: ``n_frames``, as
     ``split_into_clips``); all clips of all tracks run in shared batches and their probabilities
     are averaged per track. ``mel`` must give compressed, un-normalised
-    mels (the default); the model-input normalisation is applied here.
+    mels (the default); the model-input normalisation is applied here. Each track must pass
+    ``models.mel.check_audio`` (real floating-point, 1-D, not empty, finite); errors name the track.
     """
     batch_size = check_count("batch_size", batch_size)
     if not audios:
@@ -125,13 +127,11 @@ def track_probabilities(
     mel = mel.to(device)
     clips, owners = [], []
     for i, audio in enumerate(audios):
-        if audio.dim() != 1:
-            raise ValueError(f"track_probabilities expects mono 16 kHz audio (samples,) per track; track {i} has shape {tuple(audio.shape)}")
-        if audio.is_complex() or not audio.is_floating_point():
-            raise TypeError(
-                f"track_probabilities expects real floating-point audio in [-1, 1]; track {i} is {audio.dtype}"
-                + ("" if audio.is_complex() else ": divide integer PCM by its full scale (e.g. int16 / 32768) first")
-            )
+        if isinstance(audio, np.ndarray):
+            audio = torch.from_numpy(np.ascontiguousarray(audio))
+        elif not torch.is_tensor(audio):
+            raise TypeError(f"track_probabilities expects each track as a torch.Tensor or numpy array; track {i} is a {type(audio).__name__}")
+        check_audio(audio, "track_probabilities", "mono 16 kHz audio (samples,) per track", name=f"track {i}", ndims=(1,))
         m = split_into_clips(mel(audio.to(device).float()), n_frames, hop_frames)
         clips.append(normalize(m))
         owners += [i] * m.shape[0]
