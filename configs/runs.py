@@ -271,9 +271,9 @@ def _print_error(filter_traceback: str = "default") -> None:
 
 class ShortResultLine(logging.Filter):
     """Shortens Sacred's ``Result: ...`` log line (a command's return value: every file ``predict`` labelled)
-    to ``LIMIT`` characters; the run record and Python callers keep the whole result."""
+    to ``LIMIT`` characters (training results stay whole); the run record and Python callers keep the whole result."""
 
-    LIMIT = 400
+    LIMIT = 1000
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
