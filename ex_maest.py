@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import glob
 import json
 import logging
 import sys
@@ -203,9 +204,25 @@ def _inference_checkpoint(inference_checkpoint, trainer, run_name):
             f"inference_checkpoint='last' is the newest checkpoint of the training run of this config, in {folder}, and "
             "there is none: train it first with the same named configs and keys (python ex_maest.py with ...), or give "
             "the checkpoint's path (inference_checkpoint=outputs/<run_name>/train/checkpoints/last.ckpt)"
+            + _other_runs(run_name)
         )
     _logger.info("inference_checkpoint='last': %s", newest)
     return str(newest)
+
+
+def _other_runs(run_name: str) -> str:
+    """The newest checkpoints of other runs on the same data and model (``<dataset>_<model>_*``, another hash: the
+    training used other keys), for the error of an ``inference_checkpoint='last'`` that finds none."""
+    prefix = run_name.rsplit("_", 1)[0] + "_"
+    found = []
+    for folder in sorted(run_dir(prefix).parent.glob(f"{glob.escape(prefix)}*/train/checkpoints")):
+        newest = _newest_checkpoint(folder)
+        if newest is not None:
+            found.append(str(newest))
+    if not found:
+        return ""
+    shown = "\n  ".join(found[:5]) + (f"\n  and {len(found) - 5} more" if len(found) > 5 else "")
+    return f". Runs on the same data and model with other keys have these (give one as inference_checkpoint=...):\n  {shown}"
 
 
 # ----------------------------------------------------------------------------------- config checks
@@ -450,7 +467,10 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule(clip_length=inference_clip_length(setup.config))
     if datamodule.groundtruth["test"] is None:
-        raise ValueError("set datamodule.groundtruth_test to the ground-truth pickle of the tracks to test")
+        raise ValueError(
+            "set datamodule.groundtruth_test to the ground-truth pickle of the tracks to test (prepare_folder writes none "
+            "when its test split is empty: more files, or another --split)"
+        )
     # The test split's classes: the training ground truth (millions of tracks for Discogs) is not read.
     net = build_net(data_n_classes=datamodule.dataset("test").n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
