@@ -444,7 +444,7 @@ def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[
 def _report(_run, result, n_classes: int):
     lines = ["", "Training finished."]
     metrics = result["metrics"]
-    scored = f"  (over the {metrics['val_n_classes_scored']:.0f} of {n_classes} classes present in validation)" if (
+    scored = f"  (over the {metrics['val_n_classes_scored']:.0f} of {n_classes} classes with positive and negative files in validation)" if (
         "val_n_classes_scored" in metrics and metrics["val_n_classes_scored"] < n_classes) else ""
     for key in ("val_roc", "val_ap", "val_loss", "val_roc_swa"):
         if key in metrics:

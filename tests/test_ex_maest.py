@@ -115,7 +115,7 @@ def test_training_report_says_how_many_classes_validation_scored(capsys):
               "best_checkpoint": "b.ckpt", "last_checkpoint": "l.ckpt", "logs": "logs"}
     _report(SimpleNamespace(observers=[]), result, n_classes=5)
     out = capsys.readouterr().out
-    assert "val_roc      1.0000  (over the 1 of 5 classes present in validation)" in out
+    assert "val_roc      1.0000  (over the 1 of 5 classes with positive and negative files in validation)" in out
     assert "val_loss     0.1000\n" in out  # the loss covers every class
     _report(SimpleNamespace(observers=[]), {**result, "metrics": {**result["metrics"], "val_n_classes_scored": 5.0}}, n_classes=5)
     assert "present in validation" not in capsys.readouterr().out
