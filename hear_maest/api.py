@@ -29,7 +29,7 @@ from torch import nn
 from models.encoder import frame_embeddings, frame_times_ms
 from models.inference import check_count, split_into_clips
 from models.maest import MAEST
-from models.mel import SAMPLE_RATE, MelSpectrogram, normalize
+from models.mel import SAMPLE_RATE, MelSpectrogram, check_audio, normalize
 from models.registry import pretrained_path
 
 from .loading import load_maest
@@ -135,11 +135,10 @@ def load_model(
 def _check(audio, model) -> torch.Tensor:
     if not isinstance(model, HEARMAEST):
         raise TypeError(f"model must come from hear_maest.load_model, got {type(model).__name__}")
-    if not torch.is_tensor(audio) or audio.dim() != 2 or audio.shape[0] == 0 or audio.shape[1] == 0:
-        shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
-        raise ValueError(f"audio must be a tensor (n_sounds, n_samples) of 16 kHz mono sounds, at least one of each; got {shape}")
-    if audio.is_complex() or not audio.is_floating_point():
-        raise TypeError(f"audio must be real floating-point samples in [-1, 1], got {audio.dtype}")
+    if not torch.is_tensor(audio):
+        raise ValueError(f"audio must be a tensor (n_sounds, n_samples) of 16 kHz mono sounds, got {type(audio).__name__}")
+    # models.mel.check_audio: the rule of every waveform entry point (a NaN is named by its sound)
+    check_audio(audio, "hear_maest", "audio (n_sounds, n_samples) of 16 kHz mono sounds, at least one of each", rows="sound", ndims=(2,))
     return model.mel.to(model.device)(audio.to(model.device))  # (n_sounds, n_mels, frames), compressed
 
 

@@ -1,8 +1,9 @@
 """Run the published HEAR validator (``hearvalidator`` 2021.0.2) on hear_maest, with or without TensorFlow.
 
-    python -m hear_maest.validate --model weights/discogs-maest-30s-pw-129e-swa.ckpt [--device cuda]
+    python -m hear_maest.validate [hear_maest] --model weights/discogs-maest-30s-pw-129e-swa.ckpt [--device cuda]
 
-is ``hear-validator hear_maest --model ...``: the same published code (``hearvalidator.validate.main``).
+is ``hear-validator hear_maest --model ...``: the same published code (``hearvalidator.validate.main``);
+the module to validate may be named as there, and is ``hear_maest`` when left out.
 That code imports TensorFlow only to ask whether the model is a ``tf.Module`` and for ``tf.device``;
 where TensorFlow is not installed (``pip install --no-deps hearvalidator==2021.0.2``), a stand-in
 module with those two names takes its place for the run, so the torch checks run unchanged.
@@ -10,6 +11,7 @@ module with those two names takes its place for the run, so the torch checks run
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import importlib.util
@@ -38,8 +40,25 @@ def tensorflow_available():
         del sys.modules["tensorflow"]
 
 
+MODULE = "hear_maest"
+
+
+def parser() -> argparse.ArgumentParser:
+    """The validator's own arguments (``hearvalidator.validate.main``), its module optional: ``hear_maest`` by default."""
+    p = argparse.ArgumentParser(
+        prog="python -m hear_maest.validate",
+        description="Run the published HEAR 2021 validator (hearvalidator 2021.0.2) on hear_maest, with or without TensorFlow.",
+    )
+    p.add_argument("module", nargs="?", default=MODULE, help=f"the model package to validate (default {MODULE})")
+    p.add_argument("--model", "-m", default="", help="the checkpoint to load (default: the released model from the weights directory)")
+    p.add_argument("--device", "-d", default=None, help="the device to validate on (default: a GPU if available)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``hear-validator hear_maest`` with ``argv`` (``--model PATH``, ``--device DEVICE``)."""
+    """``hear-validator [module] --model PATH --device DEVICE`` with ``argv`` (the module is ``hear_maest`` when left out)."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    forwarded = [args.module, "--model", args.model] + ([] if args.device is None else ["--device", args.device])
     try:
         with tensorflow_available():
             validate = importlib.import_module("hearvalidator.validate")
@@ -48,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         raise SystemExit("hearvalidator is not installed: pip install --no-deps hearvalidator==2021.0.2") from None
     saved = sys.argv
-    sys.argv = ["hear-validator", "hear_maest", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["hear-validator", *forwarded]
     try:
         validate.main()
     finally:

@@ -2,7 +2,9 @@
 
 - Lightning checkpoints ``{"state_dict": {"net.<k>", "net_swa.<k>"}}`` (ours and upstream's, whose
   torchaudio mel front-end buffers are checked against SPEC §2 and dropped);
-- bare MAEST state dicts (the layout of the released models);
+- bare MAEST state dicts (the layout of the released models), also under ``"state_dict"`` or ``"model"``;
+  a prefix that a wrapper put before every key (``module.`` of DataParallel/DDP, ``_orig_mod.`` of
+  torch.compile) is dropped;
 - PaSST AudioSet weights: frequency/time embeddings resized (bicubic), a foreign head dropped;
 - DeiT-B distilled 384 (timm layout, optionally under ``"model"``): the 2-D position grid is
   resized to the new grid and averaged into frequency and time embeddings;
@@ -193,9 +195,10 @@ def read_model_record(path: str | os.PathLike, trust_checkpoint: bool = False) -
 
 
 def select_state_dict(obj, use_swa: bool = True, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The network's state dict inside a Lightning, DeiT (``"model"``) or bare checkpoint.
+    """The network's state dict inside a Lightning, DeiT (``"model"``) or bare checkpoint (also under ``"state_dict"``).
 
-    Every value must be a tensor; upstream's torchaudio mel front-end is checked and dropped.
+    Every value must be a tensor; upstream's torchaudio mel front-end is checked and dropped, and so is
+    a wrapper's prefix on every key (``strip_wrapper_prefix``).
     """
     if isinstance(obj, torch.nn.Module):  # a whole pickled network (readable only with trust_checkpoint=True)
         obj = obj.state_dict()
@@ -206,7 +209,7 @@ def select_state_dict(obj, use_swa: bool = True, source: str = "checkpoint") -> 
         )
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source} does not hold a state dict (found {type(obj).__name__})")
-    sd = _network_state_dict(obj, use_swa, source)
+    sd = strip_wrapper_prefix(_network_state_dict(obj, use_swa, source), source)
     odd_keys = [k for k in sd if not isinstance(k, str)]
     if odd_keys:
         raise CheckpointError(f"{source}: state dict keys must be strings, found {', '.join(repr(k) for k in odd_keys[:5])}")
@@ -220,9 +223,35 @@ def select_state_dict(obj, use_swa: bool = True, source: str = "checkpoint") -> 
     return drop_mel_frontend(sd, source)
 
 
+# Prefixes a wrapper puts before every key: DataParallel / DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def wrapper_prefix(keys) -> str:
+    """The ``WRAPPER_PREFIXES`` (one or more: ``module.module.``) that every key starts with; "" if none."""
+    keys, prefix = list(keys), ""
+    while keys:
+        step = next((p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(prefix + p) for k in keys)), None)
+        if step is None:
+            break
+        prefix += step
+    return prefix
+
+
+def strip_wrapper_prefix(state_dict: dict, source: str = "checkpoint") -> dict:
+    """``state_dict`` without the ``wrapper_prefix`` of its keys (a DataParallel/DDP or compiled network's)."""
+    prefix = wrapper_prefix(state_dict)
+    if not prefix:
+        return state_dict
+    _logger.info("%s: every key starts with %r (a wrapped network's state dict): the prefix is dropped", source, prefix)
+    return {k[len(prefix) :]: v for k, v in state_dict.items()}
+
+
 def _network_state_dict(obj: dict, use_swa: bool, source: str) -> dict:
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         sd = obj["state_dict"]
+        if not any(isinstance(k, str) and k.startswith(("net.", "net_swa.")) for k in sd) and wrapper_prefix(sd) + "cls_token" in sd:
+            return sd  # a bare MAEST state dict saved under "state_dict" (as under "model"), not a Lightning checkpoint
         prefixes = ("net_swa.", "net.") if use_swa else ("net.",)
         for prefix in prefixes:
             sub = {k[len(prefix) :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
@@ -360,22 +389,67 @@ def _describe(model) -> str:
     return f"embed_dim={c.embed_dim}, depth={c.depth}, n_classes={c.n_classes}, input_t={c.input_t} ({c.grid_t} time positions)"
 
 
+# The MAESTConfig values a state dict's shapes fix (state_dict_shapes), besides grid_t and n_classes,
+# which input_t and n_classes set on any architecture. num_heads is not among them: no shape shows it.
+NETWORK_SHAPE_FIELDS = ("embed_dim", "depth", "mlp_ratio", "qkv_bias", "patch_size", "grid_f")
+
+
+def state_dict_shapes(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The ``MAESTConfig`` values a MAEST state dict's shapes fix: ``NETWORK_SHAPE_FIELDS``, ``grid_t``
+    (time positions) and ``n_classes``; those it cannot tell (a key missing, blocks not numbered
+    ``0..depth-1``) are left out."""
+    found = {}
+    if "cls_token" in state_dict:
+        found["embed_dim"] = state_dict["cls_token"].shape[-1]
+    blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.") and k.count(".") >= 2}
+    if blocks == {str(i) for i in range(len(blocks))}:
+        found["depth"] = len(blocks)
+    if "blocks.0.mlp.fc1.weight" in state_dict and "embed_dim" in found:
+        found["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / found["embed_dim"]
+    if "blocks.0.attn.qkv.weight" in state_dict:
+        found["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
+    if "patch_embed.proj.weight" in state_dict:
+        found["patch_size"] = state_dict["patch_embed.proj.weight"].shape[-1]
+    if "freq_new_pos_embed" in state_dict:
+        found["grid_f"] = state_dict["freq_new_pos_embed"].shape[2]
+    if "time_new_pos_embed" in state_dict:
+        found["grid_t"] = state_dict["time_new_pos_embed"].shape[-1]
+    if "head.1.weight" in state_dict:
+        found["n_classes"] = state_dict["head.1.weight"].shape[0]
+    return found
+
+
+def network_mismatch(config, found: dict) -> list[str]:
+    """The ``NETWORK_SHAPE_FIELDS`` where ``found`` (``state_dict_shapes``) and ``config`` differ."""
+    return [k for k in NETWORK_SHAPE_FIELDS if k in found and found[k] != getattr(config, k)]
+
+
+def input_t_hint(grid_t: int, stride_t: int) -> str:
+    lo, hi = grid_t * stride_t, (grid_t + 1) * stride_t - 1
+    return f"input_t in [{lo}, {hi}] (a {lo * 256 / 16000:.0f} s model; input_t = seconds * 16000 // 256)"
+
+
 def _hint(model, state_dict, shapes) -> str:
     c = model.config
     bad = {k for k, _, _ in shapes}
+    found = state_dict_shapes(state_dict)
+    other = network_mismatch(c, found)
+    if other:  # another network: the time positions and the head follow from it, no input_t or n_classes fixes it
+        return (
+            f"the checkpoint is another network: {', '.join(f'{k}={found[k]}' for k in other)} (this model: "
+            f"{', '.join(f'{k}={getattr(c, k)}' for k in other)}): build the model with an arch of that shape, or "
+            "set those options (and num_heads, which no shape shows)"
+        )
+    hints = []
     if "time_new_pos_embed" in bad:
-        t = state_dict["time_new_pos_embed"].shape[-1]
-        lo, hi = t * c.stride_t, (t + 1) * c.stride_t - 1
-        return f"the checkpoint has {t} time positions: build the model with input_t in [{lo}, {hi}] (a {lo * 256 / 16000:.0f} s model; input_t = seconds * 16000 // 256)"
+        hints.append(f"the checkpoint has {found['grid_t']} time positions: build the model with {input_t_hint(found['grid_t'], c.stride_t)}")
     if bad & {"head.1.weight", "head_dist.weight"}:
         n = state_dict.get("head.1.weight", state_dict.get("head_dist.weight")).shape[0]
-        return (
+        hints.append(
             f"the checkpoint predicts {n} classes: build the model with n_classes={n}, or re-initialise the heads to "
             "fine-tune it on other labels (reinit_heads=True; config: maest.reinit_heads=True, or the finetune named config)"
         )
-    if "blocks.0.attn.qkv.weight" in state_dict and "blocks.0.attn.qkv.weight" in bad:
-        return f"the checkpoint has width {state_dict['blocks.0.attn.qkv.weight'].shape[1]}: use another arch"
-    return ""
+    return "; ".join(hints)
 
 
 def load_checkpoint(model, path: str | os.PathLike, use_swa: bool = True, trust_checkpoint: bool = False, reinit_heads: bool = False, obj=None):

@@ -28,6 +28,8 @@ ARCHITECTURE_FIELDS = (
     "n_classes", "input_f", "input_t", "patch_size", "stride_f", "stride_t", "embed_dim", "depth", "num_heads",
     "mlp_ratio", "qkv_bias", "distilled_type",
 )
+# Inference patchout: rows/columns dropped in every mode (set_inference_patchout); off at their defaults.
+INFERENCE_PATCHOUT_FIELDS = ("s_patchout_f_indices", "s_patchout_f_interleaved", "s_patchout_t_indices", "s_patchout_t_interleaved")
 
 
 @dataclass
@@ -71,8 +73,14 @@ class MAESTConfig:
 
     @property
     def max_frames(self) -> int:
-        """The longest input whose patches all have a time embedding."""
+        """The longest input whose every frame lies in a patch with a time embedding (the published AST max_length)."""
         return (self.grid_t - 1) * self.stride_t + self.patch_size
+
+    @property
+    def max_input_frames(self) -> int:
+        """The longest input the model accepts: ``grid_t`` time patches, one per time position. Its last
+        ``stride_t - 1`` frames past ``max_frames`` start no further patch and are not used."""
+        return self.max_frames + self.stride_t - 1
 
     def patches(self, n_frames: int) -> tuple[int, int]:
         return ((self.input_f - self.patch_size) // self.stride_f + 1, (n_frames - self.patch_size) // self.stride_t + 1)
@@ -109,6 +117,10 @@ class MAESTConfig:
     def architecture(self) -> dict:
         """The ``ARCHITECTURE_FIELDS`` as plain data (int, float, bool, str)."""
         return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+
+    def inference_patchout(self) -> dict:
+        """The inference patchout fields that are on (``{}`` when every row and column is kept)."""
+        return {name: getattr(self, name) for name in INFERENCE_PATCHOUT_FIELDS if getattr(self, name)}
 
 
 class MAEST(nn.Module):
@@ -226,11 +238,11 @@ class MAEST(nn.Module):
         n_frames = x.shape[3]
         if n_frames < cfg.patch_size:
             raise ValueError(f"MAEST needs at least {cfg.patch_size} frames, got {n_frames}; pad short clips")
-        if cfg.patches(n_frames)[1] > cfg.grid_t:
+        if cfg.patches(n_frames)[1] > cfg.grid_t:  # i.e. n_frames > cfg.max_input_frames
             raise ValueError(
                 f"input of {n_frames} frames is longer than this model's time embeddings allow "
-                f"(at most {cfg.max_frames} frames, {cfg.grid_t} time patches); cut it into clips of at most "
-                f"{cfg.max_frames} frames, e.g. with models.inference.split_into_clips"
+                f"(at most {cfg.max_input_frames} frames, {cfg.grid_t} time patches); cut it into clips of at most "
+                f"{cfg.max_input_frames} frames, e.g. with models.inference.split_into_clips"
             )
         x = self._cast_input(x)
         if cfg.check_finite and not torch.isfinite(x).all():

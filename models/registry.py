@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import load_checkpoint, load_pretrained, read_checkpoint, read_model_record, record_of
+from .checkpoints import (
+    NETWORK_SHAPE_FIELDS,
+    CheckpointError,
+    input_t_hint,
+    load_checkpoint,
+    load_pretrained,
+    network_mismatch,
+    read_checkpoint,
+    read_model_record,
+    record_of,
+    select_state_dict,
+    state_dict_shapes,
+)
 from .exchange.hf import CONFIG_NAME, INPUT_T_KEY, check_hf_config, hf_model_record, read_hf_state_dict
 from .maest import MAEST, MAESTConfig
 
@@ -170,8 +183,15 @@ def read_record(path: str | os.PathLike, trust_checkpoint: bool = False) -> dict
     return read_model_record(path, trust_checkpoint)
 
 
+class DownloadError(OSError):
+    """A weights file that could not be fetched; the message names the URL, the target and how to place it by hand."""
+
+
 def download_weights(arch: str, weights_directory: str | os.PathLike | None = None, url: str | None = None) -> Path:
-    """Fetch the weights of ``arch`` into the weights directory (atomic; skipped when present)."""
+    """Fetch the weights of ``arch`` into the weights directory (atomic; skipped when present).
+
+    A failed download (offline, HTTP error) is a ``DownloadError`` naming the URL and the file to save it as.
+    """
     spec = get_spec(arch)
     if spec.weights_file is None:
         raise ValueError(f"{arch!r} has no pre-trained weights to download")
@@ -183,12 +203,115 @@ def download_weights(arch: str, weights_directory: str | os.PathLike | None = No
         return legacy
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
-    _logger.info("downloading %s to %s", url or spec.url, target)
-    with urllib.request.urlopen(url or spec.url) as response, open(tmp, "wb") as out:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
+    url = url or spec.url
+    _logger.info("downloading %s to %s", url, target)
+    try:
+        with urllib.request.urlopen(url) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except (urllib.error.URLError, OSError) as e:  # URLError and HTTPError are OSErrors; so are timeouts and resets
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(
+            f"cannot download the weights of {arch!r} from {url} to {target}: {reason}. Without network access here, "
+            f"download {url} elsewhere and save it as {target} (or set ${WEIGHTS_ENV} / weights_directory to the "
+            "folder that holds it)"
+        ) from e
     os.replace(tmp, target)
     return target
+
+
+# ---------------------------------------------------------------------------------------- shapes
+SHAPE_FIELDS = NETWORK_SHAPE_FIELDS + ("grid_t",)  # what must match for a registry model to hold a state dict (n_classes aside)
+
+
+def _registry_order() -> list[ModelSpec]:
+    """Released models first (in the registry's order), then the architectures to train."""
+    return [s for s in REGISTRY.values() if s.labels_file is not None] + [s for s in REGISTRY.values() if s.labels_file is None]
+
+
+def arch_of_shapes(found: dict, overrides: dict | None = None, fields: tuple[str, ...] = SHAPE_FIELDS) -> tuple[str, dict] | None:
+    """The registry model whose config, with ``overrides``, has ``found``'s ``fields``
+    (``models.checkpoints.state_dict_shapes``), and the overrides it needs: ``n_classes`` when the
+    head differs, ``input_t`` when ``grid_t`` is not among ``fields`` and differs. Of those that fit,
+    the first (``_registry_order``) that needs the fewest overrides; None if none fits.
+
+    The released models that share shapes differ only in what the head predicts from CLS and DIST
+    (``distilled_type``), never in the embeddings, so the first of them is as good as any.
+    """
+    valid = set(MAESTConfig.__dataclass_fields__)
+    given = {k: v for k, v in (overrides or {}).items() if k in valid and v is not None}
+    fits = []
+    for spec in _registry_order():
+        config = MAESTConfig(**{**spec.config, **given})
+        if all(field in found and getattr(config, field) == found[field] for field in fields):
+            needed = {}
+            if "n_classes" in found and config.n_classes != found["n_classes"]:
+                needed["n_classes"] = found["n_classes"]
+            if "grid_t" in found and config.grid_t != found["grid_t"]:
+                needed["input_t"] = found["grid_t"] * config.stride_t
+            fits.append((len(needed), spec.name, needed))
+    if not fits:
+        return None
+    _, name, needed = min(fits, key=lambda fit: fit[0])  # min keeps the first of equals
+    return name, needed
+
+
+def recognise_arch(state_dict: dict, source: str = "checkpoint", overrides: dict | None = None) -> tuple[str, dict]:
+    """The registry model whose shapes ``state_dict`` has, and the overrides it needs (``n_classes``).
+
+    Released models come first, in the registry's order; ``overrides`` (``MAESTConfig`` fields, e.g.
+    ``input_t``) apply to each candidate. Shapes that fit no registry model are an error naming them
+    and the option to set.
+    """
+    found = state_dict_shapes(state_dict)
+    need = ("cls_token", "freq_new_pos_embed", "time_new_pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "head.1.weight")
+    missing = [k for k in need if k not in state_dict]
+    if missing:
+        raise CheckpointError(f"{source} is not a MAEST state dict: it lacks {', '.join(missing)}")
+    fit = arch_of_shapes(found, overrides)
+    if fit is not None:
+        name, needed = fit
+        _logger.info("%s records no architecture; recognised from its shapes as %s%s (pass arch= to choose another)",
+                     source, name, f" with n_classes={found['n_classes']}" if needed else "")
+        return name, needed
+    held = ", ".join(f"{k}={v}" for k, v in found.items())
+    raise CheckpointError(
+        f"{source} records no architecture and its shapes ({held}) fit no registry model: name it, e.g. "
+        f"load_model(path, arch='maest-tiny', input_t=..., n_classes=...) (arch: a registry name, with any "
+        f"MAESTConfig field that differs; input_t in [{found['grid_t'] * 10}, {found['grid_t'] * 10 + 9}] for "
+        f"{found['grid_t']} time positions); known: {', '.join(list_models())}"
+    )
+
+
+def check_network_shapes(arch: str | None, config: MAESTConfig, state_dict: dict, source: str = "checkpoint") -> None:
+    """A ``CheckpointError`` naming the registry arch of ``state_dict``'s shape when its width, depth, ... are not
+    ``config``'s (an arch named for a file that records none); time positions and head: the strict load's hints."""
+    found = state_dict_shapes(state_dict)
+    wrong = network_mismatch(config, found)
+    if not wrong:
+        return
+    fit = arch_of_shapes(found, fields=NETWORK_SHAPE_FIELDS)
+    if fit is None:
+        fix = (
+            f"no registry arch has that shape: set {', '.join(f'{k}={found[k]}' for k in wrong)} and the num_heads it was "
+            f"trained with (no shape shows it); known: {', '.join(list_models())}"
+        )
+    else:
+        name, needed = fit
+        extra = [f"n_classes={needed['n_classes']}"] if "n_classes" in needed else []
+        if "input_t" in needed:
+            extra.append(input_t_hint(found["grid_t"], config.stride_t))
+        spec = get_spec(name).config
+        fix = (
+            f"it is {name}'s shape (embed_dim={spec['embed_dim']}, depth={spec['depth']}, num_heads={spec['num_heads']}): "
+            f"use arch={name!r} (config: maest.arch={name}){' with ' + ', '.join(extra) if extra else ''}"
+        )
+    named = f"{arch} has" if arch else "the model has"
+    raise CheckpointError(
+        f"{source} does not fit this model: its weights are {', '.join(f'{k}={found[k]}' for k in wrong)} where "
+        f"{named} {', '.join(f'{k}={getattr(config, k)}' for k in wrong)}; {fix}"
+    )
 
 
 def build_config(arch: str, **overrides) -> MAESTConfig:
@@ -289,6 +412,9 @@ def get_maest(
     elif arch is None:
         raise ValueError("get_maest needs an arch (a registry name) or a checkpoint that records its model")
     arch, config = config_from_record(arch, record, overrides, source, reinit_heads)
+    if obj is not None and not hf_directory:
+        obj = select_state_dict(obj, use_swa=checkpoint_swa_weights, source=source)  # the weights, selected once
+        check_network_shapes(arch, config, obj, source)  # before building: names the arch of the file's shape
     model = MAEST(config)
     if hf_directory:
         if not reinit_heads:

@@ -238,3 +238,13 @@ def test_encoder_gives_every_block_of_one_pass_with_the_hear_times(tiny):
             MAESTEncoder(net)
     finally:
         net.set_inference_patchout()
+
+
+def test_a_nan_in_one_sound_is_named_by_its_index(tiny):
+    model = hear_maest.load_model(str(tiny[0]))
+    audio = noise(3, 16000)
+    audio[1, 100] = float("nan")
+    with pytest.raises(ValueError, match=r"hear_maest got NaN or inf samples in sound 1: "):
+        hear_maest.get_scene_embeddings(audio, model)
+    with pytest.raises(ValueError, match=r"looks like \(samples, channels\)"):  # stereo as soundfile.read returns it
+        hear_maest.get_timestamp_embeddings(noise(1, 16000).T.repeat(1, 2).contiguous(), model)

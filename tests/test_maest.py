@@ -224,7 +224,7 @@ def test_bad_inputs_have_clear_errors():
         model(torch.zeros(1, 128, 100))
     with pytest.raises(ValueError, match="transpose"):
         model(torch.zeros(1, 625, 96))
-    with pytest.raises(ValueError, match=r"longer than this model's time embeddings allow \(at most 626 frames"):
+    with pytest.raises(ValueError, match=r"longer than this model's time embeddings allow \(at most 635 frames, 62 time patches"):
         model(torch.zeros(1, 96, 700))
     bad = torch.zeros(1, 96, 100)
     bad[0, 3, 7] = float("nan")

@@ -39,7 +39,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -152,7 +154,7 @@ def export_max_length(config: MAESTConfig, max_length: int | str | None = None) 
         max_length = config.input_t
     elif max_length == HUB_MAX_LENGTH:
         max_length = config.max_frames
-    longest = config.max_frames + config.stride_t - 1  # still one time position per patch
+    longest = config.max_input_frames  # still one time position per patch
     if isinstance(max_length, bool) or not isinstance(max_length, int) or not config.patch_size <= max_length <= longest:
         raise ValueError(
             f"max_length must be None (the model's clip, {config.input_t} frames), {HUB_MAX_LENGTH!r} (the published "
@@ -595,6 +597,67 @@ def _write_weights(out_dir: Path, sd: dict[str, torch.Tensor], names: tuple[str,
     return target
 
 
+# export_hf stages in "<parent>/.<out_dir name>.<host>.<pid>.<8 random chars>.tmp/" (tempfile.mkdtemp's names);
+# an export killed before its cleanup leaves one, which a later export into the same parent removes.
+_STAGE_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp$")
+# Before the host and pid were in the name: ".<out_dir name>.<8 random chars>.tmp".
+_LEGACY_STAGE_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+# A staging folder no live export on this host owns, or untouched this long, is stale. An export
+# writes its folder in seconds to minutes; another host's (a shared file system) is judged by age alone.
+STALE_STAGE_AGE_S = 24 * 3600
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: count it as alive (judged by age)
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def _newest_mtime(folder: Path) -> float:
+    times = [folder.lstat().st_mtime]
+    times += [entry.lstat().st_mtime for entry in folder.iterdir()]
+    return max(times)
+
+
+def remove_stale_stages(parent: Path, out_name: str) -> list[Path]:
+    """Remove the staging folders earlier exports into ``parent`` left when killed; returns them.
+
+    Only folders named as ``export_hf`` names them and holding nothing but files: one of this host
+    whose process is gone, or one untouched for ``STALE_STAGE_AGE_S`` (another host's, or one of an
+    older version of this code, named without host and pid, for an export to ``out_name``). A folder
+    another export is writing now is left alone.
+    """
+    removed = []
+    host, now = _host_tag(), time.time()
+    for folder in parent.glob(".*.tmp"):
+        match, legacy = _STAGE_NAME.match(folder.name), _LEGACY_STAGE_NAME.match(folder.name)
+        if match is None and (legacy is None or legacy["name"] != out_name):
+            continue
+        try:
+            if folder.is_symlink() or not folder.is_dir() or any(not e.is_file() or e.is_symlink() for e in folder.iterdir()):
+                continue
+            dead = match is not None and match["host"] == host and not _pid_alive(int(match["pid"]))
+            if not dead and now - _newest_mtime(folder) < STALE_STAGE_AGE_S:
+                continue
+        except OSError:  # removed meanwhile by its own export or another cleaner
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            _logger.info("removed %s, the staging folder of an earlier export that did not finish", folder)
+            removed.append(folder)
+    return removed
+
+
 def _file_mode() -> int:
     """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
     umask = os.umask(0)
@@ -623,9 +686,18 @@ def export_hf(
     ``AutoFeatureExtractor.from_pretrained(out_dir, trust_remote_code=True)`` works.
     ``ASTForAudioClassification.from_pretrained(out_dir)`` then gives this model's logits for
     ``input_values = mel.transpose(1, 2)`` of exactly ``max_length`` frames. Inference patchout
-    settings are not exported (AST has none).
+    settings are not exported (AST has none; a warning says so): the directory computes every patch.
+    Staging folders that earlier exports into the same parent left when killed are removed
+    (``remove_stale_stages``).
     """
     config = model.config
+    patchout = config.inference_patchout()
+    if patchout:
+        _logger.warning(
+            "export_hf: inference patchout (%s) is not exported (AST has none): the exported model computes every "
+            "patch, and its logits are those of this model after model.set_inference_patchout()",
+            ", ".join(f"{k}={v}" for k, v in patchout.items()),
+        )
     max_length = export_max_length(config, max_length)
     if labels is None:
         labels = getattr(model, "labels", None)  # get_maest's: the checkpoint's or the released model's names
@@ -638,7 +710,8 @@ def export_hf(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Staged in a sibling folder, then each file renamed into place: a killed export leaves every
     # file of the folder whole (the previous export's or this one's), never half written.
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    remove_stale_stages(out_dir.parent, out_dir.name)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{_host_tag()}.{os.getpid()}.", suffix=".tmp", dir=out_dir.parent))
     try:
         _write_config(stage, hf_config)
         weights = _write_weights(stage, sd)

@@ -4,7 +4,7 @@ The ONNX graph is the eval-mode network with dynamic batch and time axes:
 
 - ``with_mel=False``: input ``mel`` ``(batch, 96, frames)``, normalised as ``MAEST.forward`` expects,
   any ``frames`` from one patch (16) to the longest the time embedding covers
-  (``max_frames + 9``: 635 for 10 s models); output ``logits`` ``(batch, n_classes)``, or
+  (``MAESTConfig.max_input_frames``: 635 for 10 s models); output ``logits`` ``(batch, n_classes)``, or
   ``embeddings`` ``(batch, 3, D)`` (CLS, DIST, mean of the patch tokens after ``block``, as
   ``MAEST.embeddings``) when ``block`` is given.
 - ``with_mel=True``: input ``audio`` ``(batch, samples)`` at 16 kHz, any length (one track per row;
@@ -21,12 +21,18 @@ It uses torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, needs onnxs
 attention exports as is. The exporter's native opset is 18: lower opsets go through onnx's version
 converter, which converts the mel-input logits graph to 17 but not the front-end (``Pad``) nor the
 embeddings output; such a request fails instead of silently writing another opset. Weights are stored inside the file (models under 2 GB;
-ViT-B is about 350 MB).
+ViT-B is about 350 MB). A logits graph of a model with label names (``model.labels``) carries them in
+the file's metadata: ``metadata_props`` key ``"labels"``, a JSON list in output order
+(onnxruntime: ``session.get_modelmeta().custom_metadata_map["labels"]``).
+
+Inference patchout (``MAEST.set_inference_patchout``) is refused: the exporter cannot trace its
+row/column selection, so the model must be exported with every patch (as ``export_hf`` writes it).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -44,6 +50,7 @@ __all__ = ["export_onnx", "OnnxExportWrapper"]
 _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+LABELS_KEY = "labels"  # metadata_props: the output names of a logits graph, as a JSON list
 
 
 class OnnxExportWrapper(nn.Module):
@@ -95,16 +102,28 @@ def export_onnx(
     clip_frames: int | None = None,
     hop_frames: int | None = None,
     opset: int = DEFAULT_OPSET,
+    labels: list[str] | None = None,
 ) -> Path:
     """Write ``model`` as an ONNX file at ``path`` (written complete or not at all); returns the path.
 
     Inputs and outputs: module docstring. ``clip_frames`` (``with_mel`` only): the clips the graph
     cuts, default the model's own (``model.config.input_t``: 625 for 10 s); ``hop_frames``: their
     hop, default one clip (``predict.hop=half``: ``clip_frames // 2``). ``block``: export the
-    embeddings of this block (0-based) instead of the logits. ``model`` itself is not changed.
+    embeddings of this block (0-based) instead of the logits. ``labels``: the output names stored in
+    the metadata of a logits graph; None: ``model.labels`` (none stored when that is None too).
+    A model with inference patchout is an error saying how to clear it. ``model`` itself is not changed.
     """
     cfg = model.config
-    longest = cfg.max_frames + cfg.stride_t - 1  # the longest input with a time position for every patch
+    patchout = cfg.inference_patchout()
+    if patchout:
+        settings = ", ".join(f"{k}={v}" for k, v in patchout.items())
+        raise ValueError(
+            f"export_onnx cannot export inference patchout ({settings}): the exporter cannot trace its row/column "
+            "selection. Clear it before exporting with model.set_inference_patchout() (config: "
+            f"{' '.join(f'maest.{k}={[] if isinstance(v, tuple) else 0}' for k, v in patchout.items())}); the file then "
+            "computes every patch"
+        )
+    longest = cfg.max_input_frames
     if not with_mel and (clip_frames is not None or hop_frames is not None):
         raise ValueError("clip_frames and hop_frames set the clips of the audio graph: use them with with_mel=True")
     clip_frames = cfg.input_t if clip_frames is None else clip_frames
@@ -115,6 +134,12 @@ def export_onnx(
         raise ValueError(f"hop_frames must be in [1, clip_frames={clip_frames}] (no frame between clips dropped), got {hop_frames!r}")
     if block is not None:
         model.block_index(block)  # the model's own check and message
+    if labels is None:
+        labels = getattr(model, "labels", None)  # get_maest's: the checkpoint's or the released model's names
+    if labels is not None:
+        labels = [str(name) for name in labels]
+        if len(labels) != cfg.n_classes:
+            raise ValueError(f"{len(labels)} labels given for a model with n_classes={cfg.n_classes}")
     try:
         import onnxscript  # noqa: F401 - the dynamo exporter needs it; fail here with an install hint
     except ImportError as e:
@@ -155,6 +180,8 @@ def export_onnx(
             f"the ONNX exporter could not convert this graph to opset {opset} (it stays at {written}); "
             f"use opset={written}{' or with_mel=False' if with_mel else ''}"
         )
+    if labels is not None and block is None:  # an embeddings graph has no class outputs to name
+        program.model.metadata_props[LABELS_KEY] = json.dumps(labels, ensure_ascii=False)
     path = Path(path)
     with atomic_path(path) as tmp:
         program.save(tmp, external_data=False)
