@@ -137,6 +137,15 @@ def test_inference_checkpoint_last_before_training_names_the_folder_and_the_fix(
     assert folder.parts[-2:] == ("train", "checkpoints")
     assert folder.parts[-4] == "outputs" and folder.parts[-3].startswith("prepared_maest-tiny_")  # this config's run, not outputs/demo
     assert not (tmp_path / "outputs" / "demo").exists()
+    assert "Runs on the same data and model" not in message
+
+    # A run on the same data and model with other keys (another hash): named, with its newest checkpoint.
+    other = tmp_path / "outputs" / (folder.parts[-3].rsplit("_", 1)[0] + "_0123abcd") / "train" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        ex.run("predict", named_configs=["demo", dataset_json], config_updates={**TINY, "predict": {"audio": ["x.wav"]}}, options={"--loglevel": "ERROR"})
+    assert str(error.value).endswith(f"have these (give one as inference_checkpoint=...):\n  {Path('outputs') / other.relative_to(tmp_path / 'outputs')}")
 
 
 def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepared):
@@ -179,12 +188,3 @@ def test_using_a_trained_model_writes_into_its_runs_folder():
     assert ex_maest._run_name_hook(config, "extract_embeddings", None) == {"run_name": "my_run"}
     assert ex_maest._run_name_hook(config, "predict", None) == {"run_name": "my_run"}
     assert ex_maest._run_name_hook(config, "main", None)["run_name"].startswith("x_a_")
-    assert "Runs on the same data and model" not in message
-
-    # A run on the same data and model with other keys (another hash): named, with its newest checkpoint.
-    other = tmp_path / "outputs" / (folder.parts[-3].rsplit("_", 1)[0] + "_0123abcd") / "train" / "checkpoints" / "last.ckpt"
-    other.parent.mkdir(parents=True)
-    other.write_bytes(b"")
-    with pytest.raises(FileNotFoundError) as error:
-        ex.run("predict", named_configs=["demo", dataset_json], config_updates={**TINY, "predict": {"audio": ["x.wav"]}}, options={"--loglevel": "ERROR"})
-    assert str(error.value).endswith(f"have these (give one as inference_checkpoint=...):\n  {Path('outputs') / other.relative_to(tmp_path / 'outputs')}")
