@@ -109,6 +109,34 @@ class RandomStateCheckpoint(Callback):
         set_random_state(states[trainer.global_rank])
 
 
+class EpochCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is written at every epoch end, whatever the monitored value did.
+
+    Lightning (2.5 on) writes the last checkpoint only when a top-k checkpoint was saved at the same
+    step: with ``monitor="val_loss"``, an epoch that does not improve it would leave ``last.ckpt`` at an
+    older epoch, so the weights a finished run leaves (its SWA network), ``ckpt_path=last`` and
+    ``inference_checkpoint=last`` would all be of an earlier epoch.
+    """
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_at = trainer.global_step
+
+    def _ensure_last(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) and getattr(self, "_last_written_at", None) != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint(every_n_train_steps=n)`` that skips the last batch of an epoch.
 

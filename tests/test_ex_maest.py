@@ -550,3 +550,13 @@ def test_ctrl_c_in_training_is_an_interruption_not_a_failure(data, tmp_path, mon
         ex.run("main", named_configs=["demo"], config_updates=tiny_updates(data, tmp_path / "run", max_epochs=1),
                options={"--loglevel": "ERROR", "--file_storage": str(records)})
     assert json.loads((records / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
+
+
+def test_last_checkpoint_is_every_epochs_even_when_val_loss_does_not_improve(data, tmp_path):
+    root = tmp_path / "flat"
+    updates = tiny_updates(data, root, max_epochs=3)
+    updates["module"] = {**updates["module"], "lr": 0.0}  # the weights never change: val_loss never improves after epoch 0
+    result = run("main", ["demo"], updates).result
+    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (2, 3 * STEPS_PER_EPOCH)  # Lightning alone left epoch 0's here
+    assert Path(result["best_checkpoint"]).name.startswith("epoch=0-")

@@ -89,18 +89,19 @@ def build_trainer(_config, default_root: Path, checkpoint_every_n_train_steps=No
     ``log_scalar(name, value, step)`` (the Sacred run's): every epoch's metrics also go there.
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from helpers.resume import RandomStateCheckpoint, StepCheckpoint
+    from helpers.resume import EpochCheckpoint, RandomStateCheckpoint, StepCheckpoint
 
     options = dict(_config)
     clash = [k for k in _TRAINER_OWN_ARGUMENTS if k in options]
     if clash:
         raise ValueError(f"trainer.{clash[0]} cannot be configured: build_trainer sets it (configs/ingredients/trainer.py)")
     root = output_dir(options.pop("default_root_dir") or default_root, "trainer.default_root_dir")  # a file there: said now
-    callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
+    # last.ckpt at every epoch end (EpochCheckpoint), beside the best-val_loss checkpoint
+    callbacks = [EpochCheckpoint(dirpath=root / "checkpoints", filename="{epoch}-{val_loss:.3f}-best", monitor="val_loss", mode="min", save_last=True)]
     if not monitor_val:
-        callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)]
+        callbacks = [EpochCheckpoint(dirpath=root / "checkpoints", save_last=True)]
     if checkpoint_every_n_train_steps:
         callbacks.append(StepCheckpoint(dirpath=root / "checkpoints", filename="step-{step}", every_n_train_steps=checkpoint_every_n_train_steps, save_top_k=1, monitor="step", mode="max"))
     callbacks.append(RandomStateCheckpoint())  # exact resume: every rank's random state goes into each checkpoint
