@@ -474,7 +474,7 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
     # The test split's classes: the training ground truth (millions of tracks for Discogs) is not read.
     net = build_net(data_n_classes=datamodule.dataset("test").n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
-    module.net_swa.load_state_dict(net.state_dict())  # the loaded weights are evaluated as-is
+    module.swa = False  # the loaded weights (SWA or plain: maest.checkpoint_swa_weights) are the one network tested
     trainer = build_trainer(default_root=run_output("train"), log_scalar=_run.log_scalar)
     if trainer.strategy.root_device.type == "cpu":
         heap.reuse_freed_memory()  # inference: the large tensors one test batch frees serve the next (models.heap)

@@ -159,6 +159,7 @@ def test_test_command_scores_every_test_clip(demo_run, data, tmp_path):
     assert results["test_roc"] == pytest.approx(expected["roc_auc"], abs=1e-5)
     assert results["test_ap"] == pytest.approx(expected["pr_auc"], abs=1e-5)
     assert results["test_loss"] == pytest.approx(F.binary_cross_entropy_with_logits(logits, y).item(), abs=1e-5)
+    assert not any(key.endswith("_swa") for key in results)  # one network is tested: no copy of it scored as "swa"
 
 
 def test_test_command_reads_only_the_test_ground_truth(demo_run, data, tmp_path):
