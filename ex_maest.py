@@ -210,6 +210,22 @@ def _inference_checkpoint(inference_checkpoint, trainer, run_name):
     return str(newest)
 
 
+def _check_teacher(teacher_student: bool, teacher_dir) -> None:
+    """Teacher-student training needs the teacher's logits, and a teacher folder needs teacher-student training."""
+    if teacher_student and teacher_dir is None:
+        raise ValueError(
+            "module.teacher_student=True trains the DIST head on a teacher's logits: set datamodule.teacher_dir to the folder "
+            "`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> "
+            "predict.out_dir=DIR` writes (README: teacher-student)"
+        )
+    if teacher_dir is not None and not teacher_student:
+        raise ValueError(
+            f"datamodule.teacher_dir={teacher_dir} but module.teacher_student=False: the teacher's logits would be read and "
+            "checked but never trained on. Set module.teacher_student=True (with maest.distilled_type=separated), or "
+            "datamodule.teacher_dir=None"
+        )
+
+
 def _other_runs(run_name: str) -> str:
     """The newest checkpoints of other runs on the same data and model (``<dataset>_<model>_*``, another hash: the
     training used other keys), for the error of an ``inference_checkpoint='last'`` that finds none."""
@@ -387,6 +403,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     output_dir(_config["trainer"]["default_root_dir"] or run_output("train"), "trainer.default_root_dir")  # a file there: said before any work
     clip_length = check_training_clip()
     check_pretrained_weights()
+    _check_teacher(_config["module"]["teacher_student"], _config["datamodule"]["teacher_dir"])
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule(clip_length=clip_length)
     setup = resolve_net(data_n_classes=datamodule.n_classes, training=True, data_labels=_config["datamodule"]["labels"])

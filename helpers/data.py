@@ -70,7 +70,7 @@ def teacher_targets(
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher logits {path} do not exist: produce them with the teacher model, e.g. "
-            f"`python ex_maest.py extract_logits with <teacher config> predict.out_dir={teacher_dir}`"
+            f"`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> predict.out_dir={teacher_dir}`"
         )
     try:
         logits = np.load(path).astype(np.float64)
@@ -168,7 +168,7 @@ class TrainDataset(_MelDataset):
         if teacher_dir is not None and not Path(teacher_dir).is_dir():
             raise FileNotFoundError(
                 f"teacher logits directory {teacher_dir} does not exist: produce it with "
-                f"`python ex_maest.py extract_logits with <teacher config> predict.out_dir={teacher_dir}`"
+                f"`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> predict.out_dir={teacher_dir}`"
             )
         self.teacher_dir = teacher_dir
         self.teacher_threshold = teacher_threshold
@@ -184,7 +184,7 @@ class TrainDataset(_MelDataset):
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(self)} training tracks have no teacher logits in {self.teacher_dir} "
                 f"(e.g. {', '.join(f'{k}.logits.npy' for k in missing[:3])}): produce them with the teacher model, "
-                f"`python ex_maest.py extract_logits with <teacher config> predict.out_dir={self.teacher_dir}` (it extracts only the missing ones)"
+                f"`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> predict.out_dir={self.teacher_dir}` (it extracts only the missing ones)"
             )
 
     def __len__(self) -> int:

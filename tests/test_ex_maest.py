@@ -561,3 +561,22 @@ def test_last_checkpoint_is_every_epochs_even_when_val_loss_does_not_improve(dat
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (state["epoch"], state["global_step"]) == (2, 3 * STEPS_PER_EPOCH)  # Lightning alone left epoch 0's here
     assert Path(result["best_checkpoint"]).name.startswith("epoch=0-")
+
+
+def test_teacher_student_without_a_teacher_folder_and_classes_other_than_the_datas_are_refused_up_front(data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "ts", max_epochs=1)
+    updates["module"] = {**updates["module"], "teacher_student": True}
+    updates["maest"] = {**updates["maest"], "distilled_type": "separated"}
+    with pytest.raises(ValueError, match=r"module.teacher_student=True trains the DIST head on a teacher's logits: set datamodule.teacher_dir"):
+        run("main", ["demo"], updates)
+    assert not (tmp_path / "ts").exists()  # before any work
+
+    updates = tiny_updates(data, tmp_path / "classes", max_epochs=1)
+    updates["maest"] = {**updates["maest"], "n_classes": 5}
+    with pytest.raises(ValueError, match=r"maest.n_classes=5 but the ground truth has 10 classes: .*Leave maest.n_classes unset"):
+        run("main", ["demo"], updates)
+
+    updates = tiny_updates(data, tmp_path / "unused", max_epochs=1)
+    updates["datamodule"]["teacher_dir"] = str(tmp_path)
+    with pytest.raises(ValueError, match=r"but module.teacher_student=False: the teacher's logits would be read and checked but never trained on"):
+        run("main", ["demo"], updates)

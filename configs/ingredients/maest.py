@@ -111,6 +111,13 @@ def resolve_net(
         check_same_labels(list(record["labels"]), [str(name) for name in data_labels], source, training)
     if options["n_classes"] is None and (record is None or reinit):
         options["n_classes"] = data_n_classes  # None: the checkpoint's or the arch's
+    elif data_n_classes and options["n_classes"] is not None and options["n_classes"] != data_n_classes:
+        hint = " (on a checkpoint of other labels, fine-tune: the finetune named config)" if training else ""
+        raise ValueError(
+            f"maest.n_classes={options['n_classes']} but the ground truth has {data_n_classes} classes: the model's outputs "
+            f"are scored against the ground truth's columns. Leave maest.n_classes unset (it follows the data){hint}, or "
+            f"use a ground truth of {options['n_classes']} classes"
+        )
     arch, config = config_from_record(arch, record, options, source, reinit_heads=reinit)
     spec = REGISTRY.get(arch)
     if (
