@@ -87,8 +87,10 @@ def recipe_paper():
 
 
 def mini_train():
-    """A few batches of training and validation, to check a setup end to end."""
+    """A few batches of training and validation, to check a setup end to end (on any number of tracks:
+    the draw is with replacement, so a small dataset fills the default epoch)."""
     trainer = {"limit_train_batches": 5, "limit_val_batches": 5, "max_epochs": 2}  # noqa: F841
+    datamodule = {"sampler_replacement": True}  # noqa: F841
 
 
 MTT_TAGS = Path(__file__).resolve().parent.parent / "datasets" / "mtt" / "tags.txt"  # the 50 tags, in vector order

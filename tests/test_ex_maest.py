@@ -580,3 +580,11 @@ def test_teacher_student_without_a_teacher_folder_and_classes_other_than_the_dat
     updates["datamodule"]["teacher_dir"] = str(tmp_path)
     with pytest.raises(ValueError, match=r"but module.teacher_student=False: the teacher's logits would be read and checked but never trained on"):
         run("main", ["demo"], updates)
+
+
+def test_mini_train_checks_a_pretraining_setup_on_a_small_dataset(data, tmp_path):
+    updates = tiny_updates(data, tmp_path / "mini")
+    del updates["datamodule"]["epoch_length"], updates["datamodule"]["sampler_replacement"]  # the recipe's 200 000 draws
+    del updates["trainer"]["max_epochs"]
+    run_ = run("main", ["maest_10s_random_weights_pretrain", "mini_train"], updates)  # 20 tracks: drawn with replacement
+    assert run_.config["datamodule"]["epoch_length"] == 200_000 and run_.result["global_step"] == 2 * 5
