@@ -539,7 +539,8 @@ def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_che
     inference_checkpoint = _inference_checkpoint()
     rows = []
     for precision in dict.fromkeys(["fp32", predict["precision"]]):  # the configured precision last
-        net = build_net(inference_checkpoint=inference_checkpoint).to(device)
+        # the architecture is timed, not the weights: released weights need not be downloaded for it
+        net = build_net(inference_checkpoint=inference_checkpoint, pretrained=False).to(device)
         net = prepare_for_inference(net, precision, compile=predict["compile"])
         n_frames = n_frames_for(inference_clip_length(net.config))  # the clips extraction and predict cut
         seconds = time_forward(net, torch.randn(batch, 1, net.config.input_f, n_frames, device=device), speed_test_iterations)

@@ -361,6 +361,12 @@ def test_model_speed_test_reports_throughput():
     assert r.result["n_frames"] == INPUT_T  # the clip extraction and predict cut for this model
 
 
+def test_model_speed_test_times_a_released_architecture_without_its_weights(tmp_path):
+    updates = {"maest": {"weights_dir": str(tmp_path)}, "speed_test_batch_size": 1, "speed_test_iterations": 1, "predict": {"device": "cpu"}}
+    r = run("model_speed_test", ["maest_discogs_5sec_inference"], updates)  # pretrained=True, no weights file here
+    assert r.result["n_frames"] == 312 and r.result["clips_per_s"] > 0
+
+
 @pytest.mark.parametrize(
     "name, weights_file, url",
     [
