@@ -138,7 +138,7 @@ def pretrained_path(arch: str, weights_directory: str | os.PathLike | None = Non
     """The local weights file of ``arch``; a missing file is an error that says what to put where."""
     spec = get_spec(arch)
     if spec.weights_file is None:
-        raise ValueError(f"{arch!r} has no pre-trained weights; build it with pretrained=False")
+        raise ValueError(f"{arch!r} has no pre-trained weights; build it with pretrained=False (config: maest.pretrained=False)")
     path = weights_dir(weights_directory) / spec.weights_file
     legacy = weights_dir(weights_directory) / spec.legacy_weights_file if spec.legacy_weights_file else None
     if not path.is_file() and legacy is not None and legacy.is_file():

@@ -210,3 +210,10 @@ def test_an_arch_of_another_width_names_every_value_and_does_not_suggest_reinit_
         config_from_record(None, tiny_record(), {"n_classes": 10, "embed_dim": 128}, "checkpoint demo.ckpt")
     assert "embed_dim=128 contradicts it (the checkpoint has embed_dim=64)" in str(error.value)
     assert "reinit_heads" not in str(error.value)
+
+
+def test_an_arch_without_released_weights_names_the_config_key():
+    from models.registry import pretrained_path
+
+    with pytest.raises(ValueError, match=r"'maest-tiny' has no pre-trained weights; build it with pretrained=False \(config: maest.pretrained=False\)"):
+        pretrained_path("maest-tiny")
