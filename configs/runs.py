@@ -255,8 +255,8 @@ def raised_for_the_user(error: BaseException) -> bool:
     file = Path(tb.tb_frame.f_code.co_filename).resolve()
     if not file.is_relative_to(PROJECT) or any(part in ("site-packages", "dist-packages", ".venv") for part in file.parts):
         return False
-    statement = linecache.getline(str(file), tb.tb_lineno).strip()
-    return statement.startswith("raise ") and not statement.startswith("raise e")
+    # A caught exception raised again keeps its original innermost frame: only a new one ends in this `raise`.
+    return linecache.getline(str(file), tb.tb_lineno).strip().startswith("raise ")
 
 
 def _print_error(filter_traceback: str = "default") -> None:

@@ -253,3 +253,25 @@ def test_a_long_result_line_is_shortened_in_the_log_only(caplog):
     assert long.startswith("Result: [{'file': 'track_0.wav'") and len(long) < 1100
     assert long.endswith(f"... ({len('Result: ' + str(result))} characters; the run record has them all)")
     assert short == "Result: {}".format(result[:2])  # short results are left whole
+
+
+def _passes_on_a_library_error():
+    try:
+        json.loads("{not json")
+    except ValueError as e:
+        raise e
+
+
+def _raises_from_a_helper():
+    raise error_for_the_user("made by a helper")
+
+
+def error_for_the_user(message):
+    return ValueError(message)
+
+
+def test_a_passed_on_exception_keeps_its_traceback_and_one_a_helper_made_does_not():
+    from configs.runs import raised_for_the_user
+
+    assert not raised_for_the_user(_caught(_passes_on_a_library_error))
+    assert raised_for_the_user(_caught(_raises_from_a_helper))  # `raise error_for_the_user(...)`: a new exception
