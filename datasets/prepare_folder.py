@@ -784,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2],
     )
-    parser.add_argument("audio_dir", type=Path, help="folder of audio files (wav, flac, ogg, mp3)")
+    parser.add_argument("audio_dir", type=Path, help="folder of audio files (wav, flac, ogg, mp3, m4a, opus, aiff, ...: helpers.audio.AUDIO_EXTENSIONS)")
     parser.add_argument("out_dir", type=Path, help="output folder (use it as datamodule.base_dir)")
     parser.add_argument("--labels-csv", type=Path, help="CSV/TSV of path,labels (default: sub-folder names)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")

@@ -19,7 +19,7 @@ def predict_config():
     device = "auto"  # "cpu", "cuda" or "auto"
     devices = 1  # extraction processes per node (GPUs, or CPU processes); > 1 launches them as DDP training does
     num_nodes = 1  # machines of a multi-node extraction (torchrun or SLURM sets the ranks; see README)
-    audio = []  # `predict` command: audio files or folders (wav, flac, ogg, mp3)
+    audio = []  # `predict` command: audio files or folders (wav, flac, ogg, mp3, m4a, opus, aiff, ...: helpers.audio.AUDIO_EXTENSIONS)
     top_k = 5  # `predict`: labels per file
     output = None  # `predict`: a .json or .tsv file to write (None: print JSON)
     labels_file = None  # `predict`, `export_hf`: label names, one per line (None: the arch's Discogs labels)
