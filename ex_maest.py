@@ -24,8 +24,8 @@ import glob
 import json
 import logging
 import sys
-import warnings
 import typing
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ from configs.runs import (
     run_name_for, shorten_result_lines,
     trained_run_name, uses_synthetic_data,
 )
-from helpers.data import hop_frames_for
+from helpers.data import hop_frames_for, teacher_logits_command
 from helpers.datamodule import SAMPLERS
 from helpers.extract import extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import format_failures, update_failure_list
@@ -215,8 +215,7 @@ def _check_teacher(teacher_student: bool, teacher_dir) -> None:
     if teacher_student and teacher_dir is None:
         raise ValueError(
             "module.teacher_student=True trains the DIST head on a teacher's logits: set datamodule.teacher_dir to the folder "
-            "`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> "
-            "predict.out_dir=DIR` writes (README: teacher-student)"
+            f"`{teacher_logits_command('DIR')}` writes (README: teacher-student)"
         )
     if teacher_dir is not None and not teacher_student:
         raise ValueError(

@@ -222,14 +222,13 @@ def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc:
     result = ExtractionResult()
     todo, changed = [], 0
     for audio_path, mel_path in tasks:
-        if mel_file_is_complete(Path(mel_path)):
-            if _newer(Path(audio_path), Path(mel_path)):  # the audio was replaced after its mel was made
-                changed += 1
-                todo.append((Path(audio_path), Path(mel_path)))
-            else:
-                result.skipped.append(Path(mel_path))
+        audio_path, mel_path = Path(audio_path), Path(mel_path)
+        complete = mel_file_is_complete(mel_path)
+        if complete and not _newer(audio_path, mel_path):
+            result.skipped.append(mel_path)
         else:
-            todo.append((Path(audio_path), Path(mel_path)))
+            changed += complete  # complete, but the audio was replaced after its mel was made
+            todo.append((audio_path, mel_path))
     if result.skipped:
         log.info("%d mel file(s) already complete: skipped", len(result.skipped))
     if changed:

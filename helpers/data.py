@@ -57,6 +57,14 @@ def centre_clip_start(total_frames: int, n_frames: int) -> int:
     return max(total_frames - n_frames, 0) // 2
 
 
+def teacher_logits_command(teacher_dir) -> str:
+    """The command that writes a teacher's logits into ``teacher_dir`` for teacher-student training."""
+    return (
+        "python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> "
+        f"predict.out_dir={teacher_dir}"
+    )
+
+
 def teacher_targets(
     teacher_dir: str | os.PathLike, key: str, threshold: float = 0.45, n_classes: int | None = None
 ) -> np.ndarray:
@@ -70,7 +78,7 @@ def teacher_targets(
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher logits {path} do not exist: produce them with the teacher model, e.g. "
-            f"`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> predict.out_dir={teacher_dir}`"
+            f"`{teacher_logits_command(teacher_dir)}`"
         )
     try:
         logits = np.load(path).astype(np.float64)
@@ -168,7 +176,7 @@ class TrainDataset(_MelDataset):
         if teacher_dir is not None and not Path(teacher_dir).is_dir():
             raise FileNotFoundError(
                 f"teacher logits directory {teacher_dir} does not exist: produce it with "
-                f"`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> predict.out_dir={teacher_dir}`"
+                f"`{teacher_logits_command(teacher_dir)}`"
             )
         self.teacher_dir = teacher_dir
         self.teacher_threshold = teacher_threshold
@@ -184,7 +192,7 @@ class TrainDataset(_MelDataset):
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(self)} training tracks have no teacher logits in {self.teacher_dir} "
                 f"(e.g. {', '.join(f'{k}.logits.npy' for k in missing[:3])}): produce them with the teacher model, "
-                f"`python ex_maest.py extract_logits with <teacher config> datamodule.groundtruth_predict=<training ground truth> predict.out_dir={self.teacher_dir}` (it extracts only the missing ones)"
+                f"`{teacher_logits_command(self.teacher_dir)}` (it extracts only the missing ones)"
             )
 
     def __len__(self) -> int:
