@@ -48,7 +48,7 @@ from configs.runs import (
 )
 from helpers.data import hop_frames_for, teacher_logits_command
 from helpers.datamodule import SAMPLERS
-from helpers.extract import extract, predict_files, start_processes, weights_digest, write_predictions
+from helpers.extract import FailedOnRankZero, extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import format_failures, update_failure_list
 from helpers.files import output_dir, output_file, write_text_atomic
 from models import heap
@@ -497,16 +497,21 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
     # The metrics are those of the good files; the bad ones are listed and the command then fails.
     failures, failed_list = _list_dataset_failures(datamodule, "test", trainer, "test file")
     results = trainer.test(module, datamodule=datamodule)
-    _exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # every rank exits 1, one reports
+    _exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # rank 0 reports and exits 1
     return results[0] if results else {}
 
 
 def _exit_on_failures(failures: dict, failed_list: Path, what: str, report: bool = True) -> None:
-    """SPEC §8: list every skipped input on stderr and exit with status 1 when there is one."""
+    """SPEC §8: list every skipped input on stderr and exit with status 1 when there is one.
+
+    Under several processes ``report`` is rank 0's: rank 0 lists the failures and exits 1, the command's
+    status; the other ranks exit 0. (Lightning's launcher SIGKILLs rank 0, the process it was started as,
+    when another rank exits non-zero: rank 0's report and run record would be cut short.)
+    """
     if failures:
         if report:
             print(format_failures(failures, failed_list, what), file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1 if report else 0)
 
 
 @ex.command
@@ -561,7 +566,7 @@ def _device(name: str) -> torch.device:
 
 
 def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthetic_data):
-    """Shared body of the extract_* commands; exits non-zero (on every rank) when any file failed.
+    """Shared body of the extract_* commands; exits with status 1 (rank 0; the other ranks 0) when any file failed.
 
     ``predict.devices`` x ``predict.num_nodes`` > 1 runs it on that many processes (Lightning's DDP
     launch, as training: the command reruns itself per local rank, or joins the ranks torchrun/SLURM
@@ -583,29 +588,32 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
     net = build_net(setup=setup).to(fabric.device)
     if transformer_block is None:  # the paper's block 6 of 12, at the same relative depth of any model
         transformer_block = net.config.depth // 2
-    report = extract(
-        net,
-        base_dir=datamodule_cfg["base_dir"],
-        groundtruth=datamodule_cfg["groundtruth_predict"],
-        out_dir=out_dir,
-        kind=kind,
-        block=transformer_block,
-        n_frames=n_frames,
-        hop_frames=hop_frames,
-        batch_size=predict["batch_size"],
-        num_workers=predict["num_workers"],
-        precision=predict["precision"],
-        compile=predict["compile"],
-        run_info={"arch": setup.arch, "checkpoint": setup.checkpoint, "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
-                  # what was computed from what: the weights by content (a checkpoint retrained in place differs), the mels by folder
-                  "weights": weights_digest(net), "base_dir": str(Path(datamodule_cfg["base_dir"]).absolute()),
-                  # the clip as the model sees it: 5 and 4.992 s are both 312 frames, one setting
-                  "pretrained": maest["pretrained"], "clip_length": n_frames * HOP_LENGTH / SAMPLE_RATE, "hop": hop},
-    )
+    try:
+        report = extract(
+            net,
+            base_dir=datamodule_cfg["base_dir"],
+            groundtruth=datamodule_cfg["groundtruth_predict"],
+            out_dir=out_dir,
+            kind=kind,
+            block=transformer_block,
+            n_frames=n_frames,
+            hop_frames=hop_frames,
+            batch_size=predict["batch_size"],
+            num_workers=predict["num_workers"],
+            precision=predict["precision"],
+            compile=predict["compile"],
+            run_info={"arch": setup.arch, "checkpoint": setup.checkpoint, "checkpoint_swa_weights": maest["checkpoint_swa_weights"],
+                      # what was computed from what: the weights by content (a checkpoint retrained in place differs), the mels by folder
+                      "weights": weights_digest(net), "base_dir": str(Path(datamodule_cfg["base_dir"]).absolute()),
+                      # the clip as the model sees it: 5 and 4.992 s are both 312 frames, one setting
+                      "pretrained": maest["pretrained"], "clip_length": n_frames * HOP_LENGTH / SAMPLE_RATE, "hop": hop},
+        )
+    except FailedOnRankZero:  # rank 0 reports its error and exits 1; this rank exits quietly (see _exit_on_failures)
+        raise SystemExit(0) from None
     first = fabric.global_rank == 0
     if first:
         print(report.summary())
-    _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file", report=first)  # every rank exits 1, one reports
+    _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file", report=first)  # rank 0 reports and exits 1
     return report.as_dict()
 
 

@@ -300,6 +300,13 @@ def ctrl_c_from_lightning(trainer):
         raise
 
 
+def first_on_its_node() -> bool:
+    """Whether this process is local rank 0 of a multi-process run (or the only process), read from what the
+    launchers set: ``LOCAL_RANK`` (Lightning's launcher in the processes it starts, torchrun), SLURM's
+    ``SLURM_LOCALID``. A terminal's Ctrl-C reaches the processes of its node."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
+
+
 def command_of(ex, argv: list[str]) -> str:
     """The command an ``ex.py`` command line runs: its first argument where that is a command, else ``main``."""
     return argv[1] if len(argv) > 1 and argv[1] in ex.commands else "main"
@@ -322,7 +329,8 @@ def run_commandline(ex, resume_hint: str | dict[str, str]) -> None:
     except KeyboardInterrupt:
         if isinstance(resume_hint, dict):
             resume_hint = resume_hint.get(command_of(ex, sys.argv), resume_hint["*"])
-        print(f"\ninterrupted (Ctrl-C): {resume_hint}", file=sys.stderr)
+        if first_on_its_node():  # Ctrl-C reaches every process of the node: one line
+            print(f"\ninterrupted (Ctrl-C): {resume_hint}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         sacred.experiment.print_filtered_stacktrace = sacred_utils.print_filtered_stacktrace

@@ -179,7 +179,10 @@ class Ranks:
         return objects
 
     def on_first(self, task) -> None:
-        """Run ``task()`` on rank 0 only; its error is raised on every rank, so none waits forever for rank 0."""
+        """Run ``task()`` on rank 0 only; its error is raised on every rank, so none waits forever for rank 0.
+
+        Rank 0 raises the error itself (and reports it); the other ranks raise :class:`FailedOnRankZero`.
+        """
         error = None
         if self.rank == 0:
             try:
@@ -190,8 +193,14 @@ class Ranks:
             box = [error]
             self._dist.broadcast_object_list(box, src=0)
             error = box[0]
-        if error is not None:
+        if error is not None and self.rank == 0:
             raise error
+        if error is not None:
+            raise FailedOnRankZero(f"rank 0 stopped the extraction: {type(error).__name__}: {error}") from error
+
+
+class FailedOnRankZero(RuntimeError):
+    """On a rank other than 0: rank 0's error, which rank 0 raises and reports itself."""
 
 
 def split_keys(n_keys: int, rank: int, world_size: int) -> range:

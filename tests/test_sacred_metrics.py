@@ -200,6 +200,26 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_go_on(program, argv, expected, mo
     assert err.startswith(f"interrupted (Ctrl-C): {expected}") and "rerun the same command" in err and len(err.splitlines()) == 1
 
 
+def test_ctrl_c_line_is_printed_by_the_first_process_of_the_node_only(monkeypatch, capsys):
+    """Ctrl-C reaches every process of a multi-process run; the processes the launcher started exit 130 quietly."""
+    from configs.runs import run_commandline
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex_maest.ex, "run_commandline", interrupted)
+    monkeypatch.setattr(sys, "argv", ["ex_maest.py", "extract_logits", "with", "demo"])
+    for environ, printed in (({"LOCAL_RANK": "1"}, False), ({"SLURM_LOCALID": "3"}, False), ({"LOCAL_RANK": "0"}, True), ({}, True)):
+        for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as exit_info:
+            run_commandline(ex_maest.ex, ex_maest.RESUME_HINT)
+        assert exit_info.value.code == 130
+        assert ("interrupted (Ctrl-C)" in capsys.readouterr().err) == printed, environ
+
+
 def _raises_for_the_user():
     raise ValueError("a message written for the user")
 
