@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 # sacred 0.8.7 imports pkg_resources, which warns on every run; setuptools<81 is pinned so that it stays
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
-from sacred import Experiment  # noqa: E402
+from sacred import SETTINGS, Experiment  # noqa: E402
 
 from configs.checks import check_config_values, default_config
 from configs.ingredients.datamodule import build_datamodule, check_training_clip, datamodule_ing, inference_clip_length, training_labels
@@ -42,7 +42,7 @@ from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
-    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning, run_commandline, run_dir,
+    INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning, run_commandline, run_dir,
     run_name_for, shorten_result_lines,
     trained_run_name, uses_synthetic_data,
 )
@@ -68,6 +68,10 @@ RESUME_HINT = {
 }
 
 ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, trainer_ing, predict_ing, export_ing])
+# The run record keeps what Python prints. Sacred's default ("fd") pipes the process's stdout and stderr through
+# `tee` processes, which the processes of a multi-device run inherit: the record then mixed every rank's output,
+# and rank 0 ended in "tee_stdout.wait timeout. Forcibly terminating." with the other ranks' later lines cut.
+SETTINGS.CAPTURE_MODE = "sys"
 shorten_result_lines(ex)  # predict's result lists every file: the log line says how long it is
 
 
@@ -734,9 +738,14 @@ def export_onnx(inference_checkpoint, export, predict):
     return str(out)
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def main() -> None:
+    """The command line: ``python ex_maest.py [command] [options] with ...``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[CurrentStderr()])
     check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
     check_config_keys(ex, sys.argv)  # a mistyped key is named with the keys it resembles
     add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u
     run_commandline(ex, RESUME_HINT)
+
+
+if __name__ == "__main__":
+    main()

@@ -96,6 +96,35 @@ def check_run_name(run_name) -> None:
         raise ValueError(f"run_name must be a folder name (no '/', '\\', not '..') or None, got {run_name!r}")
 
 
+OBSERVER_OPTIONS = ("-F", "--file_storage", "-m", "--mongo_db")  # Sacred's options that add an observer, each with a value
+
+
+def without_observer_options(argv: list[str]) -> list[str]:
+    """``argv`` without Sacred's observer options (``-F DIR``, ``--file_storage=DIR``, ``-m URL``, ...)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in OBSERVER_OPTIONS:
+            skip = True  # and its value
+        elif not arg.startswith(tuple(f"{o}=" for o in OBSERVER_OPTIONS if o.startswith("--"))):
+            kept.append(arg)
+    return kept
+
+
+class CurrentStderr(logging.StreamHandler):
+    """A log handler that writes to ``sys.stderr`` as it is when a record is logged: during a run, Sacred's
+    "sys" capture puts its tee there, so the run record keeps the log lines with the rest of the output."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler sets it; sys.stderr is always the one
+        pass
+
+
 def run_dir(run_name: str) -> Path:
     """``outputs/<run_name>``: the folder of every default output of the run."""
     return OUTPUTS / run_name
@@ -116,9 +145,11 @@ def add_default_observer(ex, argv: list[str], environ=os.environ) -> Path | None
     main_rank = all(environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
     if not main_rank:
         # The other ranks' run logs only errors: rank 0 says "Started", "Result" and "Completed" for the run,
-        # and theirs has no observer by design (Sacred would warn that none was added).
+        # and theirs has no observer by design (Sacred would warn that none was added), not even the
+        # command line's own: one run, one record.
         ex.logger = logging.getLogger(f"{ex.path}.other_ranks")
         ex.logger.setLevel(logging.ERROR)
+        argv[:] = without_observer_options(argv)
     if observed or not main_rank or len(argv) < 2 or argv[1] in INFO_COMMANDS:
         return None
     folder = Path(environ.get(SACRED_DIR_ENV) or OUTPUTS / "sacred")

@@ -73,10 +73,10 @@ WRAPPER = textwrap.dedent(
     logged(helpers.failures, "write_text_atomic")  # the failure list
 
     if __name__ == "__main__":
-        from ex_maest import ex
+        from ex_maest import main
 
         try:
-            ex.run_commandline()
+            main()  # as `python ex_maest.py ...` runs
         except SystemExit as e:
             log(f"exit {e.code}")
             raise
@@ -111,7 +111,8 @@ def setup(tmp_path_factory):
     return tmp, gt, checkpoint
 
 
-def run_two_processes(setup, out_dir: Path, log: Path, kill_rank: int | None = None, block: str = "all") -> subprocess.CompletedProcess:
+def run_two_processes(setup, out_dir: Path, log: Path, kill_rank: int | None = None, block: str = "all",
+                      observer: tuple[str, ...] = ("-u",)) -> subprocess.CompletedProcess:
     tmp, gt, checkpoint = setup
     env = {
         **os.environ,
@@ -129,7 +130,7 @@ def run_two_processes(setup, out_dir: Path, log: Path, kill_rank: int | None = N
         "predict.device=cpu", "predict.precision=fp32", "predict.devices=2",
     ]
     return subprocess.run(
-        [sys.executable, str(tmp / "wrapper.py"), "extract_embeddings", "-u", "with", *args],
+        [sys.executable, str(tmp / "wrapper.py"), "extract_embeddings", *observer, "with", *args],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=240, start_new_session=True,  # the kill stays in its group
     )
 
@@ -192,3 +193,18 @@ def test_two_processes_report_a_refused_folder_once(setup):
     assert refused.stderr.count("holds outputs of another setting") == 1, refused.stderr[-4000:]
     assert "rank 0 stopped the extraction" not in refused.stderr
     assert sorted((rank, text) for rank, text in log_lines(log) if text.startswith("exit")) == [(0, "exit 1"), (1, "exit 0")]
+
+
+def test_two_processes_keep_one_run_record_with_rank_0s_output(setup):
+    """-F DIR on the command line: one record (rank 0's), holding its log lines and summary; the output capture
+    ends cleanly (Sacred's default "fd" capture was inherited by rank 1 and ended in a tee timeout)."""
+    tmp, _, checkpoint = setup
+    good = save_groundtruth(tmp / "gt-good.pk", {k: np.zeros(N_CLASSES, dtype=bool) for k in LENGTHS if k != "bad.mmap"})
+    done = run_two_processes((tmp, good, checkpoint), tmp / "recorded", tmp / "recorded.log", observer=("-F", str(tmp / "records")))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "tee_stdout" not in done.stderr and "tee_stderr" not in done.stderr, done.stderr[-4000:]
+    records = [p for p in (tmp / "records").iterdir() if p.name != "_sources"]
+    assert len(records) == 1, records
+    cout = (records[0] / "cout.txt").read_text()
+    assert "7 written, 0 already present, 0 failed" in cout and "INFO models.precision" in cout
+    assert json.loads((records[0] / "run.json").read_text())["status"] == "COMPLETED"

@@ -139,6 +139,16 @@ def test_default_observer_only_where_nothing_else_is_asked(argv, environ, expect
     assert [o.basedir for o in experiment.observers] == ([expected] if expected else [])
 
 
+def test_other_ranks_drop_the_command_lines_observer():
+    """A DDP rank besides the first runs the command line again: without -F/-m, so one run keeps one record."""
+    argv = ["ex_maest.py", "-F", "mine", "extract_logits", "--mongo_db=db:1", "with", "demo", "x=-F", "-m", "host:27017"]
+    assert add_default_observer(Experiment("x"), argv, {"LOCAL_RANK": "1"}) is None
+    assert argv == ["ex_maest.py", "extract_logits", "with", "demo", "x=-F"]
+    argv = ["ex_maest.py", "-F", "mine", "with", "demo"]
+    add_default_observer(Experiment("x"), argv, {})  # rank 0 keeps it
+    assert argv == ["ex_maest.py", "-F", "mine", "with", "demo"]
+
+
 def test_a_missing_config_file_after_with_is_named_as_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dataset.json").write_text("{}")
