@@ -16,6 +16,10 @@ macro ROC-AUC / PR-AUC with the number of classes they average over, ``n_classes
 grid ``search_grid`` instead (``helpers.probe_search``): every trial, the chosen setting, the
 test mean and standard deviation over ``search_seeds`` seeds in ``results.json``, every finished
 training in ``trials.jsonl`` (a rerun resumes from it) and the plot ``search.png``.
+Every config value is checked before any embedding is read (``check_config``). Tracks whose
+extraction failed (``<embeddings_dir>/failed-embeddings.txt``) are left out of every split, listed
+in ``<out_dir>/failed-probe.txt`` and on stderr, counted in results.json (``left_out``), and the run
+then exits with status 1 (SPEC §8).
 Observers are added on the command line only (``-F dir``).
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -36,12 +41,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 from sacred import Experiment  # noqa: E402
 
-from configs.runs import add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, run_commandline, shorten_result_lines
+from configs.checks import check_config_values
+from configs.checks import default_config as config_defaults  # ex_tl.default_config is the config scope below
+from configs.runs import (
+    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, run_commandline,
+    shorten_result_lines,
+)
 from configs.tl import register
+from helpers.failures import format_failures, update_failure_list
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
-from helpers.probe import LOWER_IS_BETTER, EmbeddingDataModule, ProbeModule, ProbeNet, ProbeTask
-from helpers.probe_search import ProbeSettings, finite_or_none, plot_search, run_search
+from helpers.probe import (
+    COMBINES, LAYER_COMBINES, LOWER_IS_BETTER, TASKS, EmbeddingDataModule, ProbeData, ProbeModule, ProbeNet, ProbeTask,
+    requested_blocks, token_indices,
+)
+from helpers.probe_search import ProbeSettings, finite_or_none, grid_axis_problem, grid_problems, plot_search, run_search
 
 logger = logging.getLogger(__name__)
 # What a Ctrl-C leaves and how to go on (configs.runs.run_commandline).
@@ -54,6 +68,11 @@ ex = Experiment("maest_tl")
 shorten_result_lines(ex)  # a long result is shortened in the log line; the run record keeps it whole
 
 
+def _is_int(value) -> bool:
+    """An integer config value (not a bool); the defaults derived from one are computed only then (check_config names a bad one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @ex.config
 def default_config():
     """Probe defaults (paper settings); pick a target with a named config: target_mtt_tl or demo."""
@@ -63,18 +82,15 @@ def default_config():
     groundtruth_val = None  # ground-truth pickle of the validation tracks (selects the best epoch)
     groundtruth_test = None  # ground-truth pickle of the test tracks (reported once, on the best checkpoint)
     # checkpoints, TensorBoard logs and results.json go here: beside the embeddings (outputs/<run>/probe)
-    out_dir = os.path.join(os.path.dirname(os.path.normpath(embeddings_dir)), "probe") if embeddings_dir else "outputs/probe"
+    out_dir = os.path.join(os.path.dirname(os.path.normpath(embeddings_dir)), "probe") if isinstance(embeddings_dir, str) else "outputs/probe"
 
     token = "c"  # tokens to probe: c (CLS), d (DIST), t (mean of patch tokens), or a combination like "cdt"
     combine = "mean"  # how several tokens are combined: "mean" (input size D) or "concat" (len(token) * D)
-    # blocks to probe, 0-based as the embeddings' config.json names them:
-    # None or "all" (every block in the files), 6 or [3, 6, 11]
+    # blocks to probe, 0-based as the embeddings' config.json names them: None or "all" (every block in the files), 6 or [3, 6, 11]
     layers = None
-    # how the chosen blocks are combined: "single" (exactly one block), "concat" (side by side)
-    # or "weighted" (learned softmax weights over them, as MARBLE's weighted-sum probes)
+    # how the chosen blocks are combined: "single" (exactly one block), "concat" (side by side) or "weighted" (learned softmax weights, MARBLE)
     layer_combine = "single"
-    # "multilabel" (multi-hot labels: sigmoid, BCE, ROC-AUC/PR-AUC), "multiclass" (one-hot or class-index
-    # labels: softmax, cross-entropy, accuracy) or "regression" (real values: MSE, r2)
+    # "multilabel" (multi-hot: sigmoid, BCE, ROC-AUC), "multiclass" (one-hot or class index: softmax, accuracy) or "regression" (MSE, r2)
     task = "multilabel"
     selection_metric = None  # validation metric that picks the best epoch and search trial; None: roc_auc (multilabel), accuracy (multiclass), r2 (regression)
     hidden_size = 512  # units of each hidden layer of the probe; 0 makes it a linear probe
@@ -86,8 +102,8 @@ def default_config():
     batch_size = 128  # tracks per batch (train, validation and test)
     max_epochs = 30  # training epochs
     warm_up_len = 3  # epochs of linear lr warm-up
-    ramp_down_start = min(10, max_epochs - 1)  # epoch where the linear lr ramp-down starts (10, or the last epoch of a shorter run)
-    ramp_down_len = max_epochs - ramp_down_start  # epochs of ramp-down (default: until the last epoch)
+    ramp_down_start = min(10, max_epochs - 1) if _is_int(max_epochs) else 10  # epoch where the linear lr ramp-down starts (10, or the last epoch of a shorter run)
+    ramp_down_len = max_epochs - ramp_down_start if _is_int(max_epochs) and _is_int(ramp_down_start) else 20  # epochs of ramp-down (default: until the last epoch)
     last_lr_value = 0.01  # lr factor reached at the end of the ramp-down (fraction of lr)
     num_workers = 0  # DataLoader workers; the embeddings are in memory, so 0 is usually fastest
     patience = None  # stop after this many epochs without a better validation score; None trains max_epochs
@@ -113,10 +129,127 @@ def default_config():
 register(ex)
 
 
+def _at_least(minimum: int, what: str = "") -> tuple:
+    return lambda v: v >= minimum, f">= {minimum}{what}"
+
+
+def _one_of(key: str, allowed: tuple):
+    def check(value) -> None:
+        if value not in allowed or not isinstance(value, str):
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    return check
+
+
+def _check_token(value) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"token must be a string of the letters c, d, t (e.g. 'c' or 'cdt'), got {value!r}")
+    token_indices(value)
+
+
+def _check_layers(value) -> None:
+    requested_blocks(value)  # the files' blocks are checked once they are read
+
+
+def _check_ramp_down_len(value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"ramp_down_len={value!r} must be > 0 (ex_tl.py derives it as max_epochs - ramp_down_start: start the "
+            "ramp-down before the last epoch, or set ramp_down_len to an integer >= 1)"
+        )
+
+
+def _set_by_ex_tl(key: str):
+    def refuse(value) -> None:
+        raise ValueError(f"trainer.{key} is set by ex_tl.py itself: use `{key}=...`, not `trainer.{key}=...`")
+    return refuse
+
+
+def _check_grid_axis(key: str):
+    def check(values) -> None:
+        problem = grid_axis_problem(key, values)
+        if problem:
+            raise ValueError(problem)
+    return check
+
+
+def _check_grid(grid) -> None:
+    problems = grid_problems(grid)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _check_selection_metric(task):
+    def check(metric) -> None:
+        if metric is not None and task in TASKS:
+            ProbeTask(task).selection_metric(metric)
+        elif metric is not None and not isinstance(metric, str):
+            raise ValueError(f"selection_metric must be None or a metric name such as 'roc_auc', got {metric!r}")
+    return check
+
+
+# Keys whose valid values their default's type does not tell (other kinds, ranges). Every other key
+# with a bool, int or float default must keep that type (an int is a valid float).
+# key -> (type hint, (test, text) for a number of that type or None), or a function that raises ValueError
+_CONFIG_RULES = {
+    "embeddings_dir": (str | None, None),
+    "groundtruth_train": (str | None, None),
+    "groundtruth_val": (str | None, None),
+    "groundtruth_test": (str | None, None),
+    "out_dir": (str, None),
+    "token": _check_token,
+    "combine": _one_of("combine", COMBINES),
+    "layers": _check_layers,
+    "layer_combine": _one_of("layer_combine", LAYER_COMBINES),
+    "task": _one_of("task", TASKS),
+    "hidden_size": (int, _at_least(0, " (0: a linear probe)")),
+    "hidden_layers": (int, _at_least(0, " (0: a linear probe)")),
+    "dropout": (float, (lambda v: 0 <= v < 1, "in [0, 1)")),
+    "lr": (float, (lambda v: v > 0, "> 0")),
+    "weight_decay": (float, _at_least(0)),
+    "batch_size": (int, _at_least(1)),
+    "max_epochs": (int, _at_least(1)),
+    "warm_up_len": (int, _at_least(0)),
+    "ramp_down_start": (int, _at_least(0)),
+    "ramp_down_len": _check_ramp_down_len,
+    "last_lr_value": (float, (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of lr)")),
+    "num_workers": (int, _at_least(0)),
+    "patience": (int | None, _at_least(1, " (None: train max_epochs)")),
+    "search": (bool, None),
+    "search_seeds": (int, _at_least(1)),
+    "seed": (int, None),
+    "threads": (int | None, _at_least(1, " (None: torch's default)")),
+    "trainer.devices": (int | str | list, None),  # Lightning checks the value itself (1, "auto", [0])
+    "trainer.max_epochs": _set_by_ex_tl("max_epochs"),
+    "trainer.callbacks": _set_by_ex_tl("callbacks"),
+}
+
+
+def check_config(config: dict) -> None:
+    """Refuse values of the wrong type or range before any work (any embedding read), naming every such key at once.
+
+    Sacred reads ``lr=abc`` as the text "abc" and only warns; torch would then stop on a bare TypeError.
+    ``search_grid``'s keys and values are checked here too (``search_grid.lr``).
+    """
+    rules = {**_CONFIG_RULES, "selection_metric": _check_selection_metric(config.get("task"))}
+    grid = config.get("search_grid")
+    if isinstance(grid, dict) and grid:
+        rules.update({f"search_grid.{key}": _check_grid_axis(key) for key in grid})
+    else:
+        rules["search_grid"] = _check_grid
+    check_config_values(config, config_defaults(ex), rules)
+
+
+@ex.config_hook
+def _check_config_hook(config, command_name, logger):
+    if command_name not in INFO_COMMANDS:  # print_config still shows a broken config
+        check_config(config)
+    return {}
+
+
 @ex.capture
 def make_datamodule(
     embeddings_dir, groundtruth_train, groundtruth_val, groundtruth_test, token, combine, layers, layer_combine, task,
-    batch_size, num_workers,
+    selection_metric, batch_size, num_workers,
 ) -> EmbeddingDataModule:
     unset = [
         name
@@ -143,6 +276,7 @@ def make_datamodule(
         layers=layers,
         layer_combine=layer_combine,
         task=task,
+        selection_metric=selection_metric,
         batch_size=batch_size,
         num_workers=num_workers,
     )
@@ -190,9 +324,6 @@ def make_trainer(metric: str, out_dir, max_epochs, patience, trainer, _run) -> t
 
     Every epoch's metrics also go to the Sacred run record (``metrics.json`` of ``-F DIR``).
     """
-    for key in ("max_epochs", "callbacks"):
-        if key in trainer:
-            raise ValueError(f"trainer.{key} is set by ex_tl.py itself: use `{key}=...`, not `trainer.{key}=...`")
     mode = "min" if metric in LOWER_IS_BETTER else "max"
     checkpoint = ModelCheckpoint(
         dirpath=Path(out_dir) / "checkpoints",
@@ -245,6 +376,32 @@ def _search_device(trainer: dict) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
+LEFT_OUT_LIST = "failed-probe.txt"  # in out_dir: the tracks left out because their extraction failed
+
+
+def _list_left_out(data: ProbeData, out_dir: Path) -> dict:
+    """Merge the tracks left out (their extraction failed) into ``out_dir/failed-probe.txt``; their counts for results.json.
+
+    The list covers the three ground truths (helpers.failures): an entry of a track no longer in
+    them is dropped, and the file goes when no track is left out.
+    """
+    failed = {key: f"{split} split: no embeddings, the extraction failed: {reason}"
+              for split, tracks in data.left_out.items() for key, reason in tracks.items()}
+    covered = [key for split in data.keys for key in (*data.keys[split], *data.left_out.get(split, {}))]
+    path = out_dir / LEFT_OUT_LIST
+    update_failure_list(path, failed, succeeded=[key for keys in data.keys.values() for key in keys], covered=covered)
+    return {"left_out": {split: len(data.left_out.get(split, {})) for split in data.keys},
+            "left_out_list": str(path) if failed else None}
+
+
+def _exit_if_left_out(data: ProbeData, out_dir: Path) -> None:
+    """SPEC §8: the results of the good tracks are written; every left-out one is listed on stderr, and the run fails."""
+    failed = {key: reason for tracks in data.left_out.values() for key, reason in tracks.items()}
+    if failed:
+        print(format_failures(failed, out_dir / LEFT_OUT_LIST, "track"), file=sys.stderr)
+        raise SystemExit(1)
+
+
 @ex.capture
 def probe_search(datamodule: EmbeddingDataModule, _config, out_dir, seed, search_grid, search_seeds, trainer) -> dict:
     """The grid search (helpers.probe_search.run_search) on data loaded once; writes results.json and search.png."""
@@ -262,6 +419,7 @@ def probe_search(datamodule: EmbeddingDataModule, _config, out_dir, seed, search
         "n_classes": datamodule.n_classes,
         "blocks": data.blocks,
         "layer_combine": data.layer_combine,
+        **_list_left_out(data, out_dir),
         "plot": str(plot),
         "trials_file": str(out_dir / "trials.jsonl"),
         "config": {k: v for k, v in _config.items() if not k.startswith("__")},
@@ -277,21 +435,10 @@ def probe_search(datamodule: EmbeddingDataModule, _config, out_dir, seed, search
     return {k: results[k] for k in ("task", "selection_metric", "best", "val", "test", "plot")} | {"results": str(path)}
 
 
-@ex.main
-def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dict:
-    """Train the probe (or run the search), test its best-validation checkpoint, write and return the results."""
-    ProbeTask(task).selection_metric(selection_metric)  # a bad name fails before minutes of loading
-    pl.seed_everything(seed, workers=True)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads={threads}: give a number of CPU threads >= 1, or None for torch's default")
-        torch.set_num_threads(threads)
-    datamodule = make_datamodule()
-    datamodule.setup("fit")  # loads every split: the input size comes from the files
-    task = datamodule.data.task  # with the number of outputs and the regression scale
-    metric = task.selection_metric(selection_metric)
-    if search:
-        return probe_search(datamodule)
+@ex.capture
+def train_probe(datamodule: EmbeddingDataModule, metric: str, _config, out_dir, max_epochs) -> dict:
+    """Train one probe with Lightning, test its best-validation checkpoint; writes and returns results.json's content."""
+    task = datamodule.data.task
     net = make_probe(
         input_dim=datamodule.input_dim, n_classes=datamodule.n_classes, weighted_layers=datamodule.data.weighted_layers
     )
@@ -305,7 +452,13 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
         raise RuntimeError(
             "no checkpoint was saved: validation never ran (check trainer.limit_val_batches / check_val_every_n_epoch)"
         )
-    logger.info("best validation %s %.4f in %s", metric, float(checkpoint.best_model_score), best)
+    best_score = float(checkpoint.best_model_score)
+    if not math.isfinite(best_score):  # the labels can score it (checked before training): the outputs were not
+        raise RuntimeError(
+            f"validation {metric} was not finite in any of the {max_epochs} epoch(s), although the validation labels "
+            "can score it: the probe's outputs were not finite (training diverged); try a smaller lr. Nothing is reported"
+        )
+    logger.info("best validation %s %.4f in %s", metric, best_score, best)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
 
@@ -317,6 +470,7 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
         "blocks": datamodule.data.blocks,  # the probed blocks, in input order (None: the files do not say)
         "layer_combine": datamodule.data.layer_combine,
         "n_tracks": dict(datamodule.n_tracks),
+        **_list_left_out(datamodule.data, Path(out_dir)),
         "input_dim": datamodule.input_dim,
         "n_classes": datamodule.n_classes,
         "checkpoint": str(best),
@@ -324,12 +478,30 @@ def main(_config, out_dir, seed, search, task, selection_metric, threads) -> dic
     }
     if net.layer_weights is not None:  # the best checkpoint's weights (validate loaded them)
         results["layer_weights"] = [round(w, 6) for w in net.layer_weights.weights().tolist()]
+    results = finite_or_none(results)  # JSON has no NaN: a split that cannot score a metric gives null
     path = Path(out_dir) / "results.json"
     _warn_other_mode(Path(out_dir), search=False)
     _write_json(path, results)
-    logger.info(
-        "test %s; results in %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k in task.metric_names), path
-    )
+    scores = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} null" for k, v in results["test"].items() if k in task.metric_names)
+    logger.info("test %s; results in %s", scores, path)
+    return results
+
+
+@ex.main
+def main(out_dir, seed, search, selection_metric, threads) -> dict:
+    """Train the probe (or run the search), test its best-validation checkpoint, write and return the results.
+
+    Tracks whose extraction failed are left out (listed in failed-probe.txt): the results of the
+    others are written, then the run exits with status 1 (SPEC §8).
+    """
+    pl.seed_everything(seed, workers=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    datamodule = make_datamodule()
+    datamodule.setup("fit")  # loads every split: the input size comes from the files
+    task = datamodule.data.task  # with the number of outputs and the regression scale
+    results = probe_search(datamodule) if search else train_probe(datamodule, task.selection_metric(selection_metric))
+    _exit_if_left_out(datamodule.data, Path(out_dir))
     return results
 
 

@@ -437,10 +437,10 @@ def load_groundtruth(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"ground-truth file {path} cannot be read as a ground-truth pickle ({type(e).__name__}: {e}); "
             f"{GROUNDTRUTH_CONTENT}"
         ) from None
-    if not isinstance(gt, dict) or not gt:
-        raise GroundTruthError(
-            f"ground-truth file {path} holds {type(gt).__name__}, not a non-empty dict; {GROUNDTRUTH_CONTENT}"
-        )
+    if not isinstance(gt, dict):
+        raise GroundTruthError(f"ground-truth file {path} holds {type(gt).__name__}, not a dict; {GROUNDTRUTH_CONTENT}")
+    if not gt:
+        raise GroundTruthError(f"ground-truth file {path} holds no tracks (an empty dict); {GROUNDTRUTH_CONTENT}")
     shapes, kinds = set(), set()
     for value in gt.values():
         try:

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from helpers.failures import read_failure_list
 from helpers.melfiles import load_groundtruth
 from helpers.metrics import macro_metrics, macro_roc_auc
 
@@ -58,7 +59,11 @@ CONFIG_FILE = "config.json"  # written by the extraction beside the embeddings: 
 EXTRACT_COMMAND = (
     "python ex_maest.py extract_embeddings with <model config> <target config> predict.out_dir=<embeddings_dir>"
 )
+EXTRACTION_FAILURES = "failed-embeddings.txt"  # written by the extraction beside the embeddings: "<key>\t<reason>" lines
 SPLITS = ("train", "val", "test")
+GROUNDTRUTH_KEYS = {"train": "groundtruth_train", "val": "groundtruth_val", "test": "groundtruth_test"}  # ex_tl.py's config keys
+LABEL_NAME_FILES = ("labels.txt", "tags.txt", "genres.txt")  # label names in vector order, beside a ground truth (prepare_folder, MTT, GTZAN)
+SHOWN_NAMES = 10  # classes named in a warning; the rest are counted
 
 
 class EmbeddingFileError(ValueError):
@@ -82,19 +87,41 @@ def embedding_path(embeddings_dir: str | os.PathLike, key: str) -> Path:
     return Path(embeddings_dir) / f"{key}{EMBEDDINGS_SUFFIX}"
 
 
-def check_embeddings_exist(embeddings_dir: str | os.PathLike, keys: Sequence[str], n_shown: int = 5) -> None:
-    """Raise :class:`MissingEmbeddingsError` listing the missing files before anything is loaded."""
+def check_embeddings_exist(embeddings_dir: str | os.PathLike, keys: Sequence[str], n_shown: int = 5, n_left_out: int = 0) -> None:
+    """Raise :class:`MissingEmbeddingsError` listing the missing files before anything is loaded.
+
+    ``n_left_out``: how many other missing files the extraction listed as failed (left out, not part of ``keys``).
+    """
     missing = [path for path in (embedding_path(embeddings_dir, k) for k in keys) if not path.is_file()]
     if not missing:
         return
     where = "" if Path(embeddings_dir).is_dir() else f" (the directory {embeddings_dir} does not exist)"
     shown = "\n  ".join(str(p) for p in missing[:n_shown])
     more = f"\n  ... and {len(missing) - n_shown} more" if len(missing) > n_shown else ""
-    raise MissingEmbeddingsError(
-        f"{len(missing)} of {len(keys)} embedding files are missing under {embeddings_dir}{where}:\n  {shown}{more}\n"
-        f"Produce them with `{EXTRACT_COMMAND}` (same ground truth), or point embeddings_dir at the "
-        "directory that holds them."
+    never = f" and not listed in {Path(embeddings_dir) / EXTRACTION_FAILURES} (never extracted)" if n_left_out else ""
+    others = (
+        f"\n({n_left_out} other missing file(s) are listed there as failed extractions: those are left out of probing.)"
+        if n_left_out else ""
     )
+    raise MissingEmbeddingsError(
+        f"{len(missing)} of {len(keys) + n_left_out} embedding files are missing under {embeddings_dir}{where}{never}:\n  "
+        f"{shown}{more}\nProduce them with `{EXTRACT_COMMAND}` (same ground truth), or point embeddings_dir at the "
+        f"directory that holds them.{others}"
+    )
+
+
+def failed_extractions(embeddings_dir: str | os.PathLike, keys: Sequence[str]) -> dict[str, str]:
+    """``{key: reason}`` of the keys without an embeddings file that the extraction listed as failed
+    (``<embeddings_dir>/failed-embeddings.txt``): rerunning it fails them again, so probing leaves them out."""
+    listed = read_failure_list(Path(embeddings_dir) / EXTRACTION_FAILURES)
+    if not listed:
+        return {}
+    return {k: listed[k] for k in keys if k in listed and not embedding_path(embeddings_dir, k).is_file()}
+
+
+def _extract_again(path: Path) -> str:
+    """The fix for a bad embeddings file: an extraction rerun skips files that exist, so this one goes first."""
+    return f"delete {path} and run `{EXTRACT_COMMAND}` again (a rerun skips the files that exist and extracts this one)"
 
 
 def read_clips(path: str | os.PathLike) -> np.ndarray:
@@ -103,15 +130,15 @@ def read_clips(path: str | os.PathLike) -> np.ndarray:
     try:
         clips = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise EmbeddingFileError(f"embeddings file {path} cannot be read as .npy ({e}): extract it again") from e
+        raise EmbeddingFileError(f"embeddings file {path} cannot be read as .npy ({e}): {_extract_again(path)}") from e
     if clips.ndim not in (3, 4) or 0 in clips.shape or clips.shape[-2] != len(TOKENS):
         raise EmbeddingFileError(
             f"embeddings file {path} has shape {clips.shape}; expected (n_clips, 3, D) (one block) or "
             "(n_clips, n_blocks, 3, D) (several blocks) with the CLS, DIST and mean-of-patch tokens of every clip "
-            "(SPEC §7): extract it again"
+            f"(SPEC §7): {_extract_again(path)}"
         )
     if not np.isfinite(clips).all():
-        raise EmbeddingFileError(f"embeddings file {path} contains NaN or inf values: extract it again")
+        raise EmbeddingFileError(f"embeddings file {path} contains NaN or inf values: {_extract_again(path)}")
     return clips
 
 
@@ -201,6 +228,23 @@ def embedding_blocks(embeddings_dir: str | os.PathLike) -> list[int] | None:
     return blocks
 
 
+def requested_blocks(layers) -> list[int] | None:
+    """The block numbers ``layers`` names (``None``: every block of the files), or :class:`LayerSelectionError`."""
+    if layers is None or layers == "all":
+        return None
+    hint = "use None or 'all' (every block in the files) or block numbers such as 6 or [3, 6, 11]"
+    if isinstance(layers, str):
+        raise LayerSelectionError(f"layers={layers!r}: {hint}")
+    requested = [layers] if isinstance(layers, int) else list(layers) if isinstance(layers, (list, tuple)) else []
+    if (
+        not requested
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in requested)
+        or len(set(requested)) != len(requested)
+    ):
+        raise LayerSelectionError(f"layers={layers!r}: {hint}, each once")
+    return requested
+
+
 def resolve_layers(
     layers, *, n_blocks: int, blocks: list[int] | None, embeddings_dir: str | os.PathLike
 ) -> tuple[list[int], list[int] | None]:
@@ -216,18 +260,9 @@ def resolve_layers(
             f"{where} lists blocks {blocks}, but the embedding files under {embeddings_dir} hold {n_blocks}: "
             "the folder mixes extractions; extract again into an empty folder"
         )
-    if layers is None or layers == "all":
+    requested = requested_blocks(layers)
+    if requested is None:
         return list(range(n_blocks)), blocks
-    hint = "use None or 'all' (every block in the files) or block numbers such as 6 or [3, 6, 11]"
-    if isinstance(layers, str):
-        raise LayerSelectionError(f"layers={layers!r}: {hint}")
-    requested = [layers] if isinstance(layers, int) else list(layers)
-    if (
-        not requested
-        or not all(isinstance(b, int) and not isinstance(b, bool) for b in requested)
-        or len(set(requested)) != len(requested)
-    ):
-        raise LayerSelectionError(f"layers={layers!r}: {hint}, each once")
     if blocks is None:
         raise LayerSelectionError(
             f"layers={layers!r} names blocks, but {where} does not say which blocks the files hold (no such file, "
@@ -243,14 +278,21 @@ def resolve_layers(
     return [blocks.index(b) for b in requested], requested
 
 
-def check_layer_combine(layer_combine: str, n_selected: int, layers=None) -> None:
-    """``layer_combine`` is one of :data:`LAYER_COMBINES`; ``"single"`` needs exactly one selected block."""
+def check_layer_combine(layer_combine: str, n_selected: int, layers=None, blocks: list[int] | None = None) -> None:
+    """``layer_combine`` is one of :data:`LAYER_COMBINES`; ``"single"`` needs exactly one selected block.
+
+    ``blocks``: the block numbers the files hold (config.json), suggested when one must be named.
+    """
     if layer_combine not in LAYER_COMBINES:
         raise LayerSelectionError(f"layer_combine={layer_combine!r}: use one of {LAYER_COMBINES}")
     if layer_combine == "single" and n_selected != 1:
+        if blocks:
+            name_one = f"name one of the folder's blocks {blocks} (e.g. layers={blocks[-1]})"
+        else:
+            name_one = "name one (the folder's config.json does not say which blocks its files hold)"
         raise LayerSelectionError(
-            f"layer_combine='single' probes one block, but layers={layers!r} selects {n_selected}: name one "
-            "(e.g. layers=[6]) or combine them with layer_combine=concat or layer_combine=weighted"
+            f"layer_combine='single' probes one block, but layers={layers!r} selects {n_selected}: {name_one} "
+            "or combine them with layer_combine=concat or layer_combine=weighted"
         )
 
 
@@ -436,6 +478,97 @@ def make_targets(
     return targets, ProbeTask(kind, n_outputs=n_classes)
 
 
+def class_counts(task: ProbeTask, y: np.ndarray) -> np.ndarray | None:
+    """Positive tracks of each class in one split's targets ``y`` (``None`` for regression: no classes)."""
+    if task.kind == "multilabel":
+        return (np.asarray(y) > 0.5).sum(0)
+    if task.kind == "multiclass":
+        return np.bincount(np.asarray(y, dtype=np.int64), minlength=task.n_outputs)
+    return None
+
+
+# What a validation split needs for each selection metric to have a value.
+_SCORABLE_NEEDS = {
+    ("multilabel", "roc_auc"): "at least one class has both positive and negative tracks",
+    ("multilabel", "pr_auc"): "at least one class has both positive and negative tracks",
+    ("multiclass", "roc_auc"): "at least two classes occur (or use selection_metric=accuracy)",
+    ("multiclass", "pr_auc"): "at least two classes occur (or use selection_metric=accuracy)",
+    ("regression", "r2"): "at least two tracks have different target values (or use selection_metric=mse)",
+}
+
+
+def unscorable_reason(task: ProbeTask, metric: str, y: np.ndarray) -> str | None:
+    """Why one split's targets ``y`` cannot give ``metric`` a value (``None``: they can), from the labels alone."""
+    if len(y) == 0:
+        return "it holds no tracks"
+    if metric in ("roc_auc", "pr_auc"):
+        counts = class_counts(task, y)
+        if not ((counts > 0) & (counts < len(y))).any():
+            return "no class has both positive and negative tracks"
+    if metric == "r2" and not (np.ptp(np.asarray(y, dtype=np.float64), axis=0) > 0).any():
+        return "its targets do not vary"
+    return None
+
+
+def check_validation_scorable(task: ProbeTask, metric: str, y_val: np.ndarray, path: str | os.PathLike | None = None) -> None:
+    """Raise :class:`TargetError` naming the validation ground truth and the fix when ``metric`` cannot score it.
+
+    The best epoch (and search trial) is chosen on this metric: without a value every epoch ties.
+    """
+    reason = unscorable_reason(task, metric, y_val)
+    if reason is None:
+        return
+    where = f"ground truth {path} ({GROUNDTRUTH_KEYS['val']})" if path is not None else "the validation split"
+    need = _SCORABLE_NEEDS.get((task.kind, metric), "it holds at least one track")
+    raise TargetError(
+        f"{where} cannot score validation {metric}: {reason}, and the best epoch and search trial are chosen on it. "
+        f"Use a validation split where {need}"
+    )
+
+
+def label_names(groundtruth: str | os.PathLike, n_classes: int) -> list[str] | None:
+    """The class names in label-vector order from a file beside ``groundtruth`` (:data:`LABEL_NAME_FILES`)
+    that lists exactly ``n_classes`` of them, one per line; ``None`` when there is none."""
+    for name in LABEL_NAME_FILES:
+        path = Path(groundtruth).parent / name
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(names) == n_classes:
+            return names
+    return None
+
+
+def _class_list(indices: np.ndarray, names: list[str] | None) -> str:
+    shown = [repr(names[i]) if names else f"class {i}" for i in indices[:SHOWN_NAMES]]
+    more = f" and {len(indices) - SHOWN_NAMES} more" if len(indices) > SHOWN_NAMES else ""
+    return ", ".join(shown) + more
+
+
+def warn_unscored_classes(task: ProbeTask, y: dict[str, np.ndarray], paths: dict[str, str | os.PathLike]) -> None:
+    """Warn, naming the classes and the ground-truth file, about a class with no positive training track
+    (never learnt) and a class without positives or without negatives in validation or test (not scored)."""
+    counts = {split: class_counts(task, y[split]) for split in SPLITS}
+    if counts["train"] is None:
+        return
+    names = label_names(paths["train"], task.n_outputs)
+    absent = np.flatnonzero(counts["train"] == 0)
+    if absent.size:
+        logger.warning(
+            "ground truth %s (%s): %d class(es) have no positive track in the training split, so the probe never "
+            "learns them: %s", paths["train"], GROUNDTRUTH_KEYS["train"], len(absent), _class_list(absent, names),
+        )
+    for split, stage in (("val", "validation"), ("test", "test")):
+        unscored = np.flatnonzero((counts[split] == 0) | (counts[split] == len(y[split])))
+        if unscored.size:
+            logger.warning(
+                "ground truth %s (%s): %d class(es) have no positive or no negative track, so the %s roc_auc and "
+                "pr_auc leave them out (see n_classes_scored): %s",
+                paths[split], GROUNDTRUTH_KEYS[split], len(unscored), stage, _class_list(unscored, names),
+            )
+
+
 # ---- everything a probe needs, in memory -----------------------------------------------------
 
 
@@ -445,7 +578,8 @@ class ProbeData:
 
     ``x[split]``: ``(n, input_dim)``, or ``(n, n_layers, input_dim)`` with ``layer_combine="weighted"``;
     ``y[split]``: targets as ``task.loss`` takes them. ``blocks``: the block numbers of the probed
-    layers, in input order (``None`` when the files do not say).
+    layers, in input order (``None`` when the files do not say). ``left_out[split]``: the tracks left
+    out because the extraction listed them as failed, with its reason.
     """
 
     x: dict[str, np.ndarray]
@@ -454,6 +588,8 @@ class ProbeData:
     task: ProbeTask
     blocks: list[int] | None
     layer_combine: str
+    groundtruths: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> ground-truth file (for messages)
+    left_out: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # split -> {key: reason its extraction failed}
 
     @property
     def input_dim(self) -> int:
@@ -478,11 +614,15 @@ def load_probe_data(
     layers=None,
     layer_combine: str = "single",
     task: str = "multilabel",
+    selection_metric: str | None = None,
 ) -> ProbeData:
     """Read every split's embeddings once (block, token and clip selection done while reading) and its targets.
 
-    ``groundtruths``: split ("train", "val", "test") -> ground-truth pickle. All files are checked
-    for existence before any is read, and the block selection against the first file before the rest.
+    ``groundtruths``: split ("train", "val", "test") -> ground-truth pickle. Before any embedding is
+    read: every file is checked for existence (a missing one that the extraction listed as failed,
+    :func:`failed_extractions`, is left out with its reason in ``left_out``; any other is an error),
+    the targets are built and the validation split is checked to score ``selection_metric`` (default:
+    the task's). The block selection is checked against the first file before the rest are read.
     """
     token_indices(token)
     if combine not in COMBINES:
@@ -493,16 +633,21 @@ def load_probe_data(
     n_classes = {split: len(next(iter(gt.values()))) for split, gt in gts.items()}
     if len(set(n_classes.values())) != 1:
         raise ValueError(f"the ground truths have different numbers of classes: {n_classes} ({groundtruths})")
-    keys = {split: list(gt) for split, gt in gts.items()}
+    keys, left_out = _keys_with_embeddings(embeddings_dir, gts, groundtruths)
     all_keys = [k for split in gts for k in keys[split]]
-    check_embeddings_exist(embeddings_dir, all_keys)
+
+    values = {split: (keys[split], np.stack([np.asarray(gt[k]).reshape(-1) for k in keys[split]])) for split, gt in gts.items()}
+    y, probe_task = make_targets(task, values, groundtruths)
+    if "val" in y:
+        check_validation_scorable(probe_task, probe_task.selection_metric(selection_metric), y["val"], groundtruths["val"])
+    if set(SPLITS) <= set(y):
+        warn_unscored_classes(probe_task, y, groundtruths)
 
     first = read_clips(embedding_path(embeddings_dir, all_keys[0]))
     n_blocks = 1 if first.ndim == 3 else first.shape[1]
-    positions, blocks = resolve_layers(
-        layers, n_blocks=n_blocks, blocks=embedding_blocks(embeddings_dir), embeddings_dir=embeddings_dir
-    )
-    check_layer_combine(layer_combine, len(positions), layers)
+    folder_blocks = embedding_blocks(embeddings_dir)
+    positions, blocks = resolve_layers(layers, n_blocks=n_blocks, blocks=folder_blocks, embeddings_dir=embeddings_dir)
+    check_layer_combine(layer_combine, len(positions), layers, folder_blocks)
 
     features = load_features(embeddings_dir, all_keys, positions=positions, token=token, combine=combine)  # (n, L, F)
     if layer_combine != "weighted":
@@ -511,15 +656,45 @@ def load_probe_data(
     for split in gts:
         x[split] = features[start : start + len(keys[split])]
         start += len(keys[split])
-    values = {split: (keys[split], np.stack([np.asarray(gt[k]).reshape(-1) for k in keys[split]])) for split, gt in gts.items()}
-    y, probe_task = make_targets(task, values, groundtruths)
-    data = ProbeData(x=x, y=y, keys=keys, task=probe_task, blocks=blocks, layer_combine=layer_combine)
+    data = ProbeData(
+        x=x, y=y, keys=keys, task=probe_task, blocks=blocks, layer_combine=layer_combine,
+        groundtruths={split: str(path) for split, path in groundtruths.items()}, left_out=left_out,
+    )
     logger.info(
         "probing %s (%s) of block(s) %s (%s) on %s tracks, input size %d, task %s with %d outputs",
         token, combine, blocks if blocks is not None else "of the files", layer_combine, data.n_tracks,
         data.input_dim, task, probe_task.n_outputs,
     )
     return data
+
+
+def _keys_with_embeddings(
+    embeddings_dir: str | os.PathLike, gts: dict[str, dict], groundtruths: dict[str, str | os.PathLike]
+) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """Each split's keys to probe, and those left out (``{split: {key: reason}}``) because their extraction failed.
+
+    A key without an embeddings file that the extraction did not list as failed is an error
+    (:class:`MissingEmbeddingsError`: it was never extracted); so is a split left with no track.
+    """
+    all_keys = [k for gt in gts.values() for k in gt]
+    failed = failed_extractions(embeddings_dir, all_keys)
+    check_embeddings_exist(embeddings_dir, [k for k in all_keys if k not in failed], n_left_out=len(failed))
+    keys = {split: [k for k in gt if k not in failed] for split, gt in gts.items()}
+    left_out = {split: {k: failed[k] for k in gt if k in failed} for split, gt in gts.items()}
+    for split in gts:
+        if not keys[split]:
+            raise MissingEmbeddingsError(
+                f"ground truth {groundtruths[split]}: none of its {len(gts[split])} tracks has embeddings under "
+                f"{embeddings_dir}: the extraction failed every one (see {Path(embeddings_dir) / EXTRACTION_FAILURES}); "
+                "fix those inputs and extract again, or probe another split"
+            )
+    if failed:
+        counts = ", ".join(f"{split} {len(left_out[split])}" for split in gts)
+        logger.warning(
+            "%d track(s) have no embeddings because their extraction failed (listed in %s): left out of probing (%s)",
+            len(failed), Path(embeddings_dir) / EXTRACTION_FAILURES, counts,
+        )
+    return keys, left_out
 
 
 def warmup_linear_down(
@@ -622,6 +797,7 @@ class EmbeddingDataModule(pl.LightningDataModule):
         layers=None,
         layer_combine: str = "single",
         task: str = "multilabel",
+        selection_metric: str | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
     ):
@@ -640,6 +816,7 @@ class EmbeddingDataModule(pl.LightningDataModule):
         self.layers = layers
         self.layer_combine = layer_combine
         self.task = task
+        self.selection_metric = selection_metric
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.data: ProbeData | None = None
@@ -651,7 +828,7 @@ class EmbeddingDataModule(pl.LightningDataModule):
             return
         self.data = load_probe_data(
             self.embeddings_dir, self.groundtruths, token=self.token, combine=self.combine, layers=self.layers,
-            layer_combine=self.layer_combine, task=self.task,
+            layer_combine=self.layer_combine, task=self.task, selection_metric=self.selection_metric,
         )
         for split in SPLITS:
             self.datasets[split] = TensorDataset(torch.from_numpy(self.data.x[split]), torch.from_numpy(self.data.y[split]))

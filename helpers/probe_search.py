@@ -22,6 +22,7 @@ Nothing here knows about Sacred; ``ex_tl.py`` builds the settings from its confi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -38,14 +39,33 @@ from torch import nn
 from tqdm import tqdm
 
 from helpers.files import atomic_path, write_text_atomic
-from helpers.probe import SPLITS, ProbeData, ProbeNet, ProbeTask, is_better, warmup_linear_down
+from helpers.probe import SPLITS, ProbeData, ProbeNet, ProbeTask, check_validation_scorable, is_better, warmup_linear_down
 
 logger = logging.getLogger(__name__)
 
 # Settings a grid may vary (``search_grid`` keys); every other setting is fixed for the search.
 SEARCHABLE = ("lr", "hidden_layers", "hidden_size", "dropout", "weight_decay", "batch_size")
-_INTEGER_SETTINGS = ("hidden_layers", "hidden_size", "batch_size")
+# What each searchable setting may be: (integer only, test, text of the allowed values).
+SETTING_VALUES = {
+    "lr": (False, lambda v: v > 0, "a number > 0"),
+    "hidden_layers": (True, lambda v: v >= 0, "an integer >= 0 (0: a linear probe)"),
+    "hidden_size": (True, lambda v: v >= 0, "an integer >= 0 (0: a linear probe)"),
+    "dropout": (False, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (False, lambda v: v >= 0, "a number >= 0"),
+    "batch_size": (True, lambda v: v >= 1, "an integer >= 1"),
+}
 EVAL_BATCH_SIZE = 8192  # rows per forward pass when scoring a split (no gradients: memory is small)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def setting_allows(key: str, value) -> bool:
+    """Whether ``value`` is one the searchable setting ``key`` may take (:data:`SETTING_VALUES`)."""
+    integer, test, _ = SETTING_VALUES[key]
+    is_number = is_integer(value) or (not integer and isinstance(value, (float, np.floating)))
+    return is_number and bool(test(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +87,11 @@ class ProbeSettings:
     selection_metric: str  # validation metric that picks the best epoch (and the best trial)
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.max_epochs < 1 or self.lr <= 0:
-            raise ValueError(
-                f"batch_size={self.batch_size}, max_epochs={self.max_epochs} and lr={self.lr} must be positive"
-            )
+        for key in SEARCHABLE:
+            if not setting_allows(key, getattr(self, key)):
+                raise ValueError(f"{key}={getattr(self, key)!r}: use {SETTING_VALUES[key][2]}")
+        if not is_integer(self.max_epochs) or self.max_epochs < 1:
+            raise ValueError(f"max_epochs={self.max_epochs!r}: use an integer >= 1")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience={self.patience}: use a number of epochs >= 1, or None to train max_epochs")
         warmup_linear_down(  # a bad schedule fails before any training
@@ -199,19 +220,40 @@ def fit_probe(
 # ---- the grid --------------------------------------------------------------------------------
 
 
+def grid_problems(grid) -> list[str]:
+    """Every problem of ``search_grid``, one line each naming ``search_grid.<key>`` and what is allowed."""
+    if not isinstance(grid, dict):
+        return [f"search_grid={grid!r}: give a dict of lists for some of {SEARCHABLE}, e.g. {{'lr': [1e-4, 1e-3]}}"]
+    if not grid:
+        return [f"search_grid is empty: give lists for some of {SEARCHABLE}"]
+    return [problem for key, values in grid.items() if (problem := grid_axis_problem(key, values))]
+
+
+def grid_axis_problem(key: str, values) -> str | None:
+    """What is wrong with the grid axis ``search_grid.<key>=values`` (``None``: nothing)."""
+    if key not in SEARCHABLE:
+        close = difflib.get_close_matches(key, SEARCHABLE, n=1, cutoff=0.6)
+        hint = f"did you mean search_grid.{close[0]}? " if close else ""
+        return f"search_grid.{key}: not a setting a search can vary; {hint}use some of {SEARCHABLE}"
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+        return f"search_grid.{key}={values!r}: give a non-empty list of values, e.g. search_grid.{key}={_example(key)}"
+    bad = [v for v in values if not setting_allows(key, v)]
+    if bad:
+        return f"search_grid.{key}={list(values)}: each value must be {SETTING_VALUES[key][2]}, not {', '.join(map(repr, bad))}"
+    if len(set(values)) != len(values):
+        return f"search_grid.{key}={list(values)}: a value is repeated"
+    return None
+
+
+def _example(key: str) -> list:
+    return {"lr": [1e-4, 1e-3], "dropout": [0.1, 0.5], "weight_decay": [0.0, 1e-3], "batch_size": [64, 128]}.get(key, [0, 1])
+
+
 def expand_grid(grid: dict[str, list]) -> list[dict[str, Any]]:
     """Every combination of the values of ``grid`` (``{"lr": [...], "dropout": [...]}``), first key slowest."""
-    if not grid:
-        raise ValueError(f"search_grid is empty: give lists for some of {SEARCHABLE}")
-    for key, values in grid.items():
-        if key not in SEARCHABLE:
-            raise ValueError(f"search_grid.{key}: not a setting a search can vary; use some of {SEARCHABLE}")
-        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"search_grid.{key}={values!r}: give a non-empty list of values, e.g. [1e-4, 1e-3]")
-        if len(set(values)) != len(values):
-            raise ValueError(f"search_grid.{key}={list(values)}: a value is repeated")
-        if key in _INTEGER_SETTINGS and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"search_grid.{key}={list(values)}: use integers")
+    problems = grid_problems(grid)
+    if problems:
+        raise ValueError("\n".join(problems))
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
@@ -245,15 +287,15 @@ class TrialJournal:
     A line records its ``fingerprint`` (:func:`data_fingerprint`), its kind (``"trial"``: a grid
     point; ``"seed"``: a retraining of the best setting), the full effective settings and the seed;
     a rerun with the same fingerprint reuses lines of the same kind, settings and seed instead of
-    training again. Lines of other fingerprints (another dataset or selection) are kept and
-    ignored; a half-written last line (a killed run) is dropped.
+    training again. Lines of other fingerprints (another dataset or selection) or of settings the
+    run does not train are kept and ignored; a half-written last line (a killed run) is dropped.
     """
 
     def __init__(self, path: str | os.PathLike, fingerprint: str):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.records: dict[str, dict] = {}
-        self.n_other = 0
+        self.n_lines = 0  # whole lines read, of any fingerprint (what this run reuses is counted by run_search)
         if self.path.is_file():
             self._read()
 
@@ -275,16 +317,14 @@ class TrialJournal:
             good.append(line)
             if record.get("fingerprint") == self.fingerprint:
                 self.records[entry] = record
-            else:
-                self.n_other += 1
         if not complete:  # a run killed mid-line: keep the whole lines only, so appending starts on a new line
             logger.warning("%s: the half-written last line of an interrupted run is dropped", self.path)
             write_text_atomic(self.path, "".join(f"{line}\n" for line in good))
-        if self.records or self.n_other:
-            logger.info(
-                "%s: %d finished training(s) of this search reused, %d of other data or settings ignored",
-                self.path, len(self.records), self.n_other,
-            )
+        self.n_lines = len(good)
+
+    def n_reusable(self, ids: set[str]) -> int:
+        """How many of the trainings ``ids`` (:meth:`entry_id`) the journal holds for this fingerprint."""
+        return len(ids & self.records.keys())
 
     def get(self, kind: str, settings: ProbeSettings, seed: int) -> dict | None:
         return self.records.get(self.entry_id(kind, settings, seed))
@@ -317,6 +357,35 @@ def _fit_record(result: FitResult, with_test: bool) -> dict[str, Any]:
 # ---- the search ------------------------------------------------------------------------------
 
 
+def _seed_ids(settings: ProbeSettings, seed: int, n_seeds: int) -> set[str]:
+    return {TrialJournal.entry_id("seed", settings, s) for s in range(seed, seed + n_seeds)}
+
+
+def _log_grid_reuse(journal: TrialJournal, grid_settings: list[ProbeSettings], seed: int, n_seeds: int) -> None:
+    """Say how many of the grid's trainings the journal holds, and how many of its lines this run cannot use.
+
+    The seed runs of the best setting are counted once that setting is known (:func:`_log_seed_reuse`);
+    until then the journal's seed runs of any grid setting are set apart, neither reused nor ignored.
+    """
+    if not journal.n_lines:
+        return
+    trial_ids = {TrialJournal.entry_id("trial", settings, seed) for settings in grid_settings}
+    seed_ids = set().union(*(_seed_ids(settings, seed, n_seeds) for settings in grid_settings))
+    reused, kept = journal.n_reusable(trial_ids), journal.n_reusable(seed_ids)
+    logger.info(
+        "%s: %d of the grid's %d training(s) reused%s; %d line(s) of other data or settings ignored",
+        journal.path, reused, len(trial_ids),
+        f", {kept} seed run(s) of grid settings kept for the retraining of the best" if kept else "",
+        journal.n_lines - reused - kept,
+    )
+
+
+def _log_seed_reuse(journal: TrialJournal, best: ProbeSettings, seed: int, n_seeds: int) -> None:
+    if journal.n_lines:
+        logger.info("%s: %d of the best setting's %d seed run(s) reused", journal.path,
+                    journal.n_reusable(_seed_ids(best, seed, n_seeds)), n_seeds)
+
+
 def run_search(
     data: ProbeData,
     *,
@@ -335,19 +404,21 @@ def run_search(
     first with the highest validation score (lowest for MSE); the seeds are ``seed``,
     ``seed + 1``, ... Returns the search's part of ``results.json``.
     """
-    if n_seeds < 1:
-        raise ValueError(f"search_seeds={n_seeds}: give a number of seeds >= 1")
+    if not is_integer(n_seeds) or n_seeds < 1:
+        raise ValueError(f"search_seeds={n_seeds!r}: give a number of seeds >= 1")
     points = expand_grid(grid)
     metric = base.selection_metric
     task = data.task
+    check_validation_scorable(task, metric, data.y["val"], data.groundtruths.get("val"))
     tensors = to_tensors(data, device)
     journal = TrialJournal(journal_path, data_fingerprint(data, device))
+    grid_settings = [dataclasses.replace(base, **point) for point in points]
+    _log_grid_reuse(journal, grid_settings, seed, n_seeds)
     start = time.perf_counter()
 
     trials, trained = [], {}  # trained: effective settings -> index of the trial that trained them
     progress = tqdm(points, desc="probe search", unit="trial", disable=None)
-    for index, point in enumerate(progress):
-        settings = dataclasses.replace(base, **point)
+    for index, (point, settings) in enumerate(zip(progress, grid_settings)):
         effective = json.dumps(settings.effective(), sort_keys=True)
         entry = {"trial": index, "setting": dict(point)}
         if effective in trained:
@@ -368,7 +439,7 @@ def run_search(
         trials.append(entry)
         best_so_far = max((t["score"] for t in trials if t["score"] == t["score"]), default=float("nan"))
         progress.set_postfix({f"val_{metric}": f"{entry['score']:.4f}", "best": f"{best_so_far:.4f}"})
-        logger.info("trial %d/%d %s: val %s %.4f", index + 1, len(points), point, metric, entry["score"])
+        logger.info("trial %d (%d of %d) %s: val %s %.4f", index, index + 1, len(points), point, metric, entry["score"])
     search_seconds = time.perf_counter() - start
 
     best = None
@@ -376,9 +447,13 @@ def run_search(
         if best is None or is_better(metric, trial["score"], best["score"]):
             best = trial
     if best["score"] != best["score"]:
-        raise RuntimeError(f"every trial's validation {metric} is NaN: the validation split cannot score the task")
+        raise RuntimeError(
+            f"every trial's validation {metric} is NaN, although the validation labels can score it: the probes' "
+            "outputs were not finite (training diverged); search smaller learning rates (search_grid.lr)"
+        )
     best_settings = dataclasses.replace(base, **best["setting"])
     logger.info("best setting %s: val %s %.4f; retraining with %d seed(s)", best["setting"], metric, best["score"], n_seeds)
+    _log_seed_reuse(journal, best_settings, seed, n_seeds)
 
     start = time.perf_counter()
     seeds = []

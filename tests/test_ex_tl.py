@@ -276,3 +276,108 @@ def test_regression_search_selects_on_r2(tmp_path):
     assert set(results["test"]) == {"r2", "mse"} and set(results["seeds"][0]["test"]) == {"r2", "mse"}
     assert results["test"]["r2"]["mean"] > 0.8
     assert results["trials"][0]["score"] == results["trials"][0]["val"]["r2"]
+
+
+# ---- config checks before any work, unscorable validation, failed extractions ----------------
+
+
+@pytest.mark.parametrize(
+    "updates, named, match",
+    [
+        ({"lr": "abc"}, [], r"lr must be a number, > 0, got 'abc'"),
+        ({"lr": "abc", "hidden_layers": -1}, [], r"hidden_layers must be an integer, >= 0.*\n.*lr must be a number"),
+        ({"max_epochs": "abc"}, [], r"max_epochs must be an integer, >= 1, got 'abc'"),  # the derived defaults do not crash first
+        ({"dropout": 1.5, "threads": 0}, [], r"dropout must be a number, in \[0, 1\), got 1\.5(.|\n)*threads must be"),
+        ({"layers": "first", "task": "ranking", "token": "x"}, [], r"token='x': use(.|\n)*layers='first': use None or 'all'"
+                                                                   r"(.|\n)*task must be one of"),
+        ({"selection_metric": "r2"}, [], r"selection_metric='r2': task='multilabel' reports"),
+        ({"search_grid": {"lr": ["a"]}}, ["probe_search"], r"search_grid\.lr=\['a'\]: each value must be a number > 0"),
+        ({"search_grid": {"lr": [0]}}, ["probe_search"], r"search_grid\.lr=\[0\]: each value must be a number > 0, not 0"),
+        ({"search_grid": {"lrs": [1e-3]}}, ["probe_search"], r"search_grid\.lrs: .*did you mean search_grid\.lr\?"),
+        ({"search_grid": {"dropout": 0.1}}, ["probe_search"], r"search_grid\.dropout=0\.1: give a non-empty list of values"),
+        ({"search_seeds": 0}, ["probe_search"], r"search_seeds must be an integer, >= 1, got 0"),
+    ],
+)
+def test_config_values_are_refused_before_any_embedding_is_read(tmp_path, updates, named, match):
+    never_read = {"embeddings_dir": str(tmp_path / "nowhere"), "groundtruth_train": "no.pk", "groundtruth_val": "no.pk",
+                  "groundtruth_test": "no.pk"}  # loading would fail on these: the config is refused first
+    with pytest.raises(ValueError, match=r"invalid configuration; fix these keys(.|\n)*" + match):
+        run(named, {**never_read, **updates})
+
+
+def test_every_config_comment_is_one_line_so_print_config_shows_it_whole():
+    import inspect
+
+    import ex_tl
+
+    lines = inspect.getsource(ex_tl.default_config._func).splitlines()  # the config scope's function
+    for i, line in enumerate(lines[2:], start=2):
+        if line.strip().startswith("#") and lines[i - 1].strip().startswith("#"):
+            pytest.fail(f"two comment lines before a config entry (print_config shows only the last): {line.strip()}")
+    docs = ex.configurations[0]._var_docs
+    assert docs["task"].startswith('"multilabel"') and "regression" in docs["task"]
+    assert docs["layer_combine"].startswith("how the chosen blocks") and "weighted" in docs["layer_combine"]
+
+
+def test_a_validation_split_that_cannot_score_is_refused_before_training(dataset, tmp_path):
+    one_track = save_groundtruth(tmp_path / "one-val.pk", dict(list(load_groundtruth(dataset["groundtruth_val"]).items())[:1]))
+    message = (r"ground truth .*one-val\.pk \(groundtruth_val\) cannot score validation roc_auc: no class has both positive "
+               r"and negative tracks(.|\n)*Use a validation split where at least one class has both positive and negative tracks")
+
+    with pytest.raises(ValueError, match=message):
+        run(["demo"], {**dataset, **FAST, "groundtruth_val": str(one_track)})
+    assert not (tmp_path / "probe").exists()  # nothing trained, nothing reported
+    with pytest.raises(ValueError, match=message):  # the search says the same, also before any trial
+        run(["demo", "probe_search"], {**dataset, **SEARCH, "groundtruth_val": str(one_track)})
+    assert not (tmp_path / "probe").exists()
+
+
+def _fail_extraction(dataset, tmp_path, names: dict[str, str]) -> dict[str, str]:
+    """Remove the embeddings of the tracks ``names`` ({file name: reason}) and list them as the extraction does."""
+    emb = tmp_path / "embeddings"
+    failed = {}
+    for name, reason in names.items():
+        path = next(emb.rglob(f"{name}.embeddings.npy"))
+        path.unlink()
+        failed[str(path.relative_to(emb)).removesuffix(".embeddings.npy")] = reason
+    (emb / "failed-embeddings.txt").write_text("".join(f"{k}\t{r}\n" for k, r in sorted(failed.items())))
+    return failed
+
+
+def test_tracks_whose_extraction_failed_are_left_out_listed_and_the_run_fails(dataset, tmp_path, capsys):
+    from helpers.failures import read_failure_list
+
+    failed = _fail_extraction(dataset, tmp_path, {"train-track-3.mmap": "not a whole number of frames",
+                                                  "validation-track-2.mmap": "contains NaN",
+                                                  "test-track-7.mmap": "does not exist"})
+    out = tmp_path / "probe"
+    (out).mkdir()
+    (out / "failed-probe.txt").write_text("gone/track.mmap\tan earlier run's ground truth\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(["demo"], {**dataset, **FAST})
+
+    assert exit_info.value.code == 1
+    results = json.loads((out / "results.json").read_text())  # written before the exit
+    assert results["n_tracks"] == {"train": 47, "val": 15, "test": 15}
+    assert results["left_out"] == {"train": 1, "val": 1, "test": 1} and results["left_out_list"] == str(out / "failed-probe.txt")
+    assert results["test"]["roc_auc"] > 0.9
+    listed = read_failure_list(out / "failed-probe.txt")
+    assert sorted(listed) == sorted(failed)  # the earlier run's entry of a track in no ground truth is gone
+    for key, reason in failed.items():
+        assert reason in listed[key]
+    err = capsys.readouterr().err
+    assert all(f"FAILED {key}: " in err for key in failed) and "3 track(s) skipped; listed in" in err
+
+    with pytest.raises(SystemExit):  # the search leaves them out the same way
+        run(["demo", "probe_search"], {**dataset, **SEARCH, "search_grid": {"lr": [1e-2]}, "search_seeds": 1})
+    assert json.loads((out / "results.json").read_text())["left_out"] == {"train": 1, "val": 1, "test": 1}
+
+
+def test_missing_embeddings_not_listed_as_failed_are_still_an_error_naming_them(dataset, tmp_path):
+    _fail_extraction(dataset, tmp_path, {"test-track-7.mmap": "does not exist"})
+    next((tmp_path / "embeddings").rglob("test-track-5.mmap.embeddings.npy")).unlink()  # never extracted
+
+    with pytest.raises(MissingEmbeddingsError, match=r"1 of 80 embedding files are missing .*not listed in .*failed-embeddings"
+                       r"\.txt \(never extracted\):\n  .*test-track-5\.mmap\.embeddings\.npy\n(.|\n)*1 other missing file"):
+        run(["demo"], {**dataset, **FAST})

@@ -114,7 +114,8 @@ def test_numpy_ndarray_is_never_called_and_reconstruct_builds_only_ndarrays(tmp_
 
 def test_other_content_is_refused_with_what_a_ground_truth_holds(tmp_path):
     for value, words in (
-        ([{"a.mmap": 1}], " holds list, not a non-empty dict"),
+        ([{"a.mmap": 1}], " holds list, not a dict"),
+        ({}, r" holds no tracks \(an empty dict\)"),
         ({"a.mmap": ["rock", "jazz"]}, r": label vectors of dtype kind\(s\) \['U'\]"),
         ({"a.mmap": [1.0, [0.0, 1.0]]}, ": a label vector is not an array"),
     ):

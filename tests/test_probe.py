@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import lightning as pl
 import numpy as np
@@ -90,6 +91,16 @@ def test_unreadable_file_and_mixed_token_sizes_are_named(tmp_path):
     write_embeddings(tmp_path, "b.mmap", np.zeros((1, 3, 16), np.float32))
     with pytest.raises(EmbeddingFileError, match=r"b\.mmap\.embeddings\.npy has token size 16, but .*a\.mmap.* has 8"):
         load_track_embeddings(tmp_path, ["a.mmap", "b.mmap"])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "nan"])
+def test_a_bad_file_says_to_delete_it_before_extracting_again(tmp_path, kind):
+    path = write_embeddings(tmp_path, "0/bad.mmap", np.ones((4, 3, 8), np.float32) * (np.nan if kind == "nan" else 1.0))
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:-20])  # an extraction killed mid-write, or a disk that filled up
+    with pytest.raises(EmbeddingFileError, match=rf"delete {re.escape(str(path))} and run `python ex_maest\.py "
+                       r"extract_embeddings with .*` again \(a rerun skips the files that exist"):
+        load_track_embeddings(tmp_path, ["0/bad.mmap"])
 
 
 # ---- token selection -------------------------------------------------------------------------

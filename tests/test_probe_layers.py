@@ -83,12 +83,12 @@ def test_three_dimensional_files_are_one_block(tmp_path):
     emb = tmp_path / "emb"
     gts = {}
     for split in ("train", "val", "test"):
-        write_folder(emb, {f"{split}.mmap": np.full((2, 3, D), 5.0)}, {"block": 6})
-        gts[split] = save_groundtruth(tmp_path / f"gt-{split}.pk", {f"{split}.mmap": np.array([1, 0])})
+        write_folder(emb, {f"{split}-{i}.mmap": np.full((2, 3, D), 5.0) for i in range(2)}, {"block": 6})
+        gts[split] = save_groundtruth(tmp_path / f"gt-{split}.pk", {f"{split}-{i}.mmap": np.eye(2)[i] for i in range(2)})
 
     for layers in (None, "all", 6, [6]):
         data = load_probe_data(emb, gts, layers=layers)
-        assert data.x["train"].shape == (1, D) and data.blocks == [6]
+        assert data.x["train"].shape == (2, D) and data.blocks == [6]
     with pytest.raises(LayerSelectionError, match=r"block\(s\) \[7\] not in the embeddings under .*emb .*config\.json "
                        r"lists blocks \[6\]"):
         load_probe_data(emb, gts, layers=[7])
@@ -101,7 +101,10 @@ def test_three_dimensional_files_are_one_block(tmp_path):
          r"layers=\[6, 7\]: block\(s\) \[7\] not in the embeddings under .*config\.json lists blocks \[3, 6, 9\]\)"
          r".*predict\.transformer_block"),
         (None, "single", {"blocks": [3, 6, 9]}, LayerSelectionError,
-         r"layer_combine='single' probes one block, but layers=None selects 3: name one .*layer_combine=weighted"),
+         r"layer_combine='single' probes one block, but layers=None selects 3: name one of the folder's blocks "
+         r"\[3, 6, 9\] \(e\.g\. layers=9\) or combine them with .*layer_combine=weighted"),
+        ([3, 6], "single", {"blocks": [3, 6, 9]}, LayerSelectionError,
+         r"layers=\[3, 6\] selects 2: name one of the folder's blocks \[3, 6, 9\] \(e\.g\. layers=9\)"),
         ([6], "single", None, LayerSelectionError,
          r"layers=\[6\] names blocks, but .*emb/config\.json does not say which blocks the files hold.*layers=None"),
         ([3], "single", {"blocks": [3, 6]}, EmbeddingFileError,
@@ -256,3 +259,56 @@ def test_fast_roc_auc_equals_sklearn_with_ties_and_unscorable_classes():
     scores = np.round(rng.random((300, 7)), 1)  # many ties
     assert macro_roc_auc(y, scores) == pytest.approx(macro_metrics(y, scores)["roc_auc"], abs=1e-12)
     assert np.isnan(macro_roc_auc(np.zeros((4, 2)), np.ones((4, 2))))
+
+
+# ---- classes that cannot be learnt or scored -------------------------------------------------
+
+
+def _multilabel_folder(tmp_path, labels: dict[str, list[list[int]]], names: list[str] | None):
+    """One-block files and 3-class multi-hot ground truths ``labels[split]``; ``labels.txt`` beside them when ``names``."""
+    emb, gts = tmp_path / "emb", {}
+    for split, rows in labels.items():
+        keys = [f"{split}/{i}.mmap" for i in range(len(rows))]
+        write_folder(emb, {k: np.zeros((1, 3, D)) for k in keys}, {"block": 6})
+        gts[split] = save_groundtruth(tmp_path / f"gt-{split}.pk", {k: np.array(r) for k, r in zip(keys, rows)})
+    if names:
+        (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    return emb, gts
+
+
+@pytest.mark.parametrize("names", [["rock", "jazz", "pop"], None], ids=["labels.txt", "no names"])
+def test_classes_never_learnt_or_not_scored_are_warned_about_by_name_and_file(tmp_path, caplog, names):
+    labels = {"train": [[1, 0, 1], [0, 0, 1], [1, 0, 0]],  # no positive for class 1
+              "val": [[1, 0, 1], [0, 1, 1]],  # class 2 has no negative: not scored
+              "test": [[1, 1, 0], [0, 1, 0]]}  # class 1 no negative, class 2 no positive
+    emb, gts = _multilabel_folder(tmp_path, labels, names)
+
+    with caplog.at_level("WARNING", logger="helpers.probe"):
+        load_probe_data(emb, gts)
+
+    def named(i):
+        return repr(names[i]) if names else f"class {i}"
+
+    text = caplog.text
+    assert f"gt-train.pk (groundtruth_train): 1 class(es) have no positive track in the training split, so the probe never learns them: {named(1)}" in text
+    assert f"gt-val.pk (groundtruth_val): 1 class(es) have no positive or no negative track, so the validation roc_auc and pr_auc leave them out (see n_classes_scored): {named(2)}" in text
+    assert f"gt-test.pk (groundtruth_test): 2 class(es) have no positive or no negative track, so the test roc_auc and pr_auc leave them out (see n_classes_scored): {named(1)}, {named(2)}" in text
+
+
+def test_a_validation_split_that_cannot_score_the_selection_metric_is_refused_naming_the_file(tmp_path):
+    emb, gts = _multilabel_folder(tmp_path, {"train": [[1, 0, 0], [0, 1, 1]], "val": [[1, 0, 1]], "test": [[1, 0, 0], [0, 1, 1]]}, None)
+    with pytest.raises(TargetError, match=r"gt-val\.pk \(groundtruth_val\) cannot score validation roc_auc: no class has both "
+                       r"positive and negative tracks.*Use a validation split where at least one class has both"):
+        load_probe_data(emb, gts)
+
+    emb, gts = class_data(tmp_path / "mc", lambda c: np.array([c]), sizes=(("train", 6), ("val", 3), ("test", 3)))
+    gts["val"] = save_groundtruth(tmp_path / "mc" / "one-class.pk", {f"val/{i}.mmap": np.array([1]) for i in range(3)})
+    assert load_probe_data(emb, gts, task="multiclass").n_tracks["val"] == 3  # accuracy scores one class
+    with pytest.raises(TargetError, match=r"one-class\.pk \(groundtruth_val\) cannot score validation roc_auc.*at least two "
+                       r"classes occur \(or use selection_metric=accuracy\)"):
+        load_probe_data(emb, gts, task="multiclass", selection_metric="roc_auc")
+
+    gts["val"] = save_groundtruth(tmp_path / "mc" / "constant.pk", {f"val/{i}.mmap": np.array([0.5]) for i in range(3)})
+    with pytest.raises(TargetError, match=r"constant\.pk \(groundtruth_val\) cannot score validation r2: its targets do not "
+                       r"vary.*selection_metric=mse"):
+        load_probe_data(emb, gts, task="regression")

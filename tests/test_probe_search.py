@@ -83,10 +83,36 @@ def test_grid_expands_in_order_and_refuses_bad_keys():
         expand_grid({"momentum": [0.9]})
     with pytest.raises(ValueError, match=r"search_grid\.lr=\[\]: give a non-empty list"):
         expand_grid({"lr": []})
-    with pytest.raises(ValueError, match=r"search_grid\.hidden_size=\[512\.0\]: use integers"):
+    with pytest.raises(ValueError, match=r"search_grid\.hidden_size=\[512\.0\]: each value must be an integer >= 0"):
         expand_grid({"hidden_size": [512.0]})
     with pytest.raises(ValueError, match=r"search_grid is empty"):
         expand_grid({})
+
+
+@pytest.mark.parametrize(
+    "grid, match",
+    [
+        ({"lr": ["a"]}, r"search_grid\.lr=\['a'\]: each value must be a number > 0, not 'a'"),
+        ({"lr": [0, 1e-3]}, r"search_grid\.lr=\[0, 0\.001\]: each value must be a number > 0, not 0"),
+        ({"dropout": [0.1, 1.5]}, r"search_grid\.dropout=\[0\.1, 1\.5\]: each value must be a number in \[0, 1\), not 1\.5"),
+        ({"batch_size": [0]}, r"search_grid\.batch_size=\[0\]: each value must be an integer >= 1"),
+        ({"lrs": [1e-3]}, r"search_grid\.lrs: not a setting a search can vary; did you mean search_grid\.lr\?"),
+        ({"lr": [1e-3], "dropouts": [0.1], "hidden_layers": [-1]},
+         r"search_grid\.dropouts: .*did you mean search_grid\.dropout\?.*\n.*search_grid\.hidden_layers=\[-1\]: each value"),
+    ],
+)
+def test_grid_values_are_checked_naming_the_key_and_what_is_allowed(grid, match):
+    with pytest.raises(ValueError, match=match):
+        expand_grid(grid)
+
+
+def test_settings_name_the_bad_value_and_what_is_allowed():
+    with pytest.raises(ValueError, match=r"lr='abc': use a number > 0"):
+        settings(lr="abc")
+    with pytest.raises(ValueError, match=r"hidden_layers=-1: use an integer >= 0"):
+        settings(hidden_layers=-1)
+    with pytest.raises(ValueError, match=r"max_epochs=0: use an integer >= 1"):
+        settings(max_epochs=0)
 
 
 def test_summary_uses_the_sample_standard_deviation():
@@ -143,3 +169,40 @@ def test_plot_is_a_png_with_a_panel_per_hidden_layer_count(tmp_path):
     width = int.from_bytes(content[16:20], "big")
     assert width > 2 * 300  # two panels side by side
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_a_rerun_counts_exactly_the_trainings_it_reuses_and_numbers_trials_as_results_do(tmp_path, caplog):
+    data = separable(n_train=32, n_eval=12)
+    grid = {"lr": [1e-2, 3e-2], "hidden_layers": [0, 1], "dropout": [0.1, 0.5]}  # 8 points, 6 trainings
+    journal = tmp_path / "trials.jsonl"
+    short = settings(max_epochs=2, ramp_down_start=1, ramp_down_len=1)
+    with caplog.at_level("INFO", logger="helpers.probe_search"):
+        first = run_search(data, base=short, grid=grid, seed=0, n_seeds=2, journal_path=journal)
+    assert "reused" not in caplog.text  # a new journal: nothing to say
+    best = first["best"]["trial"]
+    assert f"trial {best} ({best + 1} of 8) {first['trials'][best]['setting']}: val roc_auc" in caplog.text  # results.json's number
+
+    caplog.clear()
+    other = dataclasses.replace(short, max_epochs=3, ramp_down_start=2)  # other settings: every training is new
+    with caplog.at_level("INFO", logger="helpers.probe_search"):
+        second = run_search(data, base=other, grid=grid, seed=0, n_seeds=1, journal_path=journal)
+    assert not any(t.get("resumed") for t in second["trials"])
+    assert f"{journal}: 0 of the grid's 6 training(s) reused; 8 line(s) of other data or settings ignored" in caplog.text
+    assert f"{journal}: 0 of the best setting's 1 seed run(s) reused" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="helpers.probe_search"):  # the first settings again: 6 + 2 of the 15 lines
+        third = run_search(data, base=short, grid=grid, seed=0, n_seeds=2, journal_path=journal)
+    assert all(t.get("resumed", True) for t in third["trials"]) and all(s["resumed"] for s in third["seeds"])
+    assert (f"{journal}: 6 of the grid's 6 training(s) reused, 2 seed run(s) of grid settings kept for the retraining of "
+            "the best; 7 line(s) of other data or settings ignored") in caplog.text
+    assert f"{journal}: 2 of the best setting's 2 seed run(s) reused" in caplog.text
+
+
+def test_a_search_refuses_a_validation_split_that_cannot_score_before_any_trial(tmp_path):
+    data = separable()
+    data = dataclasses.replace(data, y={**data.y, "val": np.ones_like(data.y["val"])}, groundtruths={"val": "gt-val.pk"})
+    with pytest.raises(ValueError, match=r"ground truth gt-val\.pk \(groundtruth_val\) cannot score validation roc_auc: no "
+                       r"class has both positive and negative tracks.*at least one class has both positive and negative"):
+        run_search(data, base=settings(), grid={"lr": [1e-2]}, seed=0, n_seeds=1, journal_path=tmp_path / "trials.jsonl")
+    assert not (tmp_path / "trials.jsonl").exists()
