@@ -35,6 +35,7 @@ from models.mel import normalize as normalize_mel
 
 logger = logging.getLogger(__name__)
 
+SHOWN_SKIPS = 5  # unreadable mel files a dataset names in a warning each; the others are counted
 # Hard teacher targets kept per worker; bit-packed, so 50 bytes per track for 400 classes.
 TEACHER_CACHE_SIZE = 262_144
 
@@ -265,20 +266,23 @@ class ClipDataset(_MelDataset):
 
     def _build_index(self) -> tuple[np.ndarray, np.ndarray]:
         if self._index is None:
+            self.reader.check_exists()  # a wrong base_dir is one error, not a warning per file
             tracks, starts, failures = [], [], {}
             for track in range(len(self._keys)):
                 key = self.key(track)
                 try:
                     file_starts = self._file_starts(key)
                 except (OSError, ValueError) as e:  # MelFileError is a ValueError
-                    logger.warning("skipping %s: %s", key, e)
+                    if len(failures) < SHOWN_SKIPS:  # the rest are counted below (and listed by the commands)
+                        logger.warning("skipping %s: %s", key, e)
                     failures[key] = str(e)
                     continue
                 tracks.append(np.full(len(file_starts), track, dtype=np.int64))
                 starts.append(file_starts)
             self._failures = failures
             if failures:
-                logger.warning("%d of %d mel files could not be read and are left out", len(failures), len(self._keys))
+                logger.warning("%d of %d mel files could not be read and are left out%s", len(failures), len(self._keys),
+                               f" ({SHOWN_SKIPS} shown; the dataset's failures has them all)" if len(failures) > SHOWN_SKIPS else "")
             if not tracks:
                 raise MelFileError(
                     f"none of the {len(self._keys)} mel files under {self.reader.base_dir} could be opened "

@@ -273,8 +273,14 @@ def extract(
     if kind != "logits":  # logits do not depend on the block: any value (e.g. the default 6 of a shallower model) is fine
         block, block_info = _blocks_info(model, block)
         info.update(block_info)
+    reader = MelReader(base_dir)
+
+    def first():
+        reader.check_exists()  # a wrong base_dir is one error, not every file in the failure list
+        claim_out_dir(out_dir, info)  # once, before any rank writes
+
     ranks = Ranks()
-    ranks.on_first(lambda: claim_out_dir(out_dir, info))  # once, before any rank writes
+    ranks.on_first(first)
 
     # Every rank checks its share of the keys for earlier outputs; the keys still to do are then split
     # again, so a resumed run stays balanced whatever each rank had finished.
@@ -289,7 +295,7 @@ def extract(
 
     model = prepare_for_inference(model, precision=precision, compile=compile)
     written, failed = _extract_files(
-        model, MelReader(base_dir), mine, out_dir, kind=kind, block=block, n_frames=n_frames, hop_frames=hop_frames,
+        model, reader, mine, out_dir, kind=kind, block=block, n_frames=n_frames, hop_frames=hop_frames,
         batch_size=batch_size, num_workers=num_workers,
         progress=progress and ranks.rank == 0, desc=f"extract {kind}" + (f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""),
     )

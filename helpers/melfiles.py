@@ -168,6 +168,14 @@ class MelReader:
         state["_h5_pid"] = None
         return state
 
+    def check_exists(self) -> None:
+        """One error when ``base_dir`` (a folder or an HDF5 store) does not exist, rather than one per mel file."""
+        if not self.base_dir.exists():
+            raise MelFileError(
+                f"datamodule.base_dir {self.base_dir} does not exist, so none of its mel files can be read: check the path, "
+                f"or prepare the data ({PREPARE_HINT})"
+            )
+
     def path(self, key: str) -> Path:
         problem = key_problem(key)
         if problem is not None:
@@ -263,6 +271,10 @@ class GroundTruthError(ValueError):
     """A ground-truth file that cannot be read, or holds something else than labels; the message names it."""
 
 
+PREPARE_HINT = (
+    "the dataset preparers write the mels and ground truths: `python -m datasets.prepare_folder` (your own audio), "
+    "`python -m datasets.mtt.preprocess` (MagnaTagATune), `python -m datasets.gtzan.preprocess all` (GTZAN); see README"
+)
 GROUNDTRUTH_CONTENT = (
     "a ground truth holds a dict (or OrderedDict) of mel path (str) -> label vector: a 1-D numpy array "
     "of bool, int or float, or a list/tuple of numbers, all of one length"
@@ -423,7 +435,7 @@ def load_groundtruth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ground-truth file {path} does not exist")
+        raise FileNotFoundError(f"ground-truth file {path} does not exist: check the path, or prepare the data ({PREPARE_HINT})")
     try:
         with open(path, "rb") as f:
             gt = _plain(_GroundTruthUnpickler(f).load())

@@ -422,3 +422,32 @@ def test_mels_shorter_than_one_patch_warn_once_per_file(tmp_path, caplog):
     assert len(messages) == 2
     assert str(tmp_path / "one.mmap") in messages[0] and "has 1 frame(s), fewer than one 16-frame patch" in messages[0]
     assert str(tmp_path / "fifteen.mmap") in messages[1] and "zero-padded" in messages[1]
+
+
+def test_a_missing_base_dir_is_one_error_naming_the_preparers(tmp_path, caplog):
+    """A base_dir that does not exist (the data not prepared yet) stops with one error, not a line per file."""
+    gt = {f"c/{i}.mmap": np.zeros(3, dtype=bool) for i in range(30)}
+    dataset = ClipDataset(MelReader(tmp_path / "nowhere"), gt, n_frames=16)
+    with caplog.at_level(logging.WARNING, logger="helpers.data"), pytest.raises(
+            MelFileError, match=r"datamodule.base_dir .*nowhere does not exist.*python -m datasets.mtt.preprocess"):
+        dataset.failures
+    assert "skipping" not in caplog.text
+    with pytest.raises(MelFileError, match=r"nowhere does not exist.*datasets.prepare_folder"):
+        extract(get_maest("maest-tiny", n_classes=3, input_t=125), base_dir=tmp_path / "nowhere", groundtruth=gt,
+                out_dir=tmp_path / "out", block=0, n_frames=125, batch_size=2, run_info={}, progress=False)
+    assert not (tmp_path / "out" / "failed-embeddings.txt").exists()
+    with pytest.raises(FileNotFoundError, match=r"ground-truth file .*gt.pk does not exist: .*datasets.gtzan.preprocess all"):
+        load_groundtruth(tmp_path / "gt.pk")
+
+
+def test_a_dataset_names_the_first_unreadable_files_and_counts_the_rest(tmp_path, caplog):
+    from helpers.data import SHOWN_SKIPS
+
+    (tmp_path / "mels").mkdir()
+    gt = {f"{i}.mmap": np.zeros(3, dtype=bool) for i in range(12)}
+    write_mel(tmp_path / "mels" / "0.mmap", np.ones((40, 96), dtype=np.float16))
+    dataset = ClipDataset(MelReader(tmp_path / "mels"), gt, n_frames=16)
+    with caplog.at_level(logging.WARNING, logger="helpers.data"):
+        assert len(dataset.failures) == 11
+    assert caplog.text.count("skipping") == SHOWN_SKIPS
+    assert f"11 of 12 mel files could not be read and are left out ({SHOWN_SKIPS} shown" in caplog.text
