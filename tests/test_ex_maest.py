@@ -361,6 +361,20 @@ def test_model_speed_test_reports_throughput():
     assert r.result["n_frames"] == INPUT_T  # the clip extraction and predict cut for this model
 
 
+def test_model_speed_test_says_when_the_share_is_over_100_percent(monkeypatch, capsys):
+    import models.precision
+
+    ceilings = iter([1.0, 0.5, 200.0, 1.0])  # fp32: before and after the timing (the best is taken); bf16
+    monkeypatch.setattr(models.precision, "matmul_gflops", lambda *a, **k: next(ceilings))
+    updates = {"maest": dict(TINY_MAEST), "speed_test_batch_size": 2, "speed_test_iterations": 1, "predict": {"device": "cpu"}}
+    r = run("model_speed_test", updates=updates)
+    assert [row["ceiling_gflops"] for row in r.result["rows"]] == [1.0, 200.0]
+    lines = capsys.readouterr().out.splitlines()
+    fp32, bf16 = (next(line for line in lines if line.startswith(p)) for p in ("fp32", "bf16"))
+    assert "over 100 %: the machine was busier while the ceiling was measured" in fp32
+    assert "over 100 %" not in bf16
+
+
 def test_model_speed_test_times_a_released_architecture_without_its_weights(tmp_path):
     updates = {"maest": {"weights_dir": str(tmp_path)}, "speed_test_batch_size": 1, "speed_test_iterations": 1, "predict": {"device": "cpu"}}
     r = run("model_speed_test", ["maest_discogs_5sec_inference"], updates)  # pretrained=True, no weights file here
