@@ -338,6 +338,17 @@ def first_on_its_node() -> bool:
     return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
 
 
+def usage_error(ex, argv: list[str]) -> str:
+    """What to say of a command line Sacred cannot parse (e.g. a named config before ``with``)."""
+    program = Path(argv[0]).name if argv else "ex_maest.py"
+    return (
+        f"{program}: this command line does not parse: {' '.join(argv[1:])!r}. It reads "
+        f"`python {program} [COMMAND] [OPTIONS] with [NAMED_CONFIG ...] [key=value ...]`: named configs and key=value "
+        f"updates go after `with` (e.g. `python {program} print_config with demo`). Commands: {', '.join(sorted(ex.commands))}; "
+        f"`python {program} --help` lists the options."
+    )
+
+
 def command_of(ex, argv: list[str]) -> str:
     """The command an ``ex.py`` command line runs: its first argument where that is a command, else ``main``."""
     return argv[1] if len(argv) > 1 and argv[1] in ex.commands else "main"
@@ -354,9 +365,14 @@ def run_commandline(ex, resume_hint: str | dict[str, str]) -> None:
     """
     import sacred.experiment
 
+    from docopt import DocoptExit
+
     sacred.experiment.print_filtered_stacktrace = _print_error
     try:
         ex.run_commandline()
+    except DocoptExit:  # Sacred's usage text names the program "dummy" and says nothing of the mistake
+        print(usage_error(ex, sys.argv), file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         if isinstance(resume_hint, dict):
             resume_hint = resume_hint.get(command_of(ex, sys.argv), resume_hint["*"])

@@ -210,6 +210,20 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_go_on(program, argv, expected, mo
     assert err.startswith(f"interrupted (Ctrl-C): {expected}") and "rerun the same command" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("program", [ex_maest, ex_tl])
+def test_a_command_line_that_does_not_parse_says_where_named_configs_go(program, monkeypatch, capsys):
+    from configs.runs import run_commandline
+
+    name = "ex_maest.py" if program is ex_maest else "ex_tl.py"
+    monkeypatch.setattr(sys, "argv", [name, "print_config", "demo"])  # `with` left out
+    with pytest.raises(SystemExit) as exit_info:
+        run_commandline(program.ex, program.RESUME_HINT)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{name}: this command line does not parse: 'print_config demo'" in err
+    assert "named configs and key=value updates go after `with`" in err and "dummy" not in err
+
+
 def test_ctrl_c_line_is_printed_by_the_first_process_of_the_node_only(monkeypatch, capsys):
     """Ctrl-C reaches every process of a multi-process run; the processes the launcher started exit 130 quietly."""
     from configs.runs import run_commandline
