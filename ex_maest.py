@@ -42,9 +42,8 @@ from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
-    INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning, run_commandline, run_dir,
-    run_name_for, shorten_result_lines,
-    trained_run_name, uses_synthetic_data,
+    INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning,
+    keep_output_of_failed_runs, run_commandline, run_dir, run_name_for, shorten_result_lines, trained_run_name, uses_synthetic_data,
 )
 from helpers.data import hop_frames_for, teacher_logits_command
 from helpers.datamodule import SAMPLERS
@@ -73,6 +72,7 @@ ex = Experiment("maest", ingredients=[maest_ing, datamodule_ing, module_ing, tra
 # and rank 0 ended in "tee_stdout.wait timeout. Forcibly terminating." with the other ranks' later lines cut.
 SETTINGS.CAPTURE_MODE = "sys"
 shorten_result_lines(ex)  # predict's result lists every file: the log line says how long it is
+keep_output_of_failed_runs(ex)  # a failed run's record keeps what it printed (its FAILED lines)
 
 
 @ex.config

@@ -44,7 +44,7 @@ from sacred import Experiment  # noqa: E402
 from configs.checks import check_config_values
 from configs.checks import default_config as config_defaults  # ex_tl.default_config is the config scope below
 from configs.runs import (
-    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, run_commandline,
+    INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, keep_output_of_failed_runs, run_commandline,
     shorten_result_lines,
 )
 from configs.tl import register
@@ -66,6 +66,7 @@ RESUME_HINT = (
 
 ex = Experiment("maest_tl")
 shorten_result_lines(ex)  # a long result is shortened in the log line; the run record keeps it whole
+keep_output_of_failed_runs(ex)  # a failed run's record keeps what it printed (its FAILED lines)
 
 
 def _is_int(value) -> bool:

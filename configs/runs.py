@@ -318,6 +318,29 @@ def shorten_result_lines(ex) -> None:
     logging.getLogger(ex.path).addFilter(ShortResultLine())
 
 
+def keep_output_of_failed_runs(ex) -> None:
+    """A failed or interrupted run's record keeps its output (``cout.txt``) up to the failure.
+
+    Sacred saves the captured output at each heartbeat (every 10 s) and at success; on a failure the
+    capture is closed before the last heartbeat, so a short failed run's record had no output (its
+    FAILED lines included). A pre-run hook wraps the command: on any exception, one heartbeat
+    first, while the output is still captured.
+    """
+
+    @ex.pre_run_hook
+    def _keep_output(_run):
+        command = _run.main_function
+
+        def command_keeping_its_output(*args):
+            try:
+                return command(*args)
+            except BaseException:
+                _run._emit_heartbeat()  # Sacred 0.8's own heartbeat: the output so far and the metrics reach the observers
+                raise
+
+        _run.main_function = command_keeping_its_output
+
+
 @contextlib.contextmanager
 def ctrl_c_from_lightning(trainer):
     """Lightning ends a ``fit`` that Ctrl-C stopped with ``sys.exit(1)``, after its graceful shutdown (checkpoints

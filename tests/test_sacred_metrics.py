@@ -139,6 +139,29 @@ def test_default_observer_only_where_nothing_else_is_asked(argv, environ, expect
     assert [o.basedir for o in experiment.observers] == ([expected] if expected else [])
 
 
+@pytest.mark.parametrize("error", [ValueError("bad input"), KeyboardInterrupt()])
+def test_a_failed_run_keeps_its_output_in_the_record(error, tmp_path):
+    """Sacred saves the captured output at heartbeats and on success only: a short failed run's cout.txt was empty."""
+    from sacred.observers import FileStorageObserver
+
+    from configs.runs import keep_output_of_failed_runs
+
+    experiment = Experiment("x")
+    keep_output_of_failed_runs(experiment)
+    experiment.observers.append(FileStorageObserver(str(tmp_path / "records")))
+
+    @experiment.main
+    def fails():
+        print("FAILED a.mmap: the reason")
+        raise error
+
+    with pytest.raises(type(error)):
+        experiment.run(options={"--capture": "sys"})
+    record = tmp_path / "records" / "1"
+    assert "FAILED a.mmap: the reason" in (record / "cout.txt").read_text()
+    assert json.loads((record / "run.json").read_text())["status"] == ("FAILED" if isinstance(error, ValueError) else "INTERRUPTED")
+
+
 def test_other_ranks_drop_the_command_lines_observer():
     """A DDP rank besides the first runs the command line again: without -F/-m, so one run keeps one record."""
     argv = ["ex_maest.py", "-F", "mine", "extract_logits", "--mongo_db=db:1", "with", "demo", "x=-F", "-m", "host:27017"]
