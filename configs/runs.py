@@ -149,6 +149,7 @@ def add_default_observer(ex, argv: list[str], environ=os.environ) -> Path | None
         # command line's own: one run, one record.
         ex.logger = logging.getLogger(f"{ex.path}.other_ranks")
         ex.logger.setLevel(logging.ERROR)
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # their INFO lines repeat rank 0's
         argv[:] = without_observer_options(argv)
     if observed or not main_rank or len(argv) < 2 or argv[1] in INFO_COMMANDS:
         return None

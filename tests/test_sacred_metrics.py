@@ -165,7 +165,13 @@ def test_a_failed_run_keeps_its_output_in_the_record(error, tmp_path):
 def test_other_ranks_drop_the_command_lines_observer():
     """A DDP rank besides the first runs the command line again: without -F/-m, so one run keeps one record."""
     argv = ["ex_maest.py", "-F", "mine", "extract_logits", "--mongo_db=db:1", "with", "demo", "x=-F", "-m", "host:27017"]
-    assert add_default_observer(Experiment("x"), argv, {"LOCAL_RANK": "1"}) is None
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.INFO)
+    try:
+        assert add_default_observer(Experiment("x"), argv, {"LOCAL_RANK": "1"}) is None
+        assert root.level == logging.WARNING  # the other ranks' INFO lines would repeat rank 0's
+    finally:
+        root.setLevel(level)
     assert argv == ["ex_maest.py", "extract_logits", "with", "demo", "x=-F"]
     argv = ["ex_maest.py", "-F", "mine", "with", "demo"]
     add_default_observer(Experiment("x"), argv, {})  # rank 0 keeps it
