@@ -296,3 +296,25 @@ def test_bf16_prediction_is_close_to_fp32(model, audio_dir):
         np.testing.assert_allclose([got[label] for label in LABELS], expected.numpy(), atol=2e-2)
     with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device"):
         predict_files(model, audio_dir, LABELS, n_frames=N_FRAMES, precision="fp16", progress=False)
+
+
+def test_predict_interrupted_mid_run_writes_nothing(audio_dir, checkpoint, labels_file, tmp_path, monkeypatch):
+    """README: predict writes its output once every file is labelled, so a Ctrl-C keeps nothing (no partial file)."""
+    import helpers.extract
+    from ex_maest import ex
+
+    calls, original = [], helpers.extract.track_probabilities
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(helpers.extract, "track_probabilities", interrupted_at_the_second_batch)
+    out = tmp_path / "x.tsv"
+    updates = command_updates(checkpoint, audio=[str(audio_dir)], labels_file=str(labels_file), output=str(out), batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run("predict", config_updates=updates, options={"--loglevel": "ERROR"})
+    assert len(calls) == 2  # the first batch was labelled
+    assert not out.exists() and not list(tmp_path.glob("failed-predict*"))
