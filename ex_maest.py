@@ -500,7 +500,8 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
         heap.reuse_freed_memory()  # inference: the large tensors one test batch frees serve the next (models.heap)
     # The metrics are those of the good files; the bad ones are listed and the command then fails.
     failures, failed_list = _list_dataset_failures(datamodule, "test", trainer, "test file")
-    results = trainer.test(module, datamodule=datamodule)
+    with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and one line, not "Failed" (exit 130)
+        results = trainer.test(module, datamodule=datamodule)
     _exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # rank 0 reports and exits 1
     return results[0] if results else {}
 

@@ -148,7 +148,7 @@ def add_default_observer(ex, argv: list[str], environ=os.environ) -> Path | None
         # and theirs has no observer by design (Sacred would warn that none was added), not even the
         # command line's own: one run, one record.
         ex.logger = logging.getLogger(f"{ex.path}.other_ranks")
-        ex.logger.setLevel(logging.ERROR)
+        ex.logger.setLevel(logging.CRITICAL)  # not even "Failed after": rank 0 reports the run (an error still prints its message)
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # their INFO lines repeat rank 0's
         argv[:] = without_observer_options(argv)
     if observed or not main_rank or len(argv) < 2 or argv[1] in INFO_COMMANDS:
@@ -351,8 +351,17 @@ def ctrl_c_from_lightning(trainer):
         yield
     except SystemExit:
         if trainer.interrupted:
-            raise KeyboardInterrupt from None
+            raise KeyboardInterrupt(_nothing_saved_yet(trainer)) from None
         raise
+
+
+def _nothing_saved_yet(trainer) -> str:
+    """The Ctrl-C line of a training stopped before its first checkpoint ("" otherwise: the command's own line)."""
+    callback = getattr(trainer, "checkpoint_callback", None)
+    folder = getattr(callback, "dirpath", None)
+    if getattr(trainer.state, "fn", None) != "fit" or folder is None or any(Path(folder).glob("*.ckpt")):
+        return ""
+    return "training stopped before its first checkpoint, so there is nothing to resume; rerun the same command (without ckpt_path=last)."
 
 
 def first_on_its_node() -> bool:
@@ -397,9 +406,10 @@ def run_commandline(ex, resume_hint: str | dict[str, str]) -> None:
     except DocoptExit:  # Sacred's usage text names the program "dummy" and says nothing of the mistake
         print(usage_error(ex, sys.argv), file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if isinstance(resume_hint, dict):
             resume_hint = resume_hint.get(command_of(ex, sys.argv), resume_hint["*"])
+        resume_hint = str(interrupt) or resume_hint  # what the command knew better (e.g. nothing saved yet)
         if first_on_its_node():  # Ctrl-C reaches every process of the node: one line
             print(f"\ninterrupted (Ctrl-C): {resume_hint}", file=sys.stderr)
         raise SystemExit(130) from None

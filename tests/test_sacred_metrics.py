@@ -253,6 +253,33 @@ def test_a_command_line_that_does_not_parse_says_where_named_configs_go(program,
     assert "named configs and key=value updates go after `with`" in err and "dummy" not in err
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from configs.runs import ctrl_c_from_lightning, run_commandline
+
+    def stopped(fn: str):
+        trainer = SimpleNamespace(interrupted=True, state=SimpleNamespace(fn=fn), checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+        with pytest.raises(KeyboardInterrupt) as interrupt, ctrl_c_from_lightning(trainer):
+            raise SystemExit(1)  # what Lightning does after its graceful shutdown
+        return str(interrupt.value)
+
+    assert "nothing to resume; rerun the same command (without ckpt_path=last)" in stopped("fit")
+    assert stopped("test") == ""  # testing resumes nothing: the command's own line
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    assert stopped("fit") == ""  # a checkpoint: "rerun with ckpt_path=last"
+
+    def interrupted():
+        raise KeyboardInterrupt("training stopped before its first checkpoint, so there is nothing to resume")
+
+    monkeypatch.setattr(ex_maest.ex, "run_commandline", interrupted)
+    monkeypatch.setattr(sys, "argv", ["ex_maest.py", "with", "demo"])
+    with pytest.raises(SystemExit):
+        run_commandline(ex_maest.ex, ex_maest.RESUME_HINT)
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C): training stopped before its first checkpoint" in err and "ckpt_path=last to go on" not in err
+
+
 def test_ctrl_c_line_is_printed_by_the_first_process_of_the_node_only(monkeypatch, capsys):
     """Ctrl-C reaches every process of a multi-process run; the processes the launcher started exit 130 quietly."""
     from configs.runs import run_commandline
