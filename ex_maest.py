@@ -661,6 +661,9 @@ def predict(inference_checkpoint, predict):
         raise ValueError("set predict.audio to the audio files or folders to label, e.g. predict.audio='[\"song.mp3\", \"music/\"]'")
     if predict["output"]:
         output_file(predict["output"], "predict.output")  # a folder or a read-only place: said before any file is labelled
+    if predict["devices"] != 1 or predict["num_nodes"] != 1:
+        _logger.warning("predict runs in one process on predict.device: predict.devices=%s and predict.num_nodes=%s apply to "
+                        "the extract_* commands only", predict["devices"], predict["num_nodes"])
     setup = resolve_net(inference_checkpoint=_inference_checkpoint())
     check_weights_given(setup, "predict")
     n_frames = n_frames_for(inference_clip_length(setup.config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -318,3 +319,13 @@ def test_predict_interrupted_mid_run_writes_nothing(audio_dir, checkpoint, label
         ex.run("predict", config_updates=updates, options={"--loglevel": "ERROR"})
     assert len(calls) == 2  # the first batch was labelled
     assert not out.exists() and not list(tmp_path.glob("failed-predict*"))
+
+
+def test_predict_says_it_runs_in_one_process(audio_dir, checkpoint, labels_file, tmp_path, caplog):
+    from ex_maest import ex
+
+    out = tmp_path / "x.json"
+    updates = command_updates(checkpoint, audio=[str(audio_dir)], labels_file=str(labels_file), output=str(out), devices=2)
+    with caplog.at_level(logging.WARNING, logger="ex_maest"):
+        assert ex.run("predict", config_updates=updates, options={"--loglevel": "ERROR"}).status == "COMPLETED"
+    assert "predict runs in one process on predict.device: predict.devices=2" in caplog.text and out.is_file()
