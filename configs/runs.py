@@ -97,6 +97,7 @@ def check_run_name(run_name) -> None:
 
 
 OBSERVER_OPTIONS = ("-F", "--file_storage", "-m", "--mongo_db")  # Sacred's options that add an observer, each with a value
+_LONG_OBSERVER_OPTIONS = tuple(f"{option}=" for option in OBSERVER_OPTIONS if option.startswith("--"))  # --file_storage=DIR
 
 
 def without_observer_options(argv: list[str]) -> list[str]:
@@ -107,7 +108,7 @@ def without_observer_options(argv: list[str]) -> list[str]:
             skip = False
         elif arg in OBSERVER_OPTIONS:
             skip = True  # and its value
-        elif not arg.startswith(tuple(f"{o}=" for o in OBSERVER_OPTIONS if o.startswith("--"))):
+        elif not arg.startswith(_LONG_OBSERVER_OPTIONS):
             kept.append(arg)
     return kept
 
@@ -141,7 +142,7 @@ def add_default_observer(ex, argv: list[str], environ=os.environ) -> Path | None
     """
     from sacred.observers import FileStorageObserver
 
-    observed = any(a in ("-F", "--file_storage", "-u", "--unobserved", "-m", "--mongo_db") or a.startswith(("--file_storage=", "--mongo_db=")) for a in argv)
+    observed = any(a in (*OBSERVER_OPTIONS, "-u", "--unobserved") or a.startswith(_LONG_OBSERVER_OPTIONS) for a in argv)
     main_rank = all(environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
     if not main_rank:
         # The other ranks' run logs only errors: rank 0 says "Started", "Result" and "Completed" for the run,
@@ -397,7 +398,6 @@ def run_commandline(ex, resume_hint: str | dict[str, str]) -> None:
       the traceback around it (exit status 1, as before; the run record still says FAILED, with the traceback).
     """
     import sacred.experiment
-
     from docopt import DocoptExit
 
     sacred.experiment.print_filtered_stacktrace = _print_error
