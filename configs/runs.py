@@ -372,11 +372,12 @@ def first_on_its_node() -> bool:
     return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
 
 
-def usage_error(ex, argv: list[str]) -> str:
+def usage_error(ex, argv: list[str], problem: str | None = None) -> str:
     """What to say of a command line Sacred cannot parse (e.g. a named config before ``with``)."""
     program = Path(argv[0]).name if argv else "ex_maest.py"
+    problem = problem or f"this command line does not parse: {' '.join(argv[1:])!r}"
     return (
-        f"{program}: this command line does not parse: {' '.join(argv[1:])!r}. It reads "
+        f"{program}: {problem}. It reads "
         f"`python {program} [COMMAND] [OPTIONS] with [NAMED_CONFIG ...] [key=value ...]`: named configs and key=value "
         f"updates go after `with` (e.g. `python {program} print_config with demo`). Commands: {', '.join(sorted(ex.commands))}; "
         f"`python {program} --help` lists the options."
@@ -400,6 +401,9 @@ def run_commandline(ex, resume_hint: str | dict[str, str]) -> None:
     import sacred.experiment
     from docopt import DocoptExit
 
+    if len(sys.argv) > 1 and sys.argv[1] in ex.named_configs and sys.argv[1] not in ex.commands:  # Sacred: 'Command "demo" not found'
+        print(usage_error(ex, sys.argv, f"{sys.argv[1]!r} is a named config, not a command"), file=sys.stderr)
+        raise SystemExit(2)
     sacred.experiment.print_filtered_stacktrace = _print_error
     try:
         ex.run_commandline()

@@ -252,6 +252,13 @@ def test_a_command_line_that_does_not_parse_says_where_named_configs_go(program,
     assert f"{name}: this command line does not parse: 'print_config demo'" in err
     assert "named configs and key=value updates go after `with`" in err and "dummy" not in err
 
+    monkeypatch.setattr(sys, "argv", [name, "demo", "with", "seed=1"])  # a named config as the command
+    with pytest.raises(SystemExit) as exit_info:
+        run_commandline(program.ex, program.RESUME_HINT)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{name}: 'demo' is a named config, not a command. It reads" in err and "not found" not in err
+
 
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
