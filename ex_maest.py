@@ -48,7 +48,7 @@ from configs.runs import (
 from helpers.data import hop_frames_for, teacher_logits_command
 from helpers.datamodule import SAMPLERS
 from helpers.extract import FailedOnRankZero, extract, predict_files, start_processes, weights_digest, write_predictions
-from helpers.failures import format_failures, update_failure_list
+from helpers.failures import exit_on_failures, update_failure_list
 from helpers.files import output_dir, output_file, write_text_atomic
 from models import heap
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
@@ -436,7 +436,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     if trainer.is_global_zero:  # under DDP every rank runs main; one report
         _report(_run, result, setup.config.n_classes)
     # SPEC §8: trained and validated on the good files, checkpoints written; the run still fails.
-    _exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero)
+    exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero)
     return result
 
 
@@ -457,7 +457,7 @@ def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[
         if trainer.is_global_zero:
             print(f"No {what} of datamodule.groundtruth_{split} can be read: the command stops before any work "
                   f"(nothing trained or evaluated).", file=sys.stderr)
-        _exit_on_failures(failures, failed_list, what, report=trainer.is_global_zero)
+        exit_on_failures(failures, failed_list, what, report=trainer.is_global_zero)
     return failures, failed_list
 
 
@@ -502,21 +502,8 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
     failures, failed_list = _list_dataset_failures(datamodule, "test", trainer, "test file")
     with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and one line, not "Failed" (exit 130)
         results = trainer.test(module, datamodule=datamodule)
-    _exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # rank 0 reports and exits 1
+    exit_on_failures(failures, failed_list, "test file", report=trainer.is_global_zero)  # rank 0 reports and exits 1
     return results[0] if results else {}
-
-
-def _exit_on_failures(failures: dict, failed_list: Path, what: str, report: bool = True) -> None:
-    """SPEC §8: list every skipped input on stderr and exit with status 1 when there is one.
-
-    Under several processes ``report`` is rank 0's: rank 0 lists the failures and exits 1, the command's
-    status; the other ranks exit 0. (Lightning's launcher SIGKILLs rank 0, the process it was started as,
-    when another rank exits non-zero: rank 0's report and run record would be cut short.)
-    """
-    if failures:
-        if report:
-            print(format_failures(failures, failed_list, what), file=sys.stderr)
-        raise SystemExit(1 if report else 0)
 
 
 @ex.command
@@ -530,7 +517,7 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
     stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"], failed_list=failed_list)
     write_text_atomic(out, json.dumps(stats, indent=2))
     print(f"mean {stats['mean']:.6f}  std {stats['std']:.6f}  over {stats['n_frames']} frames of {stats['n_files']} files -> {out}")
-    _exit_on_failures(stats["failed"], failed_list, "mel file")  # the statistics of the good files are written
+    exit_on_failures(stats["failed"], failed_list, "mel file")  # the statistics of the good files are written
     return stats
 
 
@@ -616,12 +603,12 @@ def _extract(kind, predict, maest, datamodule_cfg, inference_checkpoint, synthet
                       # the clip as the model sees it: 5 and 4.992 s are both 312 frames, one setting
                       "pretrained": maest["pretrained"], "clip_length": n_frames * HOP_LENGTH / SAMPLE_RATE, "hop": hop},
         )
-    except FailedOnRankZero:  # rank 0 reports its error and exits 1; this rank exits quietly (see _exit_on_failures)
+    except FailedOnRankZero:  # rank 0 reports its error and exits 1; this rank exits quietly (see exit_on_failures)
         raise SystemExit(0) from None
     first = fabric.global_rank == 0
     if first:
         print(report.summary())
-    _exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file", report=first)  # rank 0 reports and exits 1
+    exit_on_failures(report.failed, Path(out_dir) / f"failed-{kind}.txt", "mel file", report=first)  # rank 0 reports and exits 1
     return report.as_dict()
 
 
@@ -681,7 +668,7 @@ def predict(inference_checkpoint, predict):
     # JSON is printed); an earlier run's entries for other files are kept, this run's good files dropped.
     failed_list = (Path(predict["output"]).parent if predict["output"] else Path()) / "failed-predict.txt"
     update_failure_list(failed_list, failures, succeeded=[r["file"] for r in results])
-    _exit_on_failures(failures, failed_list, "audio file")
+    exit_on_failures(failures, failed_list, "audio file")
     return results
 
 

@@ -48,7 +48,7 @@ from configs.runs import (
     shorten_result_lines,
 )
 from configs.tl import register
-from helpers.failures import format_failures, update_failure_list
+from helpers.failures import exit_on_failures, update_failure_list
 from helpers.files import write_text_atomic
 from helpers.metric_logger import ScalarCallbackLogger
 from helpers.probe import (
@@ -397,10 +397,7 @@ def _list_left_out(data: ProbeData, out_dir: Path) -> dict:
 
 def _exit_if_left_out(data: ProbeData, out_dir: Path) -> None:
     """SPEC §8: the results of the good tracks are written; every left-out one is listed on stderr, and the run fails."""
-    failed = {key: reason for tracks in data.left_out.values() for key, reason in tracks.items()}
-    if failed:
-        print(format_failures(failed, out_dir / LEFT_OUT_LIST, "track"), file=sys.stderr)
-        raise SystemExit(1)
+    exit_on_failures({key: reason for tracks in data.left_out.values() for key, reason in tracks.items()}, out_dir / LEFT_OUT_LIST, "track")
 
 
 @ex.capture

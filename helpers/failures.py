@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -81,3 +82,16 @@ def format_failures(failed: Mapping[str, str], list_path: str | os.PathLike | No
     where = f"; listed in {list_path}" if list_path is not None else ""
     lines.append(f"{len(failed)} {what}(s) skipped{where}")
     return "\n".join(lines)
+
+
+def exit_on_failures(failures: Mapping[str, str], failed_list: str | os.PathLike, what: str, report: bool = True) -> None:
+    """SPEC §8: list every skipped input on stderr and exit with status 1 when there is one.
+
+    Under several processes ``report`` is rank 0's: rank 0 lists the failures and exits 1, the command's
+    status; the other ranks exit 0. (Lightning's launcher SIGKILLs rank 0, the process it was started as,
+    when another rank exits non-zero: rank 0's report and run record would be cut short.)
+    """
+    if failures:
+        if report:
+            print(format_failures(failures, failed_list, what), file=sys.stderr)
+        raise SystemExit(1 if report else 0)
