@@ -10,6 +10,12 @@ machine's ceiling (a 4096 x 4096 ``torch.matmul``) measured just before each rou
 those of ``models.precision.forward_flops``: attention's softmax (an exp per score) is not counted,
 as usual, so attention's share of the ceiling bounds what the whole forward can reach: it is 27 %
 of the 30 s forward's FLOPs.
+
+A second line splits attention: its two matmuls at the block sizes PyTorch's CPU kernel uses for
+this length (256 queries x 512 keys; with a head of 64, Q K^T has an inner dimension of 64 and
+P V an output of 64 columns), batched over every head, each as a share of the ceiling, and the
+exponentials of every score (one ``torch.exp`` per block into a reused buffer) as a share of
+attention's time.
 """
 
 from __future__ import annotations
@@ -61,6 +67,24 @@ def measure(precision: str, rounds: int, batch: int = 2, n_tokens: int = 1685, d
     def attention():
         F.scaled_dot_product_attention(q, k, v)
 
+    # attention's parts, at the fused kernel's blocks (qSplitSize 256, kvSplitSize 512 from 768 tokens)
+    q_block, kv_block = min(256, n_tokens), min(512, n_tokens)
+    head = dim // heads
+    q_b, k_b = torch.randn(batch * heads, q_block, head, dtype=dtype), torch.randn(batch * heads, head, kv_block, dtype=dtype)
+    p_b, v_b = torch.randn(batch * heads, q_block, kv_block, dtype=dtype), torch.randn(batch * heads, kv_block, head, dtype=dtype)
+    scores, exps = torch.randn(batch * heads, q_block, kv_block), torch.empty(batch * heads, q_block, kv_block)
+    n_blocks = n_tokens**2 / (q_block * kv_block)  # blocks of scores in one attention (fractional at the edges)
+    block_flops = 2 * batch * heads * q_block * kv_block * head
+
+    def qk_block():
+        torch.bmm(q_b, k_b)
+
+    def pv_block():
+        torch.bmm(p_b, v_b)
+
+    def exp_block():
+        torch.exp(scores, out=exps)
+
     linear_flops = 2 * batch * n_tokens * dim * 12 * dim
     attention_flops = 4 * batch * n_tokens**2 * dim
     rows = []
@@ -68,16 +92,22 @@ def measure(precision: str, rounds: int, batch: int = 2, n_tokens: int = 1685, d
         for _ in range(rounds):
             ceiling = matmul_gflops(precision)
             t_linear, t_attention = _best(linears), _best(attention)
+            t_qk, t_pv, t_exp = _best(qk_block, 10), _best(pv_block, 10), _best(exp_block, 10)
             rows.append({
                 "precision": precision, "ceiling_gflops": ceiling,
                 "linears_gflops": linear_flops / t_linear / 1e9, "attention_gflops": attention_flops / t_attention / 1e9,
                 "block_gflops": (linear_flops + attention_flops) / (t_linear + t_attention) / 1e9,
                 "attention_time_share": t_attention / (t_linear + t_attention),
+                "qk_block_gflops": block_flops / t_qk / 1e9, "pv_block_gflops": block_flops / t_pv / 1e9,
+                "exp_share_of_attention": t_exp * n_blocks / t_attention,
             })
             r = rows[-1]
             print(f"{precision}: ceiling {ceiling:5.0f} GFLOP/s | linears {r['linears_gflops']:5.0f} ({r['linears_gflops'] / ceiling:4.0%}) | "
                   f"attention {r['attention_gflops']:5.0f} ({r['attention_gflops'] / ceiling:4.0%}), {r['attention_time_share']:.0%} of the time | "
                   f"block {r['block_gflops']:5.0f} ({r['block_gflops'] / ceiling:4.0%})", flush=True)
+            print(f"{precision}:   attention's parts | Q K^T blocks {r['qk_block_gflops']:5.0f} ({r['qk_block_gflops'] / ceiling:4.0%}) | "
+                  f"P V blocks {r['pv_block_gflops']:5.0f} ({r['pv_block_gflops'] / ceiling:4.0%}) | "
+                  f"exp of every score {r['exp_share_of_attention']:4.0%} of attention's time", flush=True)
     return rows
 
 

@@ -72,7 +72,10 @@ def test_block_parts_reports_linears_and_attention_against_the_ceiling(capsys):
     assert 0 < row["attention_time_share"] < 1
     # the block's rate lies between its two parts' rates (a FLOP-weighted harmonic mean)
     assert min(row["linears_gflops"], row["attention_gflops"]) <= row["block_gflops"] <= max(row["linears_gflops"], row["attention_gflops"])
-    assert "fp32: ceiling" in capsys.readouterr().out
+    # attention's two matmuls at the fused kernel's blocks, and its exponentials as a share of its time
+    assert min(row["qk_block_gflops"], row["pv_block_gflops"]) > 0 and row["exp_share_of_attention"] > 0
+    printed = capsys.readouterr().out
+    assert "fp32: ceiling" in printed and "Q K^T blocks" in printed and "of attention's time" in printed
 
 
 def test_optimizer_benchmark_times_the_three_adamw_kernels(capsys):
