@@ -57,21 +57,34 @@ def _describe_soundfile(error: Exception, path: Path) -> str:
     return text.rstrip(".")
 
 
-def _read(path: Path) -> tuple[np.ndarray, int, int | None]:
-    """``(samples, channels)`` float32, the file's sample rate, and the frames its header declares (None: unknown)."""
+# An MPEG file may decode up to this many samples short of its Xing/Info tag's count and be whole:
+# some encoders count the tag's own frame, and a frame is 1152 samples (576 in MPEG-2 layer III).
+MPEG_LENGTH_SLACK = 2 * 1152
+
+
+def _read(path: Path) -> tuple[np.ndarray, int, int | None, int]:
+    """``(samples, channels)`` float32, the file's sample rate, the frames its header declares (None:
+    unknown) and how many fewer it may hold and still be whole."""
     try:
         with sf.SoundFile(path) as f:
-            # MPEG lengths are estimates (no length field in the stream, also inside a WAV); other formats state theirs.
-            declared = None if f.format == "MPEG" or f.subtype.startswith("MPEG") else f.frames
+            # An MPEG stream has no length field: libsndfile estimates one from the file's size, unless the
+            # file opens with a Xing/Info tag (LAME and most encoders write one) that counts its frames.
+            slack = 0
+            if not f.subtype.startswith("MPEG"):
+                declared = f.frames  # other codecs state their length
+            elif f.format in ("MP3", "MPEG"):  # an MPEG stream, not MPEG inside a WAV
+                declared, slack = (f.frames if _mpeg_counts_its_frames(path) else None), MPEG_LENGTH_SLACK
+            else:
+                declared = None
             audio = f.read(dtype="float32", always_2d=True)
             sr = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_error:
         log.debug("soundfile cannot read %s (%s); trying FFmpeg (PyAV)", path, sf_error)
         audio, sr = _read_ffmpeg(path, sf_error)
-        declared = None  # container durations are estimates; a WAV's own header is read below
+        declared, slack = None, 0  # container durations are estimates; a WAV's own header is read below
     # libsndfile clamps a WAV's data size to the bytes present: read the header's own promise.
     header = _wav_header_frames(path)
-    return audio, int(sr), max(declared or 0, header or 0) or None
+    return audio, int(sr), max(declared or 0, header or 0) or None, slack if header is None else 0
 
 
 def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
@@ -162,6 +175,60 @@ def _wave_format_tag(path: Path) -> int | None:
     return None
 
 
+def _mpeg_counts_its_frames(path: Path) -> bool:
+    """Whether an MPEG audio file's first frame is a Xing or Info tag with its frame count set.
+
+    The tag sits after the frame's 4-byte header and side information (9 to 32 bytes, by version
+    and channel mode; 2 more with a CRC), behind any ID3v2 tag; its flags' bit 0 says the count of
+    frames follows. The decoder's length then is the encoder's, not an estimate from the file's size.
+    """
+    with open(path, "rb") as f:
+        head = f.read(10)
+        start = 0
+        if len(head) == 10 and head[:3] == b"ID3":  # ID3v2: a 10-byte header, a syncsafe size, a footer flag
+            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+            start = 10 + size + (10 if head[5] & 0x10 else 0)
+        f.seek(start)
+        data = f.read(16384)
+    for sync in range(len(data) - 1):  # the first frame header: 11 set bits, a valid version and layer
+        if data[sync] == 0xFF and data[sync + 1] & 0xE0 == 0xE0 and data[sync + 1] & 0x18 != 0x08 and data[sync + 1] & 0x06:
+            window = data[sync + 4: sync + 4 + 40]
+            at = max(window.find(b"Xing"), window.find(b"Info"))
+            return at >= 0 and len(window) >= at + 8 and bool(window[at + 7] & 0x01)
+    return False
+
+
+def _ogg_cut_short(path: Path) -> bool:
+    """Whether an Ogg file's last page is incomplete or lacks the end-of-stream flag: the file was cut short.
+
+    Ogg states no length up front (readers take the last page's position as the length), but its
+    writers mark the last page of a stream (header type bit 0x04); a copy cut anywhere loses it,
+    or leaves that page without all of its bytes.
+    A page is at most 65 307 bytes, so the last one starts within the file's last 65 307 bytes.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"OggS":
+            return False
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 65307))
+        tail = f.read()
+    last = tail.rfind(b"OggS\x00")  # capture pattern and stream structure version 0
+    if last < 0 or last + 27 > len(tail):
+        return True
+    # A page: a 27-byte header (type at 5, segment count at 26), the segment sizes, their bytes.
+    n_segments = tail[last + 26]
+    sizes = tail[last + 27: last + 27 + n_segments]
+    whole = len(sizes) == n_segments and last + 27 + n_segments + sum(sizes) <= len(tail)
+    return not (whole and tail[last + 5] & 0x04)
+
+
+def _ogg_cut_error(path: Path) -> AudioLoadError:
+    return AudioLoadError(
+        f"audio file {path} is truncated: its last Ogg page does not end the stream (the file was cut short, "
+        "e.g. by a copy or download that stopped); re-encode or re-download it"
+    )
+
+
 def _wav_header_frames(path: Path) -> int | None:
     """Frames the ``data`` chunk of a RIFF/WAVE header declares; None for other files and unset sizes.
 
@@ -195,18 +262,27 @@ def _wav_header_frames(path: Path) -> int | None:
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file as float32 mono at ``sample_rate`` (any input rate and channel count).
 
-    Raises ``AudioLoadError`` for a missing, undecodable, empty, truncated (fewer frames than its
-    header declares) or non-finite file.
+    Raises ``AudioLoadError`` for a missing, undecodable, empty, truncated or non-finite file.
+    Truncated: fewer frames than the file declares (a WAV's data size, an MP3's Xing/Info tag; a
+    FLAC's or M4A's cut frames fail to decode), or an Ogg file (Vorbis, Opus, ...) whose last page
+    does not end its stream.
     """
     path = Path(path)
     if not path.is_file():
         raise AudioLoadError(f"audio file {path} does not exist")
     if path.stat().st_size == 0:
         raise AudioLoadError(f"audio file {path} is empty (0 bytes): download or export it again, or remove it")
-    audio, file_sr, declared = _read(path)
+    try:
+        audio, file_sr, declared, slack = _read(path)
+    except AudioLoadError:
+        if _ogg_cut_short(path):  # the cut left no whole page to decode
+            raise _ogg_cut_error(path) from None
+        raise
+    if _ogg_cut_short(path):
+        raise _ogg_cut_error(path)
     if audio.size == 0 or audio.shape[0] == 0:  # a well-formed file that holds no samples (e.g. a bare WAV header)
         raise AudioLoadError(f"audio file {path} is empty (0 samples): it holds no audio; export it again, or remove it")
-    if declared is not None and audio.shape[0] < declared:
+    if declared is not None and audio.shape[0] < declared - slack:
         raise AudioLoadError(
             f"audio file {path} is truncated: its header says {declared / file_sr:.2f} s, the file holds "
             f"{audio.shape[0] / file_sr:.2f} s; re-encode or re-download it"

@@ -6,6 +6,7 @@ Each decoded file is checked for 16 kHz, mono, its duration and its content (the
 
 from __future__ import annotations
 
+import re
 import struct
 
 import av
@@ -123,3 +124,50 @@ def test_folders_list_the_formats_ffmpeg_reads(tmp_path):
     assert sorted(p.name for p in list_audio_files([tmp_path])) == sorted(
         f"x.{ext}" for ext in ("m4a", "aac", "opus", "webm", "wma", "mka", "aiff", "M4A")
     )
+
+
+# ------------------------------------------------------------------------------ files cut short
+def cut(path, keep: float):
+    """Keep the first ``keep`` of the file's bytes (a copy or download that stopped)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def soundfile_writes(fmt: str, rate: int, channels: int):
+    def write(path):
+        sf.write(path, sine(rate, 440.0, channels).T, rate, format=fmt)
+        return path
+
+    return write
+
+
+MAKERS = {
+    "lame.mp3": soundfile_writes("MP3", 44100, 2),  # libsndfile's LAME: a Xing tag, no ID3
+    "lame-mono-32k.mp3": soundfile_writes("MP3", 32000, 1),
+    "ffmpeg.mp3": lambda path: encode(path, "libmp3lame", 48000, 440.0),  # an ID3v2 tag, then an Info tag
+    "mpeg2-22k.mp3": lambda path: encode(path, "libmp3lame", 22050, 440.0, channels=1),  # MPEG-2: 576-sample frames
+    "vorbis.ogg": soundfile_writes("OGG", 44100, 2),
+    "opus.ogg": lambda path: encode(path, "libopus", 48000, 440.0, container="ogg"),
+}
+CUT_SHORT = {".mp3": r"is truncated: its header says 1\.00 s, the file holds 0\.\d\d s; re-encode or re-download it",
+             ".ogg": r"is truncated: its last Ogg page does not end the stream \(the file was cut short"}
+
+
+@pytest.mark.parametrize("name", MAKERS)
+@pytest.mark.parametrize("keep", [0.3, 0.8])
+def test_a_file_cut_short_is_an_error_naming_the_file_and_a_whole_one_reads(tmp_path, name, keep):
+    path = MAKERS[name](tmp_path / name)
+    whole = load_audio(path)  # whole: read in full, not mistaken for a cut file
+    assert abs(whole.size - 16000) <= 16 and peak_hz(whole) == pytest.approx(440.0, abs=3)
+    cut(path, keep)
+    with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} {CUT_SHORT[path.suffix]}"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("name", ["vorbis.ogg", "opus.ogg"])
+def test_an_ogg_file_missing_only_its_last_bytes_is_cut_short(tmp_path, name):
+    path = MAKERS[name](tmp_path / name)
+    path.write_bytes(path.read_bytes()[:-8])  # most of its last page is still there
+    with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} {CUT_SHORT['.ogg']}"):
+        load_audio(path)
