@@ -45,9 +45,9 @@ from configs.runs import (
     INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning,
     keep_output_of_failed_runs, run_commandline, run_dir, run_name_for, shorten_result_lines, trained_run_name, uses_synthetic_data,
 )
-from helpers.data import hop_frames_for, teacher_logits_command
+from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.datamodule import SAMPLERS
-from helpers.extract import FailedOnRankZero, extract, predict_files, start_processes, weights_digest, write_predictions
+from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import exit_on_failures, update_failure_list
 from helpers.files import output_dir, output_file, write_text_atomic
 from models import heap
@@ -421,6 +421,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     resume_from = _resolve_ckpt_path(ckpt_path, trainer)
     if resume_from is not None:
         check_resume_checkpoint(resume_from, module)
+    skip_log = _training_skip_log(datamodule, trainer, fresh=resume_from is None)
     # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
     with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and the resume line, not "Failed" (exit 130)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -433,11 +434,40 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
         "global_step": trainer.global_step,
         "metrics": metrics,
     }
+    train_skips, train_list = _list_training_skips(skip_log, trainer)
     if trainer.is_global_zero:  # under DDP every rank runs main; one report
         _report(_run, result, setup.config.n_classes)
     # SPEC §8: trained and validated on the good files, checkpoints written; the run still fails.
-    exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero)
+    exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero,
+                     also=[(train_skips, train_list, "training file")])
     return result
+
+
+def _training_skip_log(datamodule, trainer, fresh: bool) -> SkipLog:
+    """Where this rank's DataLoader workers note the training files they skip (helpers.data.TrainDataset).
+
+    A fresh run starts an empty log; a resumed run keeps the log of the run it resumes.
+    """
+    skip_log = SkipLog(Path(trainer.default_root_dir) / ".skipped-train" / f"rank{trainer.global_rank}")
+    if fresh:
+        skip_log.clear()
+    datamodule.dataset("train").skip_log = skip_log
+    return skip_log
+
+
+def _list_training_skips(skip_log: SkipLog, trainer) -> tuple[dict[str, str], Path]:
+    """Every rank's skipped training files, written by rank 0 to <trainer.default_root_dir>/failed-train.txt.
+
+    The list is this run's (a resumed run's includes what it skipped before it was stopped); it is
+    removed when the run skipped nothing. A collective: every rank calls it.
+    """
+    skips = {}
+    for rank_skips in Ranks().gather(skip_log.read()):
+        skips.update(rank_skips)
+    failed_list = Path(trainer.default_root_dir) / "failed-train.txt"
+    if trainer.is_global_zero:
+        update_failure_list(failed_list, skips, covered=skips)
+    return dict(sorted(skips.items())), failed_list
 
 
 def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[dict[str, str], Path]:

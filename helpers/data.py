@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ from models.mel import normalize as normalize_mel
 logger = logging.getLogger(__name__)
 
 SHOWN_SKIPS = 5  # unreadable mel files a dataset names in a warning each; the others are counted
+# A training item tries at most this many tracks in a row (the drawn one, then the next ones) before
+# the run stops: that many unreadable files in a row is a wrong folder or a failing disk, not a bad file.
+TRAIN_ATTEMPTS = 64
 # Hard teacher targets kept per worker; bit-packed, so 50 bytes per track for 400 classes.
 TEACHER_CACHE_SIZE = 262_144
 
@@ -153,6 +157,37 @@ class _MelDataset(Dataset):
         return clip.contiguous()
 
 
+class SkipLog:
+    """The training files a run skipped: a ``<key>\t<reason>`` line each, in one file per process.
+
+    DataLoader workers are processes of their own, which cannot hand their skips back to the
+    training loop: each appends to ``<folder>/<pid>.tsv`` and the rank reads the folder when training
+    ends. The training command clears it when a run starts afresh and keeps it when it resumes, so
+    what it reads covers the whole run.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def add(self, key: str, reason: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{os.getpid()}.tsv", "a", encoding="utf-8") as f:
+            f.write(f"{key}\t{' '.join(reason.split())}\n")
+
+    def read(self) -> dict[str, str]:
+        """``{key: reason}`` of every process's skips (a key's last reason)."""
+        entries = {}
+        for path in sorted(self.folder.glob("*.tsv")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                key, _, reason = line.partition("\t")
+                if key:
+                    entries[key] = reason
+        return entries
+
+
 class TrainDataset(_MelDataset):
     """One random crop of ``n_frames`` per track and item; only the crop is read from disk.
 
@@ -160,6 +195,12 @@ class TrainDataset(_MelDataset):
     the crop seeded by ``(seed, draw.epoch, draw.position)``: the same crops whatever the number
     of DataLoader workers or devices, and after a resume. A plain ``int`` gets its crop offset
     from torch's global RNG (DataLoader seeds it per worker).
+
+    Training files are not checked up front (there may be millions). A file that cannot be read
+    when drawn (missing, truncated, NaN, ...) is skipped: the next track in the ground truth is
+    trained in its place, with the draw's crop seed, so batches keep their size on every rank and a
+    resumed run draws the same. The first skips are logged; every one goes to ``skip_log`` (when the
+    training command sets one), which the command lists at the end before it exits with status 1.
     """
 
     def __init__(
@@ -182,6 +223,8 @@ class TrainDataset(_MelDataset):
         self.teacher_dir = teacher_dir
         self.teacher_threshold = teacher_threshold
         self._teacher_cache: dict[int, np.ndarray] = {}  # track -> packed bits, filled per worker
+        self.skip_log: SkipLog | None = None
+        self._skipped: dict[int, str] = {}  # track -> reason, in this process (a worker's own)
         if teacher_dir is not None:
             self._check_teacher_files()
 
@@ -217,13 +260,38 @@ class TrainDataset(_MelDataset):
         return int(torch.randint(0, n_starts, ()).item())
 
     def __getitem__(self, track: int | Draw):
-        key = self.key(track)
-        total = self.reader.n_frames(key)
-        start = self.crop_start(track, total)
-        x = self._to_input(self.reader.read(key, start, start + self.n_frames))
-        if self.teacher_dir is None:
-            return x, key, self.target(track)
-        return x, key, self.target(track), self.teacher_target(track)
+        attempts = min(len(self), TRAIN_ATTEMPTS)
+        for attempt in range(attempts):
+            candidate = (int(track) + attempt) % len(self)  # the drawn track, else the next ones
+            if candidate in self._skipped:
+                continue
+            key = self.key(candidate)
+            try:
+                total = self.reader.n_frames(key)
+                start = self.crop_start(track, total)
+                x = self._to_input(self.reader.read(key, start, start + self.n_frames))
+            except (OSError, ValueError) as e:  # MelFileError is a ValueError
+                self._skip(candidate, key, e)
+                continue
+            if self.teacher_dir is None:
+                return x, key, self.target(candidate)
+            return x, key, self.target(candidate), self.teacher_target(candidate)
+        first = self.key(int(track))
+        raise MelFileError(
+            f"{attempts} training files in a row cannot be read, from {first} on ({self._skipped.get(int(track), '')}): "
+            f"check datamodule.base_dir ({self.reader.base_dir}) and the disk; rerun the preparation of the files"
+        )
+
+    def _skip(self, track: int, key: str, error: Exception) -> None:
+        reason = str(error).strip() or type(error).__name__
+        self._skipped[track] = reason
+        if len(self._skipped) <= SHOWN_SKIPS:
+            logger.warning("skipping training file %s: %s (the next track is trained in its place; the file is listed "
+                           "when training ends)", key, reason)
+        elif len(self._skipped) == SHOWN_SKIPS + 1:
+            logger.warning("more training files cannot be read: they are skipped quietly and listed when training ends")
+        if self.skip_log is not None:
+            self.skip_log.add(key, reason)
 
 
 class ClipDataset(_MelDataset):

@@ -84,14 +84,18 @@ def format_failures(failed: Mapping[str, str], list_path: str | os.PathLike | No
     return "\n".join(lines)
 
 
-def exit_on_failures(failures: Mapping[str, str], failed_list: str | os.PathLike, what: str, report: bool = True) -> None:
+def exit_on_failures(failures: Mapping[str, str], failed_list: str | os.PathLike, what: str, report: bool = True,
+                     also: Iterable[tuple[Mapping[str, str], str | os.PathLike, str]] = ()) -> None:
     """SPEC §8: list every skipped input on stderr and exit with status 1 when there is one.
 
+    ``also``: more ``(failures, failed_list, what)`` of the same command (training's skipped
+    training files beside its unreadable validation files), listed after these.
     Under several processes ``report`` is rank 0's: rank 0 lists the failures and exits 1, the command's
     status; the other ranks exit 0. (Lightning's launcher SIGKILLs rank 0, the process it was started as,
     when another rank exits non-zero: rank 0's report and run record would be cut short.)
     """
-    if failures:
+    groups = [(failures, failed_list, what), *also]
+    if any(group[0] for group in groups):
         if report:
-            print(format_failures(failures, failed_list, what), file=sys.stderr)
+            print("\n".join(format_failures(*group) for group in groups if group[0]), file=sys.stderr)
         raise SystemExit(1 if report else 0)

@@ -161,3 +161,43 @@ def test_training_with_no_readable_validation_file_does_not_start(data, tmp_path
     err = capsys.readouterr().err
     assert "2 validation file(s) skipped" in err
     assert "No validation file of datamodule.groundtruth_val can be read: the command stops before any work (nothing trained or evaluated)." in err
+
+
+def test_training_skips_unreadable_training_files_lists_them_and_fails_and_a_resume_keeps_the_list(tmp_path, capsys):
+    from ex_maest import ex
+
+    data = make_synthetic_dataset(tmp_path / "synthetic", n_tracks=30, clip_length=2.0)
+    base = Path(data["base_dir"])
+    train_keys = sorted(load_groundtruth(data["groundtruth_train"]))
+    bad = train_keys[::3]  # every third training file truncated, in the DataLoader worker's reads
+    whole = {key: (base / key).read_bytes() for key in bad}
+    for key in bad:
+        (base / key).write_bytes(whole[key][:-5])
+    root = tmp_path / "root"
+    updates = _train_updates(data, root, data["groundtruth_val"])
+    updates["datamodule"]["num_workers"] = 1
+    with pytest.raises(SystemExit) as exit_info:
+        ex.run("main", config_updates=updates, options={"--loglevel": "ERROR"})
+
+    assert exit_info.value.code == 1
+    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and state["global_step"] == 2  # every batch trained: 16 draws of 8
+    listed = read_failure_list(root / "failed-train.txt")
+    assert listed and set(listed) <= set(bad)
+    assert all("not a whole number of 96-band float16 frames" in reason for reason in listed.values())
+    captured = capsys.readouterr()
+    assert "Training finished." in captured.out
+    assert f"FAILED {next(iter(sorted(listed)))}: " in captured.err
+    assert f"{len(listed)} training file(s) skipped; listed in {root / 'failed-train.txt'}" in captured.err
+
+    # Resumed for a second epoch: the list still holds the first epoch's skips, and the second's.
+    resumed = {**updates, "ckpt_path": "last", "trainer": {**updates["trainer"], "max_epochs": 2}}
+    with pytest.raises(SystemExit):
+        ex.run("main", config_updates=resumed, options={"--loglevel": "ERROR"})
+    assert set(listed) <= set(read_failure_list(root / "failed-train.txt")) <= set(bad)
+
+    # The files repaired, a fresh run skips nothing: exit 0 and no list.
+    for key in bad:
+        (base / key).write_bytes(whole[key])
+    run = ex.run("main", config_updates=updates, options={"--loglevel": "ERROR"})
+    assert run.status == "COMPLETED" and not (root / "failed-train.txt").exists()

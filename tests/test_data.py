@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers.data import ClipDataset, TrainDataset, teacher_targets
-from helpers.melfiles import MelReader, write_mel
+from helpers.melfiles import MelFileError, MelReader, write_mel
 from models.inference import clip_starts, pad_centre
 from models.mel import normalize
 
@@ -199,3 +199,42 @@ def test_ground_truth_of_mixed_lengths_is_rejected(mels):
     gt = {**gt, "x.mmap": np.zeros(5, dtype=bool)}
     with pytest.raises(ValueError, match="one length"):
         ClipDataset(reader=reader, groundtruth=gt, n_frames=10)
+
+
+def test_an_unreadable_training_file_is_skipped_for_the_next_track_and_logged(mels, tmp_path, caplog):
+    from helpers.data import SkipLog
+    from helpers.sampler import Draw
+
+    reader, gt, _ = mels
+    (reader.base_dir / "a/broken.mmap").write_bytes(b"\x00" * (N_MELS * 2 * 3 + 7))  # truncated
+    gt = {**gt, "a/broken.mmap": np.array([1, 1, 0], dtype=bool), "a/gone.mmap": np.array([0, 0, 1], dtype=bool)}
+    ds = TrainDataset(reader=reader, groundtruth=gt, n_frames=10)
+    ds.skip_log = SkipLog(tmp_path / "skips")
+    tracks = {ds.key(i): i for i in range(len(ds))}
+    # the ground truth's order; after the last track comes the first
+    assert [ds.key((tracks["a/broken.mmap"] + i) % len(ds)) for i in (1, 2)] == ["a/gone.mmap", "a/long.mmap"]
+
+    with caplog.at_level(logging.WARNING, logger="helpers.data"):
+        x, key, y = ds[Draw(tracks["a/broken.mmap"], epoch=2, position=5)]
+    # the next readable track, with the draw's crop: as if it had been drawn
+    expected_x, expected_key, expected_y = ds[Draw(tracks["a/long.mmap"], epoch=2, position=5)]
+    assert key == expected_key == "a/long.mmap"
+    torch.testing.assert_close(x, expected_x)
+    assert y.tolist() == expected_y.tolist() == [1.0, 0.0, 0.0]
+    assert "skipping training file a/broken.mmap" in caplog.text and "not a whole number" in caplog.text
+    assert "skipping training file a/gone.mmap" in caplog.text and "does not exist" in caplog.text
+    skipped = ds.skip_log.read()
+    assert sorted(skipped) == ["a/broken.mmap", "a/gone.mmap"] and "not a whole number" in skipped["a/broken.mmap"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="helpers.data"):
+        assert ds[Draw(tracks["a/gone.mmap"], epoch=3, position=0)][1] == "a/long.mmap"
+    assert caplog.text == ""  # a file is logged and noted once per process
+    assert sum(len(p.read_text().splitlines()) for p in (tmp_path / "skips").iterdir()) == 2
+
+
+def test_a_folder_of_unreadable_training_files_stops_training_naming_the_folder(mels, tmp_path):
+    reader, gt, _ = mels
+    ds = TrainDataset(reader=MelReader(tmp_path / "elsewhere"), groundtruth=gt, n_frames=10)
+    with pytest.raises(MelFileError, match=rf"3 training files in a row cannot be read, from a/long.mmap on \(mel file .* does not exist.*\): check datamodule.base_dir \({tmp_path / 'elsewhere'}\)"):
+        ds[0]

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.failures import read_failure_list
 from helpers.metrics import macro_metrics
 from helpers.sampler import BalancedSampler
 from helpers.synthetic import make_synthetic_dataset
@@ -244,3 +245,56 @@ def test_ex_maest_command_line_trains_with_ddp(ddp_run, tmp_path):
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["epoch"] == EPOCHS - 1 and state["global_step"] == EPOCHS * EPOCH_LENGTH // 2 // BATCH_SIZE
     assert {k.split(".")[0] for k in state["state_dict"]} == {"net", "net_swa", "swa_n_averaged"}
+
+
+def test_ex_maest_ddp_training_skips_unreadable_training_files_of_both_ranks_and_lists_them_once(ddp_run, tmp_path):
+    """Each rank's DataLoader skips the unreadable files it draws (the next track in their place, so the
+    ranks keep in step); rank 0 gathers every rank's skips into one failed-train.txt and exits 1, the
+    other rank exits 0."""
+    import shutil
+
+    data, _, _ = ddp_run
+    base = tmp_path / "mels"
+    shutil.copytree(data["base_dir"], base)
+    dm = maest_datamodule(base_dir=str(base), clip_length=CLIP_LENGTH, groundtruth_train=data["groundtruth_train"])
+    train = dm.dataset("train")
+    n = len(train)
+    bad = set(range(0, n, 3))  # every third training track truncated
+    for track in bad:
+        path = base / train.key(track)
+        path.write_bytes(path.read_bytes()[:-5])
+    # The whole draw (both ranks' shares), and the bad tracks each drawn track walks past to a readable one.
+    sampler = BalancedSampler(labels=train.labels, epoch_length=EPOCH_LENGTH, seed=0, replacement=True)
+    expected = set()
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for track in sampler.epoch_indices().tolist():
+            while track in bad:
+                expected.add(train.key(track))
+                track = (track + 1) % n
+    shares = [[t for t in sampler.epoch_indices().tolist()[r::2] if t in bad] for r in range(2)]
+    assert all(shares), "both ranks draw a bad file in the last epoch"
+
+    root = tmp_path / "train"
+    args = [
+        "demo", "synthetic_data.out_dir=None", "inference_checkpoint=None", f"datamodule.base_dir={base}",
+        f"datamodule.groundtruth_train={data['groundtruth_train']}", f"datamodule.groundtruth_val={data['groundtruth_val']}",
+        f"datamodule.clip_length={CLIP_LENGTH}", f"datamodule.epoch_length={EPOCH_LENGTH}", f"datamodule.batch_size_train={BATCH_SIZE}",
+        "datamodule.sampler=balanced", "datamodule.sampler_replacement=True", "datamodule.seed=0", "datamodule.num_workers=1",
+        "maest.arch=maest-tiny", f"maest.input_t={INPUT_T}", "maest.s_patchout_t=3",
+        f"trainer.max_epochs={EPOCHS}", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "trainer.precision=32-true", f"trainer.default_root_dir={root}", "trainer.enable_progress_bar=False",
+        "trainer.logger=False", "trainer.limit_val_batches=1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "ex_maest.py"), "-u", "with", *args],
+        cwd=tmp_path, env=_ddp_env(), capture_output=True, text=True, timeout=420,  # generous: a loaded 2-core machine runs it several times slower
+    )
+    assert proc.returncode == 1, f"expected rank 0's exit 1:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.stdout.count("Training finished.") == 1
+    listed = read_failure_list(root / "failed-train.txt")
+    assert set(listed) == expected
+    assert proc.stderr.count(f"{len(expected)} training file(s) skipped; listed in {root / 'failed-train.txt'}") == 1
+    assert "Connection closed by peer" not in proc.stderr
+    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == EPOCHS * EPOCH_LENGTH // 2 // BATCH_SIZE  # every step trained on both ranks
