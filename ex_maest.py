@@ -42,8 +42,9 @@ from configs.ingredients.predict import predict_ing
 from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
-    INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, ctrl_c_from_lightning,
-    keep_output_of_failed_runs, run_commandline, run_dir, run_name_for, shorten_result_lines, trained_run_name, uses_synthetic_data,
+    INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, config_differences,
+    ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, run_commandline, run_dir, run_name_for, shorten_result_lines,
+    trained_run_name, uses_synthetic_data,
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.datamodule import SAMPLERS
@@ -180,8 +181,12 @@ def _warn_earlier_checkpoints(trainer, ckpt_path) -> None:
         )
 
 
-def _resolve_ckpt_path(ckpt_path, trainer):
-    """``"last"``: the run's newest checkpoint, last.ckpt (epoch end) or the step checkpoint."""
+def _resolve_ckpt_path(ckpt_path, trainer, run_name: str | None = None, config: dict | None = None):
+    """``"last"``: the run's newest checkpoint, last.ckpt (epoch end) or the step checkpoint.
+
+    When there is none, the error names the runs on the same data and model that have one, with the
+    keys their configs differ in (``run_name``, ``config``: this run's).
+    """
     if ckpt_path == "last":
         folder = Path(trainer.default_root_dir) / "checkpoints"
         newest = _newest_checkpoint(folder)
@@ -190,6 +195,7 @@ def _resolve_ckpt_path(ckpt_path, trainer):
                 f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume. The folder follows from "
                 "run_name (by default from the config): resume with the command line of the run to resume, or set "
                 "run_name or trainer.default_root_dir to its folder"
+                + (_other_runs(run_name, "resume one in its folder with run_name=<its folder> ckpt_path=last", config) if run_name else "")
             )
         return str(newest)
     return ckpt_path
@@ -208,7 +214,7 @@ def _inference_checkpoint(inference_checkpoint, trainer, run_name):
             f"inference_checkpoint='last' is the newest checkpoint of the training run of this config, in {folder}, and "
             "there is none: train it first with the same named configs and keys (python ex_maest.py with ...), or give "
             "the checkpoint's path (inference_checkpoint=outputs/<run_name>/train/checkpoints/last.ckpt)"
-            + _other_runs(run_name)
+            + _other_runs(run_name, "give one as inference_checkpoint=...")
         )
     _logger.info("inference_checkpoint='last': %s", newest)
     return str(newest)
@@ -229,19 +235,22 @@ def _check_teacher(teacher_student: bool, teacher_dir) -> None:
         )
 
 
-def _other_runs(run_name: str) -> str:
+def _other_runs(run_name: str, hint: str, config: dict | None = None) -> str:
     """The newest checkpoints of other runs on the same data and model (``<dataset>_<model>_*``, another hash: the
-    training used other keys), for the error of an ``inference_checkpoint='last'`` that finds none."""
+    training used other keys), for the error of a ``'last'`` that finds none; with ``config``, each run's keys that
+    differ from it, where a Sacred record of the run is kept (``outputs/sacred``)."""
     prefix = run_name.rsplit("_", 1)[0] + "_"
     found = []
     for folder in sorted(run_dir(prefix).parent.glob(f"{glob.escape(prefix)}*/train/checkpoints")):
         newest = _newest_checkpoint(folder)
-        if newest is not None:
-            found.append(str(newest))
+        if newest is None or folder.parent.parent.name == run_name:
+            continue
+        recorded = recorded_config(folder.parent.parent.name) if config is not None else None
+        found.append(str(newest) + (f"  (keys that differ: {config_differences(config, recorded)})" if recorded else ""))
     if not found:
         return ""
     shown = "\n  ".join(found[:5]) + (f"\n  and {len(found) - 5} more" if len(found) > 5 else "")
-    return f". Runs on the same data and model with other keys have these (give one as inference_checkpoint=...):\n  {shown}"
+    return f". Runs on the same data and model with other keys have these ({hint}):\n  {shown}"
 
 
 # ----------------------------------------------------------------------------------- config checks
@@ -418,7 +427,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
         _logger.info("run %s: checkpoints and TensorBoard logs go to %s", _run.config["run_name"], trainer.default_root_dir)
     val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
     _warn_earlier_checkpoints(trainer, ckpt_path)
-    resume_from = _resolve_ckpt_path(ckpt_path, trainer)
+    resume_from = _resolve_ckpt_path(ckpt_path, trainer, _run.config["run_name"], _config)
     if resume_from is not None:
         check_resume_checkpoint(resume_from, module)
     skip_log = _training_skip_log(datamodule, trainer, fresh=resume_from is None)
@@ -538,8 +547,13 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
 
 @ex.command
 def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
-    """Mean and std of the (compressed, unnormalised) training mel values; printed and saved."""
+    """Mean and std of the (compressed, unnormalised) training mel values; printed and saved.
+
+    For comparison with the models' input normalisation, which is fixed (SPEC: the Discogs training
+    set's mean and std, which every released weight expects): the run does not change it.
+    """
     from helpers.stats import mel_statistics
+    from models.mel import DISCOGS_MEAN, DISCOGS_STD
 
     _prepare_synthetic(synthetic_data)
     out = output_file(norm_stats_out or run_output("norm_stats.json"), "norm_stats_out")
@@ -547,6 +561,8 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
     stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"], failed_list=failed_list)
     write_text_atomic(out, json.dumps(stats, indent=2))
     print(f"mean {stats['mean']:.6f}  std {stats['std']:.6f}  over {stats['n_frames']} frames of {stats['n_files']} files -> {out}")
+    print(f"the models normalise their input with Discogs' mean {DISCOGS_MEAN:.6f} and std {DISCOGS_STD:.6f} (fixed: the released "
+          f"weights expect them); these mels' mean is {(stats['mean'] - DISCOGS_MEAN) / DISCOGS_STD:+.2f} Discogs std from it")
     exit_on_failures(stats["failed"], failed_list, "mel file")  # the statistics of the good files are written
     return stats
 

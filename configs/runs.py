@@ -62,18 +62,52 @@ def run_name_for(config: dict) -> str:
     """
     if uses_synthetic_data(config):
         return "demo"
-    flat = {
-        key: value for key, value in flatten(config).items()
-        if not any(part.startswith("__") for part in key.split("."))  # Sacred's docstrings
-        and not any(key == ignored or (ignored.endswith(".") and key.startswith(ignored)) for ignored in RUN_NAME_IGNORES)
-    }
-    digest = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(hashed_config(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
     base = PurePath(str(config.get("datamodule", {}).get("base_dir") or "data"))
     dataset = base.parent.name if base.name == "mels" and base.parent.name else base.name
     maest = config.get("maest", {})
     # maest.arch None: the checkpoint's (known only once it is read) or the default init arch.
     model = maest.get("arch") or (PurePath(str(maest["checkpoint"])).stem if maest.get("checkpoint") else "maest")
     return f"{_slug(dataset)}_{_slug(str(model))}_{digest}"
+
+
+def hashed_config(config: dict) -> dict:
+    """The flat config whose digest names a run: without Sacred's docstrings and ``RUN_NAME_IGNORES``."""
+    return {
+        key: value for key, value in flatten(config).items()
+        if not any(part.startswith("__") for part in key.split("."))  # Sacred's docstrings
+        and not any(key == ignored or (ignored.endswith(".") and key.startswith(ignored)) for ignored in RUN_NAME_IGNORES)
+    }
+
+
+def recorded_config(run_name: str, environ=os.environ) -> dict | None:
+    """The config of the newest Sacred run record of ``run_name`` in the default record folder
+    (``outputs/sacred`` or ``$MAEST_SACRED_DIR``); None when none is kept there."""
+    newest = None
+    for path in Path(environ.get(SACRED_DIR_ENV) or OUTPUTS / "sacred").glob("*/config.json"):
+        if not path.parent.name.isdigit():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("run_name") == run_name and (newest is None or int(path.parent.name) > newest[0]):
+            newest = (int(path.parent.name), config)
+    return newest[1] if newest else None
+
+
+def config_differences(here: dict, there: dict, shown: int = 4) -> str:
+    """The keys of two configs that name runs differently, e.g. ``trainer.devices 4 there, 2 here``."""
+    def plain(config):  # as Sacred records it (JSON), so both sides compare alike
+        return json.loads(json.dumps(hashed_config(config), default=str))
+
+    def shown_value(config, key):
+        return json.dumps(config[key]) if key in config else "(not set)"
+
+    a, b = plain(here), plain(there)
+    keys = sorted(key for key in a.keys() | b.keys() if shown_value(a, key) != shown_value(b, key))
+    text = "; ".join(f"{key} {shown_value(b, key)} there, {shown_value(a, key)} here" for key in keys[:shown])
+    return text + (f"; and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def trained_run_name(config: dict) -> str | None:

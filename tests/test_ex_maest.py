@@ -339,7 +339,7 @@ def test_teacher_student_pretrain_trains_on_teacher_logits(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- other commands
-def test_compute_norm_stats_equals_numpy(data, tmp_path):
+def test_compute_norm_stats_equals_numpy(data, tmp_path, capsys):
     out = tmp_path / "stats" / "norm.json"
     updates = {"datamodule": {"base_dir": data["base_dir"], "groundtruth_train": data["groundtruth_train"]}, "norm_stats_out": str(out)}
     r = run("compute_norm_stats", updates=updates)
@@ -351,6 +351,10 @@ def test_compute_norm_stats_equals_numpy(data, tmp_path):
     assert r.result["n_files"] == len(keys) and r.result["failed"] == {}
     assert r.result["n_frames"] == values.size // 96
     assert json.loads(out.read_text()) == r.result
+    # the models' normalisation is fixed: the output says so and compares
+    shift = (values.mean() - 2.06755686098554) / 1.268292820667291
+    assert (f"the models normalise their input with Discogs' mean 2.067557 and std 1.268293 (fixed: the released weights expect them); "
+            f"these mels' mean is {shift:+.2f} Discogs std from it") in capsys.readouterr().out
 
 
 def test_model_speed_test_reports_throughput():

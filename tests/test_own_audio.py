@@ -148,6 +148,34 @@ def test_inference_checkpoint_last_before_training_names_the_folder_and_the_fix(
     assert str(error.value).endswith(f"have these (give one as inference_checkpoint=...):\n  {Path('outputs') / other.relative_to(tmp_path / 'outputs')}")
 
 
+def test_ckpt_path_last_without_a_checkpoint_names_runs_with_one_and_the_keys_they_differ_in(prepared, tmp_path, monkeypatch):
+    """Resuming with another key (here trainer.devices: a job moved to fewer GPUs) names another folder: the error
+    names the run that has a checkpoint, and the keys its Sacred record differs in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MAEST_SACRED_DIR", raising=False)
+    named = ["demo", str(prepared["out"] / "dataset.json")]
+    config = ex.run("print_config", named_configs=named, config_updates=TINY, options={"--loglevel": "ERROR"}).config
+    earlier = json.loads(json.dumps({**config, "trainer": {**config["trainer"], "devices": 4}, "seed": 3}))
+    earlier["run_name"] = run_name_for(earlier)
+    assert earlier["run_name"] != config["run_name"] and earlier["run_name"].rsplit("_", 1)[0] == config["run_name"].rsplit("_", 1)[0]
+    last = tmp_path / "outputs" / earlier["run_name"] / "train" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    record = tmp_path / "outputs" / "sacred" / "3" / "config.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps(earlier))
+
+    with pytest.raises(FileNotFoundError) as error:
+        ex.run("main", named_configs=named, config_updates={**TINY, "ckpt_path": "last"}, options={"--loglevel": "ERROR"})
+    message = str(error.value)
+    assert "ckpt_path='last' but" in message and "nothing to resume" in message
+    assert message.endswith(
+        "Runs on the same data and model with other keys have these (resume one in its folder with run_name=<its folder> "
+        f"ckpt_path=last):\n  {Path('outputs') / earlier['run_name'] / 'train' / 'checkpoints' / 'last.ckpt'}  "
+        f"(keys that differ: seed 3 there, {config['seed']} here; trainer.devices 4 there, \"auto\" here)"
+    )
+
+
 def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepared):
     dataset_json = str(prepared["out"] / "dataset.json")
 

@@ -382,3 +382,14 @@ def test_a_passed_on_exception_keeps_its_traceback_and_one_a_helper_made_does_no
 
     assert not raised_for_the_user(_caught(_passes_on_a_library_error))
     assert raised_for_the_user(_caught(_raises_from_a_helper))  # `raise error_for_the_user(...)`: a new exception
+
+
+def test_config_differences_name_the_keys_that_name_runs_apart():
+    from configs.runs import config_differences
+
+    here = {"seed": 1, "trainer": {"devices": 2, "default_root_dir": "a"}, "run_name": "x", "datamodule": {"num_workers": 8}}
+    there = {"seed": 1, "trainer": {"devices": 4, "default_root_dir": "b"}, "run_name": "y", "module": {"lr": 0.1}}
+    # output folders, the run's name and the worker count do not name runs apart (RUN_NAME_IGNORES)
+    assert config_differences(here, there) == "module.lr 0.1 there, (not set) here; trainer.devices 4 there, 2 here"
+    many = {f"k{i}": i for i in range(6)}
+    assert config_differences(many, {}, shown=2) == "k0 (not set) there, 0 here; k1 (not set) there, 1 here; and 4 more"
