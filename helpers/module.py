@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from models import MAEST
 from models.checkpoints import MODEL_RECORD_KEY, model_record
 
+EPOCH_LOSSES_KEY = "maest_epoch_losses"  # a checkpoint's running sums of the epoch's training losses
+
 from .augment import mixup, roll, spec_mask
 from .metrics import macro_metrics
 from .memory import release_freed_memory
@@ -147,6 +149,12 @@ class MAESTModule(pl.LightningModule):
         self._releaser = None
         self.step_in_backward = check_mode(step_in_backward)
         self._in_backward = None
+        # The epoch's training losses: {name: sum of batch mean x batch size}, the sample count and the epoch they
+        # belong to; in every checkpoint, so a run resumed mid-epoch logs the whole epoch's mean (Lightning's own
+        # epoch aggregation starts again from the resumed batch).
+        self._epoch_losses: dict[str, torch.Tensor] = {}
+        self._epoch_samples = 0
+        self._epoch_of_losses: int | None = None
         self.record = model_record(arch, net.config, labels)  # checks len(labels) == n_classes
         self.lr = lr
         self.weight_decay = weight_decay
@@ -224,20 +232,42 @@ class MAESTModule(pl.LightningModule):
             x = roll(x, self.roll_max_shift)
         if self.mixup_alpha > 0:
             x, y, *teacher = mixup(x, y, self.mixup_alpha, *teacher)
+        parts = {}
         if self.teacher_student:
             logits, logits_dist = self.net.forward_heads(x)
-            loss_labels = F.binary_cross_entropy_with_logits(logits.float(), y)
-            loss_teacher = F.binary_cross_entropy_with_logits(logits_dist.float(), teacher[0])
-            loss = (loss_labels + loss_teacher) / 2
-            self.log_dict({"train_loss_labels": loss_labels, "train_loss_teacher": loss_teacher}, on_step=False, on_epoch=True,
-                          batch_size=len(y), sync_dist=True)
+            parts["train_loss_labels"] = F.binary_cross_entropy_with_logits(logits.float(), y)
+            parts["train_loss_teacher"] = F.binary_cross_entropy_with_logits(logits_dist.float(), teacher[0])
+            loss = (parts["train_loss_labels"] + parts["train_loss_teacher"]) / 2
         else:
             loss = F.binary_cross_entropy_with_logits(self.net(x).float(), y)
         # sync_dist: under DDP the logged loss is the mean over every rank's batch, not rank 0's alone (one scalar all-reduce)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self._add_epoch_losses(len(y), train_loss=loss, **parts)  # their epoch means: _log_epoch_losses
         return loss
 
+    def _add_epoch_losses(self, batch_size: int, **losses: torch.Tensor) -> None:
+        """Add a batch's mean losses, weighted by its size (on the loss's device: no synchronisation per step)."""
+        for name, loss in losses.items():
+            total = loss.detach().double() * batch_size
+            self._epoch_losses[name] = self._epoch_losses[name].to(total.device) + total if name in self._epoch_losses else total
+        self._epoch_samples += batch_size
+
+    def _log_epoch_losses(self) -> None:
+        """``<name>_epoch`` (``train_loss_epoch``, ...): the mean over every sample of the epoch, every rank's."""
+        if not self._epoch_losses or self._epoch_of_losses != self.current_epoch:
+            return
+        names = sorted(self._epoch_losses)
+        totals = torch.stack([self._epoch_losses[name].to(self.device) for name in names]
+                             + [torch.tensor(float(self._epoch_samples), dtype=torch.float64, device=self.device)])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        epoch_name = {"train_loss": "train_loss_epoch"}  # the teacher-student parts keep their names, as before
+        self.log_dict({epoch_name.get(name, name): (totals[i] / totals[-1]).float() for i, name in enumerate(names)},
+                      on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
+
     def on_train_epoch_start(self) -> None:
+        if self._epoch_of_losses != self.current_epoch:  # kept when a checkpoint of this epoch was resumed
+            self._epoch_losses, self._epoch_samples, self._epoch_of_losses = {}, 0, self.current_epoch
         self._average_swa(self.current_epoch)
 
     def on_validation_epoch_start(self) -> None:
@@ -254,9 +284,29 @@ class MAESTModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._update_swa()  # when no validation ran this epoch (idempotent: no harm when one did)
+        self._log_epoch_losses()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MODEL_RECORD_KEY] = self.record  # SPEC §5.6: commands rebuild the network from the file
+        if self._epoch_of_losses is not None:
+            checkpoint[EPOCH_LOSSES_KEY] = self._epoch_losses_state()
+
+    def _epoch_losses_state(self) -> dict:
+        """The epoch's loss sums of every rank together (a collective under DDP: Lightning builds a checkpoint
+        on every rank, and rank 0 writes it)."""
+        names = sorted(self._epoch_losses)
+        totals = torch.tensor([float(self._epoch_losses[name]) for name in names] + [float(self._epoch_samples)], dtype=torch.float64)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+        return {"epoch": self._epoch_of_losses, "samples": int(totals[-1]), "sums": {name: float(totals[i]) for i, name in enumerate(names)}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(EPOCH_LOSSES_KEY)
+        if state is not None:  # older checkpoints have none: the resumed epoch's mean is then of its remaining batches
+            # Every rank's sums together: rank 0 goes on from them, the others from zero (the epoch's end adds them up).
+            first = self._trainer is None or self.trainer.global_rank == 0
+            self._epoch_of_losses, self._epoch_samples = int(state["epoch"]), int(state["samples"]) if first else 0
+            self._epoch_losses = {name: torch.tensor(total if first else 0.0, dtype=torch.float64) for name, total in state["sums"].items()}
 
     @torch.no_grad()
     def _update_swa(self) -> None:

@@ -94,7 +94,7 @@ def test_demo_trains_and_writes_best_and_last_checkpoints(demo_run):
     result = demo_run.result
     assert result["global_step"] == 2 * STEPS_PER_EPOCH
     assert result["best_checkpoint"].endswith("-best.ckpt") and result["last_checkpoint"].endswith("last.ckpt")
-    for key in ("val_loss", "val_roc", "val_ap", "val_loss_swa", "val_roc_swa", "train_loss"):
+    for key in ("val_loss", "val_roc", "val_ap", "val_loss_swa", "val_roc_swa", "train_loss_epoch"):
         assert np.isfinite(result["metrics"][key]), key
     assert 0.0 <= result["metrics"]["val_roc"] <= 1.0
     for path in (result["best_checkpoint"], result["last_checkpoint"]):

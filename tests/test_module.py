@@ -302,3 +302,32 @@ def test_bf16_mixed_training_runs_and_keeps_float32_weights():
     assert module.net.head[1].weight.dtype == torch.float32
     assert not torch.equal(module.net.head[1].weight, before)
     assert 0.0 < fit.callback_metrics["val_loss"].item() < 2.0
+
+
+def test_the_epochs_loss_sums_in_a_checkpoint_are_every_ranks_and_rank_0_goes_on_from_them():
+    """Under DDP each rank sums its own batches' losses; the checkpoint (built on every rank, written by
+    rank 0) holds the sums of all ranks, so on resume rank 0 starts from them and the others from zero."""
+    from types import SimpleNamespace
+
+    from helpers.module import EPOCH_LOSSES_KEY
+
+    def on_rank(rank):
+        module = maest_module(tiny_net())
+        module._trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(
+            reduce=lambda totals, reduce_op: totals * 2 if reduce_op == "sum" else None))  # two ranks with equal sums
+        return module
+
+    saving = on_rank(0)
+    saving._epoch_of_losses = 1
+    saving._add_epoch_losses(4, train_loss=torch.tensor(0.5))
+    saving._add_epoch_losses(2, train_loss=torch.tensor(0.25))
+    checkpoint = {}
+    saving.on_save_checkpoint(checkpoint)
+    assert checkpoint[EPOCH_LOSSES_KEY] == {"epoch": 1, "samples": 12, "sums": {"train_loss": 5.0}}
+
+    first, other = on_rank(0), on_rank(1)
+    for module in (first, other):
+        module.on_load_checkpoint(checkpoint)
+    assert first._epoch_of_losses == other._epoch_of_losses == 1
+    assert (first._epoch_samples, float(first._epoch_losses["train_loss"])) == (12, 5.0)
+    assert (other._epoch_samples, float(other._epoch_losses["train_loss"])) == (0, 0.0)

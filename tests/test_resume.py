@@ -91,7 +91,16 @@ def demo_updates(data, root) -> dict:
 
 
 def _run(updates):
-    return ex.run("main", named_configs=["demo"], config_updates=updates, options={"--loglevel": "ERROR"})
+    """Train; the Sacred run record (metrics.json: every epoch's metrics) goes to <trainer.default_root_dir>/record."""
+    record = Path(updates["trainer"]["default_root_dir"]) / "record"
+    return ex.run("main", named_configs=["demo"], config_updates=updates, options={"--loglevel": "ERROR", "--file_storage": str(record)})
+
+
+def _epoch_metric(result, name: str) -> dict[int, float]:
+    """``{epoch: value}`` of ``name`` in the run's record."""
+    record = Path(result.config["trainer"]["default_root_dir"]) / "record" / str(result._id) / "metrics.json"
+    metric = json.loads(record.read_text())[name]
+    return dict(zip(metric["steps"], metric["values"]))
 
 
 def _killed_then_resumed(data, root, kill_file, kill_step):
@@ -133,8 +142,14 @@ def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(data, tmp_path, 
     assert f"{where} (global step {kill_step})" in caplog.text  # the command says where it goes on from
     expected, got = uninterrupted.result, resumed.result
     assert got["global_step"] == expected["global_step"] == EPOCHS * EPOCH_LENGTH // BATCH_SIZE
-    for key in ("val_roc", "val_roc_swa", "val_loss", "val_loss_swa", "val_ap"):
+    for key in ("val_roc", "val_roc_swa", "val_loss", "val_loss_swa", "val_ap", "train_loss_epoch"):
         assert got["metrics"][key] == pytest.approx(expected["metrics"][key], abs=1e-6), key
+    # Every epoch the resumed run logs has the uninterrupted run's training loss: the one it resumed in
+    # too (the mean over all its batches, those before the kill included, from the checkpoint).
+    resumed_epochs, whole = _epoch_metric(resumed, "train_loss_epoch"), _epoch_metric(uninterrupted, "train_loss_epoch")
+    assert sorted(whole) == list(range(EPOCHS)) and sorted(resumed_epochs) == list(range(kill_step // per_epoch, EPOCHS))
+    for epoch, value in resumed_epochs.items():
+        assert value == pytest.approx(whole[epoch], abs=1e-6), epoch
     want, have = _final_state(uninterrupted), _final_state(resumed)
     assert set(have["state_dict"]) == set(want["state_dict"])
     for key, value in want["state_dict"].items():  # net.*, net_swa.* and the SWA count
