@@ -161,6 +161,7 @@ class MelReader:
         self.n_mels = n_mels
         self._h5 = None
         self._h5_pid = None
+        self._subfolders: list[Path] | None = None  # base_dir's folders, for a missing file's hint (_elsewhere)
 
     def __getstate__(self):  # DataLoader workers pickle the reader: never ship an open h5 handle
         state = self.__dict__.copy()
@@ -182,6 +183,19 @@ class MelReader:
             raise MelFileError(f"mel key {key!r}: {problem}; it is not read from {self.base_dir}")
         return self.base_dir / key
 
+    def _elsewhere(self, key: str) -> str:
+        """Where a missing key's file is after all, one folder up or down (base_dir given one level off):
+        ``"; it is at <file>: did you mean datamodule.base_dir=<folder>?"``, else ``""``."""
+        if self._subfolders is None:  # listed once per reader: a wrong base_dir makes every file missing
+            try:
+                self._subfolders = sorted(d for d in self.base_dir.iterdir() if d.is_dir() and not d.name.startswith("."))[:64]
+            except OSError:
+                self._subfolders = []
+        for folder in (self.base_dir.parent, *self._subfolders):
+            if (folder / key).is_file():
+                return f"; it is at {folder / key}: did you mean datamodule.base_dir={folder}?"
+        return ""
+
     def _hdf5(self):
         import h5py
 
@@ -202,7 +216,8 @@ class MelReader:
         else:
             path = self.path(key)
             if not path.is_file():
-                raise MelFileError(f"mel file {path} does not exist: check datamodule.base_dir and the ground truth keys")
+                raise MelFileError(f"mel file {path} does not exist: check datamodule.base_dir and the ground truth keys"
+                                   + self._elsewhere(key))
             if path.suffix == ".mmap":
                 size = path.stat().st_size
                 row = self.n_mels * MMAP_DTYPE.itemsize

@@ -238,3 +238,17 @@ def test_a_folder_of_unreadable_training_files_stops_training_naming_the_folder(
     ds = TrainDataset(reader=MelReader(tmp_path / "elsewhere"), groundtruth=gt, n_frames=10)
     with pytest.raises(MelFileError, match=rf"3 training files in a row cannot be read, from a/long.mmap on \(mel file .* does not exist.*\): check datamodule.base_dir \({tmp_path / 'elsewhere'}\)"):
         ds[0]
+
+
+def test_a_missing_mel_file_found_one_folder_up_or_down_names_the_base_dir_to_give(mels, tmp_path):
+    reader, _, _ = mels  # tmp_path/mels holds a/long.mmap
+    cases = [
+        (tmp_path / "mels" / "a", "a/long.mmap", tmp_path / "mels"),  # base_dir one level too deep
+        (tmp_path, "a/long.mmap", tmp_path / "mels"),  # one level too high: found in a subfolder
+    ]
+    for base, key, meant in cases:
+        with pytest.raises(MelFileError, match=rf"mel file {base / key} does not exist: check datamodule.base_dir and the "
+                                               rf"ground truth keys; it is at {meant / key}: did you mean datamodule.base_dir={meant}\?$"):
+            MelReader(base).read(key)
+    with pytest.raises(MelFileError, match=r"ground truth keys$"):  # nowhere near: no guess
+        reader.read("a/elsewhere.mmap")
