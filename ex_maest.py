@@ -28,6 +28,7 @@ import typing
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 # sacred 0.8.7 imports pkg_resources, which warns on every run; setuptools<81 is pinned so that it stays
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
@@ -430,10 +431,17 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     resume_from = _resolve_ckpt_path(ckpt_path, trainer, _run.config["run_name"], _config)
     if resume_from is not None:
         check_resume_checkpoint(resume_from, module)
+        if trainer.is_global_zero:
+            _warn_changed_keys(_run, _config, resume_from)
     skip_log = _training_skip_log(datamodule, trainer, fresh=resume_from is None)
-    # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
-    with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and the resume line, not "Failed" (exit 130)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    try:
+        # weights_only: resuming never runs code from the file, whatever $TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
+        with ctrl_c_from_lightning(trainer):  # Ctrl-C: INTERRUPTED and the resume line, not "Failed" (exit 130)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except BaseException:
+        if trainer.world_size == 1:  # the files skipped before the stop (other ranks' logs would need a collective)
+            _write_training_skips(skip_log.read(), trainer)
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
     result = {
@@ -446,6 +454,8 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     train_skips, train_list = _list_training_skips(skip_log, trainer)
     if trainer.is_global_zero:  # under DDP every rank runs main; one report
         _report(_run, result, setup.config.n_classes)
+        if train_skips:
+            print(_training_coverage(datamodule.dataset("train"), train_skips, training_labels(setup.config.n_classes)), file=sys.stderr)
     # SPEC §8: trained and validated on the good files, checkpoints written; the run still fails.
     exit_on_failures(val_failures, failed_list, "validation file", report=trainer.is_global_zero,
                      also=[(train_skips, train_list, "training file")])
@@ -460,6 +470,8 @@ def _training_skip_log(datamodule, trainer, fresh: bool) -> SkipLog:
     skip_log = SkipLog(Path(trainer.default_root_dir) / ".skipped-train" / f"rank{trainer.global_rank}")
     if fresh:
         skip_log.clear()
+        if trainer.is_global_zero:  # an earlier run's list: this run's is written when it ends or stops
+            (Path(trainer.default_root_dir) / "failed-train.txt").unlink(missing_ok=True)
     datamodule.dataset("train").skip_log = skip_log
     return skip_log
 
@@ -473,10 +485,43 @@ def _list_training_skips(skip_log: SkipLog, trainer) -> tuple[dict[str, str], Pa
     skips = {}
     for rank_skips in Ranks().gather(skip_log.read()):
         skips.update(rank_skips)
+    return dict(sorted(skips.items())), _write_training_skips(skips, trainer)
+
+
+def _write_training_skips(skips: dict[str, str], trainer) -> Path:
     failed_list = Path(trainer.default_root_dir) / "failed-train.txt"
     if trainer.is_global_zero:
         update_failure_list(failed_list, skips, covered=skips)
-    return dict(sorted(skips.items())), failed_list
+    return failed_list
+
+
+def _training_coverage(dataset, skips: dict[str, str], labels: list[str] | None) -> str:
+    """How much of the training set the run could read, and the classes left without a readable training track."""
+    skipped = np.isin(np.array([dataset.key(i) for i in range(len(dataset))], dtype=object), list(skips))
+    text = (f"{int(skipped.sum())} of the {len(dataset)} training tracks ({skipped.mean():.0%}) could not be read: the model "
+            f"trained on the other {int((~skipped).sum())}, each skipped draw replaced by the next readable track")
+    lost = np.flatnonzero(dataset.labels.any(axis=0) & ~dataset.labels[~skipped].any(axis=0))
+    if len(lost):
+        names = [labels[c] if labels else f"class {c}" for c in lost]
+        text += f"; {len(lost)} class(es) had no readable training track at all: {', '.join(names[:10])}" + (" ..." if len(names) > 10 else "")
+    return text
+
+
+def _warn_changed_keys(_run, config: dict, resume_from: str) -> None:
+    """Resuming under keys other than the run's own (run_name or a checkpoint path forced the folder): say which.
+
+    The run is the one whose folder holds the checkpoint (outputs/<run>/train/checkpoints/), else this
+    config's; its keys are read from its newest Sacred record in outputs/sacred, when one is kept.
+    """
+    parts = Path(resume_from).parts
+    run = parts[-4] if len(parts) >= 4 and parts[-3:-1] == ("train", "checkpoints") else config["run_name"]
+    own = [observer.dir for observer in _run.observers if getattr(observer, "dir", None)]  # this command's own record
+    recorded = recorded_config(run, exclude=own)
+    changed = config_differences(config, recorded) if recorded else ""
+    if changed:
+        _logger.warning(
+            "resuming run %s under other keys than its Sacred record's: %s. The checkpoint brings the weights, the optimiser "
+            "and schedule, the random state and the sampler's place; every other key takes this command's value", run, changed)
 
 
 def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[dict[str, str], Path]:

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path, PurePath
 
 import sacred.utils as sacred_utils
@@ -80,12 +81,14 @@ def hashed_config(config: dict) -> dict:
     }
 
 
-def recorded_config(run_name: str, environ=os.environ) -> dict | None:
+def recorded_config(run_name: str, exclude: Iterable[str | os.PathLike] = (), environ=os.environ) -> dict | None:
     """The config of the newest Sacred run record of ``run_name`` in the default record folder
-    (``outputs/sacred`` or ``$MAEST_SACRED_DIR``); None when none is kept there."""
+    (``outputs/sacred`` or ``$MAEST_SACRED_DIR``), other than the record folders ``exclude`` (the
+    running command's own); None when none is kept there."""
     newest = None
+    excluded = {Path(folder).resolve() for folder in exclude}
     for path in Path(environ.get(SACRED_DIR_ENV) or OUTPUTS / "sacred").glob("*/config.json"):
-        if not path.parent.name.isdigit():
+        if not path.parent.name.isdigit() or path.parent.resolve() in excluded:
             continue
         try:
             config = json.loads(path.read_text(encoding="utf-8"))

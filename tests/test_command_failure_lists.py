@@ -170,7 +170,7 @@ def test_training_skips_unreadable_training_files_lists_them_and_fails_and_a_res
     base = Path(data["base_dir"])
     train_keys = sorted(load_groundtruth(data["groundtruth_train"]))
     bad = train_keys[::3]  # every third training file truncated, in the DataLoader worker's reads
-    whole = {key: (base / key).read_bytes() for key in bad}
+    whole = {key: (base / key).read_bytes() for key in train_keys}
     for key in bad:
         (base / key).write_bytes(whole[key][:-5])
     root = tmp_path / "root"
@@ -189,6 +189,9 @@ def test_training_skips_unreadable_training_files_lists_them_and_fails_and_a_res
     assert "Training finished." in captured.out
     assert f"FAILED {next(iter(sorted(listed)))}: " in captured.err
     assert f"{len(listed)} training file(s) skipped; listed in {root / 'failed-train.txt'}" in captured.err
+    n_train = len(train_keys)
+    assert (f"{len(listed)} of the {n_train} training tracks ({len(listed) / n_train:.0%}) could not be read: the model trained "
+            f"on the other {n_train - len(listed)}") in captured.err
 
     # Resumed for a second epoch: the list still holds the first epoch's skips, and the second's.
     resumed = {**updates, "ckpt_path": "last", "trainer": {**updates["trainer"], "max_epochs": 2}}
@@ -196,8 +199,26 @@ def test_training_skips_unreadable_training_files_lists_them_and_fails_and_a_res
         ex.run("main", config_updates=resumed, options={"--loglevel": "ERROR"})
     assert set(listed) <= set(read_failure_list(root / "failed-train.txt")) <= set(bad)
 
+    # Every training file unreadable: a fresh run stops ("in a row") and lists what it skipped, not the last run's list.
+    for key in train_keys:
+        (base / key).write_bytes(b"\x00" * 7)
+    with pytest.raises(Exception, match="training files in a row cannot be read"):
+        ex.run("main", config_updates={**updates, "datamodule": {**updates["datamodule"], "num_workers": 0}}, options={"--loglevel": "ERROR"})
+    assert set(read_failure_list(root / "failed-train.txt")) == set(train_keys)
     # The files repaired, a fresh run skips nothing: exit 0 and no list.
-    for key in bad:
+    for key in train_keys:
         (base / key).write_bytes(whole[key])
     run = ex.run("main", config_updates=updates, options={"--loglevel": "ERROR"})
     assert run.status == "COMPLETED" and not (root / "failed-train.txt").exists()
+
+
+def test_training_coverage_says_how_much_was_read_and_which_classes_had_nothing():
+    from ex_maest import _training_coverage
+
+    keys = ["a", "b", "c", "d"]
+    labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=bool)  # class 2: only d
+    dataset = type("TrainSet", (), {"labels": labels, "key": staticmethod(keys.__getitem__), "__len__": lambda self: 4})()
+    assert _training_coverage(dataset, {"c": "x", "d": "y"}, ["rock", "jazz", "techno"]) == (
+        "2 of the 4 training tracks (50%) could not be read: the model trained on the other 2, each skipped draw replaced "
+        "by the next readable track; 1 class(es) had no readable training track at all: techno")
+    assert _training_coverage(dataset, {"a": "x"}, None).endswith("the next readable track")  # every class still has one

@@ -291,3 +291,20 @@ def test_random_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_random_state(torch.load(path, weights_only=True))
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_resuming_a_run_under_other_keys_says_which(data, tmp_path, uninterrupted, monkeypatch, caplog):
+    """run_name (or a checkpoint path) forces the folder of a run whose Sacred record has other keys: a warning names them."""
+    monkeypatch.setenv("MAEST_SACRED_DIR", str(Path(uninterrupted.config["trainer"]["default_root_dir"]) / "record"))
+    updates = demo_updates(data, tmp_path / "again")
+    updates.update(seed=5, run_name=uninterrupted.config["run_name"], ckpt_path=uninterrupted.result["last_checkpoint"])
+    with caplog.at_level(logging.WARNING, logger="ex_maest"):
+        _run(updates)  # the run had ended: nothing more to train
+    assert (f"resuming run {uninterrupted.config['run_name']} under other keys than its Sacred record's: seed 0 there, 5 here. "
+            "The checkpoint brings the weights") in caplog.text
+
+    caplog.clear()
+    updates["seed"] = 0  # the run's own keys: nothing to say
+    with caplog.at_level(logging.WARNING, logger="ex_maest"):
+        _run(updates)
+    assert "under other keys" not in caplog.text
