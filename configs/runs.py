@@ -394,12 +394,17 @@ def ctrl_c_from_lightning(trainer):
 
 
 def _nothing_saved_yet(trainer) -> str:
-    """The Ctrl-C line of a training stopped before its first checkpoint ("" otherwise: the command's own line)."""
+    """The Ctrl-C line of a training stopped before its first checkpoint, or of one that already saves within
+    epochs (the command's own line suggests checkpoint_every_n_train_steps); "" otherwise: the command's own line."""
     callback = getattr(trainer, "checkpoint_callback", None)
     folder = getattr(callback, "dirpath", None)
-    if getattr(trainer.state, "fn", None) != "fit" or folder is None or any(Path(folder).glob("*.ckpt")):
+    if getattr(trainer.state, "fn", None) != "fit" or folder is None:
         return ""
-    return "training stopped before its first checkpoint, so there is nothing to resume; rerun the same command (without ckpt_path=last)."
+    if not any(Path(folder).glob("*.ckpt")):
+        return "training stopped before its first checkpoint, so there is nothing to resume; rerun the same command (without ckpt_path=last)."
+    if any(getattr(cb, "_every_n_train_steps", 0) for cb in getattr(trainer, "checkpoint_callbacks", [])):
+        return "training keeps its checkpoints; rerun the same command with ckpt_path=last to go on."  # the hint without its tip
+    return ""
 
 
 def first_on_its_node() -> bool:

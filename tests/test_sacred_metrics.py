@@ -265,8 +265,9 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
 
     from configs.runs import ctrl_c_from_lightning, run_commandline
 
-    def stopped(fn: str):
-        trainer = SimpleNamespace(interrupted=True, state=SimpleNamespace(fn=fn), checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+    def stopped(fn: str, every_n_train_steps: int = 0):
+        callback = SimpleNamespace(dirpath=str(tmp_path), _every_n_train_steps=every_n_train_steps)
+        trainer = SimpleNamespace(interrupted=True, state=SimpleNamespace(fn=fn), checkpoint_callback=callback, checkpoint_callbacks=[callback])
         with pytest.raises(KeyboardInterrupt) as interrupt, ctrl_c_from_lightning(trainer):
             raise SystemExit(1)  # what Lightning does after its graceful shutdown
         return str(interrupt.value)
@@ -274,7 +275,10 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     assert "nothing to resume; rerun the same command (without ckpt_path=last)" in stopped("fit")
     assert stopped("test") == ""  # testing resumes nothing: the command's own line
     (tmp_path / "last.ckpt").write_bytes(b"")
-    assert stopped("fit") == ""  # a checkpoint: "rerun with ckpt_path=last"
+    assert stopped("fit") == ""  # a checkpoint: "rerun with ckpt_path=last", and the tip of checkpoint_every_n_train_steps
+    assert "checkpoint_every_n_train_steps" in ex_maest.RESUME_HINT["main"]
+    # already saving within epochs: the line without that tip
+    assert stopped("fit", every_n_train_steps=20) == "training keeps its checkpoints; rerun the same command with ckpt_path=last to go on."
 
     def interrupted():
         raise KeyboardInterrupt("training stopped before its first checkpoint, so there is nothing to resume")
