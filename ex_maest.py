@@ -606,8 +606,10 @@ def compute_norm_stats(synthetic_data, norm_stats_out, datamodule):
     stats = mel_statistics(datamodule["base_dir"], datamodule["groundtruth_train"], failed_list=failed_list)
     write_text_atomic(out, json.dumps(stats, indent=2))
     print(f"mean {stats['mean']:.6f}  std {stats['std']:.6f}  over {stats['n_frames']} frames of {stats['n_files']} files -> {out}")
-    print(f"the models normalise their input with Discogs' mean {DISCOGS_MEAN:.6f} and std {DISCOGS_STD:.6f} (fixed: the released "
-          f"weights expect them); these mels' mean is {(stats['mean'] - DISCOGS_MEAN) / DISCOGS_STD:+.2f} Discogs std from it")
+    shift = (stats["mean"] - DISCOGS_MEAN) / DISCOGS_STD
+    print(f"for comparison only (no setting reads {out.name}): the models normalise their input with the Discogs training set's "
+          f"mean {DISCOGS_MEAN:.6f} and std {DISCOGS_STD:.6f}, fixed because the released weights expect them; the mean of "
+          f"these training mels (datamodule.groundtruth_train) lies {abs(shift):.2f} of that std {'below' if shift < 0 else 'above'} it")
     exit_on_failures(stats["failed"], failed_list, "mel file")  # the statistics of the good files are written
     return stats
 
