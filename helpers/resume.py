@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -149,3 +150,15 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        """A newer step checkpoint replaces the older one, also the one the run resumed from.
+
+        Lightning never removes the checkpoint a run resumed from: every resume of a long run would
+        leave one more step checkpoint (weights, SWA copy and AdamW state: about 1 GB for a ViT-B)
+        beside the one an uninterrupted run keeps. The newer file is written whole before the older
+        one goes (Lightning writes through a temporary file), and only files of this folder go.
+        """
+        if previous == current:
+            return False
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents

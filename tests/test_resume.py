@@ -150,6 +150,15 @@ def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(data, tmp_path, 
     assert sorted(whole) == list(range(EPOCHS)) and sorted(resumed_epochs) == list(range(kill_step // per_epoch, EPOCHS))
     for epoch, value in resumed_epochs.items():
         assert value == pytest.approx(whole[epoch], abs=1e-6), epoch
+    # The step checkpoint the run resumed from goes once a newer one is written, as in the uninterrupted run
+    # (Lightning would keep it). (The killer stops the run right after it wrote step 4, before it removed
+    # step 2: that one stays, as it would after any kill in that instant.)
+    def step_checkpoints(result):
+        return sorted(p.name for p in Path(result.result["last_checkpoint"]).parent.glob("step-*.ckpt"))
+
+    newest = f"step-step={EPOCHS * per_epoch - 1}.ckpt"
+    assert step_checkpoints(uninterrupted) == [newest]
+    assert newest in step_checkpoints(resumed) and f"step-step={kill_step}.ckpt" not in step_checkpoints(resumed)
     want, have = _final_state(uninterrupted), _final_state(resumed)
     assert set(have["state_dict"]) == set(want["state_dict"])
     for key, value in want["state_dict"].items():  # net.*, net_swa.* and the SWA count
