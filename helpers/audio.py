@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +46,12 @@ def _describe(error: Exception) -> str:
     return str(error).strip() or type(error).__name__
 
 
+def _describe_ffmpeg(error: Exception) -> str:
+    """FFmpeg's reason without PyAV's "[Errno N] " prefix: N is an FFmpeg error code (e.g. 1094995529,
+    AVERROR_INVALIDDATA), not an errno, and tells the reader nothing the text does not."""
+    return re.sub(r"^\[Errno -?\d+\] ", "", _describe(error))
+
+
 def _describe_soundfile(error: Exception, path: Path) -> str:
     """libsndfile's reason without the "Error opening '<path>': " prefix (the message names the file already).
 
@@ -60,31 +67,57 @@ def _describe_soundfile(error: Exception, path: Path) -> str:
 # An MPEG file may decode up to this many samples short of its Xing/Info tag's count and be whole:
 # some encoders count the tag's own frame, and a frame is 1152 samples (576 in MPEG-2 layer III).
 MPEG_LENGTH_SLACK = 2 * 1152
+# An MP3 may hold up to this share fewer stream bytes than its Xing/Info tag counts and be whole:
+# libmpg123's own threshold ("Xing stream size off by more than 1%"), which tolerates encoders' rounding.
+MPEG_BYTES_SLACK = 0.01
+
+# libsndfile subtypes FFmpeg decodes to exactly the frames libsndfile's header reading states (FLAC's
+# are PCM_*). Not Vorbis or Opus (FFmpeg drops up to 256 samples of Vorbis's first block; an Ogg file's
+# last page is checked instead), nor ADPCM and the like, nor MPEG (its length is a tag's or an estimate).
+_EXACT_LENGTH_SUBTYPES = ("PCM_", "FLOAT", "DOUBLE", "ULAW", "ALAW")
+# libsndfile's frame count of a file whose header leaves its length unknown (a FLAC written to a pipe
+# has 0 total samples in its STREAMINFO): not a promise.
+_SF_COUNT_MAX = 2**63 - 1
 
 
-def _read(path: Path) -> tuple[np.ndarray, int, int | None, int]:
+def _read(path: Path) -> tuple[np.ndarray, int, int | None, int, tuple[int, int] | None]:
     """``(samples, channels)`` float32, the file's sample rate, the frames its header declares (None:
-    unknown) and how many fewer it may hold and still be whole."""
+    unknown), how many fewer it may hold and still be whole, and for an MP3 whose Xing/Info tag counts
+    its bytes, ``(bytes counted, bytes the file holds from its first frame)``.
+
+    When libsndfile opens a file and reads its length but fails in its frames (a FLAC cut at a frame
+    boundary: "Internal psf_fseek() failed"), FFmpeg decodes what is there and is held to that length
+    where it decodes the codec to exactly that many frames: the file is refused as truncated, not read
+    as a shorter one.
+    """
+    declared, slack, exact = None, 0, False
+    counted_bytes, held_bytes = None, 0  # an MP3's Xing/Info tag's stream size, and what the file holds
     try:
         with sf.SoundFile(path) as f:
             # An MPEG stream has no length field: libsndfile estimates one from the file's size, unless the
             # file opens with a Xing/Info tag (LAME and most encoders write one) that counts its frames.
-            slack = 0
             if not f.subtype.startswith("MPEG"):
-                declared = f.frames  # other codecs state their length
+                declared = f.frames if f.frames < _SF_COUNT_MAX else None  # other codecs state their length
+                exact = f.format != "OGG" and f.subtype.startswith(_EXACT_LENGTH_SUBTYPES)
             elif f.format in ("MP3", "MPEG"):  # an MPEG stream, not MPEG inside a WAV
-                declared, slack = (f.frames if _mpeg_counts_its_frames(path) else None), MPEG_LENGTH_SLACK
-            else:
-                declared = None
+                counts_frames, counted_bytes, held_bytes = _xing_tag(path)
+                declared, slack = (f.frames if counts_frames else None), MPEG_LENGTH_SLACK
             audio = f.read(dtype="float32", always_2d=True)
             sr = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_error:
         log.debug("soundfile cannot read %s (%s); trying FFmpeg (PyAV)", path, sf_error)
         audio, sr = _read_ffmpeg(path, sf_error)
-        declared, slack = None, 0  # container durations are estimates; a WAV's own header is read below
+        if not exact:  # FFmpeg's length may differ by the codec's priming; a WAV's own header is read below
+            declared, slack = None, 0
     # libsndfile clamps a WAV's data size to the bytes present: read the header's own promise.
     header = _wav_header_frames(path)
-    return audio, int(sr), max(declared or 0, header or 0) or None, slack if header is None else 0
+    stream_bytes = (counted_bytes, held_bytes) if counted_bytes else None
+    return audio, int(sr), max(declared or 0, header or 0) or None, slack if header is None else 0, stream_bytes
+
+
+# Neither reader decodes a file that exists: a file cut short cannot be re-encoded, only fetched again.
+# ("corrupt or not audio" stays: the module's docstring and the README name the cause so.)
+_UNREADABLE = "The file is corrupt or not audio, or was cut short: download or export it again, or remove it"
 
 
 def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
@@ -101,7 +134,7 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
     except av.FFmpegError as e:
         raise AudioLoadError(
             f"cannot decode audio file {path}: soundfile says {_describe_soundfile(sf_error, path)}; FFmpeg says "
-            f"{_describe(e)}. The file is corrupt or not audio: re-encode it (e.g. to flac) or remove it"
+            f"{_describe_ffmpeg(e)}. {_UNREADABLE}"
         ) from e
     with container:
         if not container.streams.audio:
@@ -126,7 +159,7 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
             chunks += [f.to_ndarray() for f in resampler.resample(None)]
         except av.FFmpegError as e:
             raise AudioLoadError(
-                f"cannot decode audio file {path} ({codec.name} in {container.format.name}): FFmpeg says {_describe(e)}. "
+                f"cannot decode audio file {path} ({codec.name} in {container.format.name}): FFmpeg says {_describe_ffmpeg(e)}. "
                 "The file is corrupt: re-encode or re-download it"
             ) from e
         rate = codec.sample_rate
@@ -142,8 +175,7 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
             # no audio packet in it: random bytes named .flac end here; they are not an empty recording.
             raise AudioLoadError(
                 f"cannot decode audio file {path}: soundfile says {_describe_soundfile(sf_error, path)}; FFmpeg opens "
-                f"it as {container.format.name} but finds no audio data in it. The file is corrupt or not audio: "
-                "re-encode it (e.g. to flac) or remove it"
+                f"it as {container.format.name} but finds no audio data in it. {_UNREADABLE}"
             )
     audio = np.concatenate(chunks, axis=1).T  # (samples, channels)
     # Encoders pad the last frame (AAC: up to 1024 samples); the container's duration says where the
@@ -175,12 +207,15 @@ def _wave_format_tag(path: Path) -> int | None:
     return None
 
 
-def _mpeg_counts_its_frames(path: Path) -> bool:
-    """Whether an MPEG audio file's first frame is a Xing or Info tag with its frame count set.
+def _xing_tag(path: Path) -> tuple[bool, int | None, int]:
+    """An MPEG audio file's Xing or Info tag: whether it counts the frames, the bytes of stream it counts
+    (None: no tag, or no count) and the bytes the file holds from its first frame on.
 
-    The tag sits after the frame's 4-byte header and side information (9 to 32 bytes, by version
-    and channel mode; 2 more with a CRC), behind any ID3v2 tag; its flags' bit 0 says the count of
-    frames follows. The decoder's length then is the encoder's, not an estimate from the file's size.
+    The tag sits in the first frame, after its 4-byte header and side information (9 to 32 bytes, by
+    version and channel mode; 2 more with a CRC), behind any ID3v2 tag. Its flags (4 bytes, big-endian)
+    say which counts follow, 4 bytes big-endian each: bit 0 the frames (the decoder's length then is the
+    encoder's, not an estimate from the file's size), bit 1 the bytes, from the tag's own frame to the end
+    of the last (LAME >= 3.98 and FFmpeg write exactly that; an ID3v1 or APE tag behind it is not counted).
     """
     with open(path, "rb") as f:
         head = f.read(10)
@@ -190,12 +225,20 @@ def _mpeg_counts_its_frames(path: Path) -> bool:
             start = 10 + size + (10 if head[5] & 0x10 else 0)
         f.seek(start)
         data = f.read(16384)
+        file_size = f.seek(0, os.SEEK_END)
     for sync in range(len(data) - 1):  # the first frame header: 11 set bits, a valid version and layer
         if data[sync] == 0xFF and data[sync + 1] & 0xE0 == 0xE0 and data[sync + 1] & 0x18 != 0x08 and data[sync + 1] & 0x06:
+            held = file_size - start - sync
             window = data[sync + 4: sync + 4 + 40]
             at = max(window.find(b"Xing"), window.find(b"Info"))
-            return at >= 0 and len(window) >= at + 8 and bool(window[at + 7] & 0x01)
-    return False
+            if at < 0 or len(window) < at + 8:
+                return False, None, held
+            tag = data[sync + 4 + at:]  # "Xing" or "Info", the flags, then the counts they announce
+            flags = tag[7]
+            byte_count = tag[12:16] if flags & 0x01 else tag[8:12]  # after the frame count, if there is one
+            counted = struct.unpack(">I", byte_count)[0] if flags & 0x02 and len(byte_count) == 4 else None
+            return bool(flags & 0x01), counted or None, held  # a count of 0 bytes states nothing
+    return False, None, 0
 
 
 def _ogg_cut_short(path: Path) -> bool:
@@ -263,9 +306,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     """Read an audio file as float32 mono at ``sample_rate`` (any input rate and channel count).
 
     Raises ``AudioLoadError`` for a missing, undecodable, empty, truncated or non-finite file.
-    Truncated: fewer frames than the file declares (a WAV's data size, an MP3's Xing/Info tag; a
-    FLAC's or M4A's cut frames fail to decode), or an Ogg file (Vorbis, Opus, ...) whose last page
-    does not end its stream.
+    Truncated: fewer frames than the file declares (a WAV's data size, a FLAC's STREAMINFO, an MP3's
+    Xing/Info tag; an M4A's cut frames fail to decode), fewer bytes of MP3 stream than its Xing/Info
+    tag counts (by more than 1 %), or an Ogg file (Vorbis, Opus, ...) whose last page does not end
+    its stream.
     """
     path = Path(path)
     if not path.is_file():
@@ -273,7 +317,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     if path.stat().st_size == 0:
         raise AudioLoadError(f"audio file {path} is empty (0 bytes): download or export it again, or remove it")
     try:
-        audio, file_sr, declared, slack = _read(path)
+        audio, file_sr, declared, slack, stream_bytes = _read(path)
     except AudioLoadError:
         if _ogg_cut_short(path):  # the cut left no whole page to decode
             raise _ogg_cut_error(path) from None
@@ -286,6 +330,12 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
         raise AudioLoadError(
             f"audio file {path} is truncated: its header says {declared / file_sr:.2f} s, the file holds "
             f"{audio.shape[0] / file_sr:.2f} s; re-encode or re-download it"
+        )
+    if stream_bytes is not None and stream_bytes[1] < stream_bytes[0] * (1 - MPEG_BYTES_SLACK):
+        # A cut near an MP3's end can lose fewer frames than MPEG_LENGTH_SLACK; the tag's byte count sees it.
+        raise AudioLoadError(
+            f"audio file {path} is truncated: its Xing/Info tag counts {stream_bytes[0]} bytes of MP3 stream, the "
+            f"file holds {stream_bytes[1]}; re-encode or re-download it"
         )
     mono = audio.mean(axis=1, dtype=np.float32)  # (samples,)
     if not np.isfinite(mono).all():

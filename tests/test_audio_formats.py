@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 
 import av
 import numpy as np
@@ -112,8 +113,10 @@ def test_unsupported_codecs_are_named(tmp_path):
         load_audio(tmp_path / "vorbis.wav")
     # Garbage behind an MP4 header: neither reader makes sense of it.
     (tmp_path / "fake.m4a").write_bytes(b"\x00\x00\x00\x18ftypM4A " + bytes(range(256)) * 8)
-    with pytest.raises(AudioLoadError, match=r"fake\.m4a: soundfile says .*; FFmpeg says .*corrupt or not audio"):
+    with pytest.raises(AudioLoadError, match=r"fake\.m4a: soundfile says .*; FFmpeg says .*corrupt or not audio") as error:
         load_audio(tmp_path / "fake.m4a")
+    assert "[Errno" not in str(error.value)  # FFmpeg's code is not an errno: its text alone
+    assert str(error.value).endswith("or was cut short: download or export it again, or remove it")
 
 
 def test_folders_list_the_formats_ffmpeg_reads(tmp_path):
@@ -171,3 +174,77 @@ def test_an_ogg_file_missing_only_its_last_bytes_is_cut_short(tmp_path, name):
     path.write_bytes(path.read_bytes()[:-8])  # most of its last page is still there
     with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} {CUT_SHORT['.ogg']}"):
         load_audio(path)
+
+
+# An MP3's Xing/Info tag counts the bytes of its stream, from the tag's own frame to the end of the last one.
+MP3_BYTES_CUT = r"is truncated: its Xing/Info tag counts (\d+) bytes of MP3 stream, the file holds (\d+); re-encode or re-download it"
+
+
+def first_frame_at(data: bytes) -> int:
+    """Where an MP3's first frame starts: after its ID3v2 tag (10 bytes and a syncsafe size), if any."""
+    return 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10])) if data[:3] == b"ID3" else 0
+
+
+@pytest.mark.parametrize("name", [name for name in MAKERS if name.endswith(".mp3")])
+@pytest.mark.parametrize("keep", [0.95, 0.98])
+def test_an_mp3_missing_only_its_last_frames_is_cut_short(tmp_path, name, keep):
+    # 5 % of a 1 s file is 1 to 3 frames, often fewer decoded samples than MPEG_LENGTH_SLACK; 2 % is less
+    # than a frame. Both are more stream bytes than the 1 % libmpg123 tolerates between the tag and the file.
+    path = MAKERS[name](tmp_path / name)
+    whole = path.read_bytes()
+    cut(path, keep)
+    with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} (?:{MP3_BYTES_CUT}|{CUT_SHORT['.mp3']})") as error:
+        load_audio(path)
+    if keep == 0.98:  # no missing frame to see: the byte count says it
+        counted, held = map(int, re.search(MP3_BYTES_CUT, str(error.value)).groups())
+        assert counted == len(whole) - first_frame_at(whole)  # the whole stream, the ID3v2 tag not counted
+        assert held == int(len(whole) * keep) - first_frame_at(whole)
+
+
+@pytest.mark.parametrize("rate", [22050, 32000, 44100, 48000])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_whole_mp3s_of_both_encoders_read_and_a_95_percent_cut_does_not(tmp_path, monkeypatch, rate, channels):
+    # libsndfile's LAME (no ID3) and FFmpeg's libmp3lame (an ID3v2 tag, then its own Info tag) count the
+    # same bytes in their tags: a whole file holds exactly that, whatever its length, rate and channels.
+    for seconds in (0.3, 2.7):
+        monkeypatch.setattr(sys.modules[__name__], "SECONDS", seconds)
+        for path in (soundfile_writes("MP3", rate, channels)(tmp_path / "lame.mp3"),
+                     encode(tmp_path / "ffmpeg.mp3", "libmp3lame", rate, 440.0, channels=channels)):
+            data = path.read_bytes()
+            tag = first_frame_at(data) + re.search(rb"Xing|Info", data[first_frame_at(data) :][:64]).start()
+            flags, _frames, counted = struct.unpack(">III", data[tag + 4 : tag + 16])  # frames, then bytes
+            assert flags & 0x03 == 0x03 and counted == len(data) - first_frame_at(data), path.name
+            audio = load_audio(path)
+            assert abs(audio.size - seconds * 16000) <= 16 and peak_hz(audio) == pytest.approx(440.0, abs=5)
+            with pytest.raises(AudioLoadError, match=rf"{re.escape(str(cut(path, 0.95)))} is truncated"):
+                load_audio(path)
+
+
+def test_a_flac_cut_at_a_frame_boundary_is_cut_short(tmp_path):
+    # libsndfile reads the length in STREAMINFO, then fails at the missing frame ("Internal psf_fseek()
+    # failed"); FFmpeg decodes the frames that are there, without error: still not the whole file.
+    path = tmp_path / "cut.flac"
+    sf.write(path, np.concatenate([sine(44100, 440.0, 2)] * 2, axis=1).T, 44100)  # 2 s
+    data = path.read_bytes()
+    frames = []  # a frame opens with its sync code (fixed block size), 2 bytes, then its number (< 128: 1 byte)
+    for at in (m.start() for m in re.finditer(b"\xff\xf8", data)):
+        if data[at + 4] == len(frames):
+            frames.append(at)
+    assert len(frames) > 10
+    path.write_bytes(data[: frames[len(frames) // 2]])
+    with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} is truncated: its header says "
+                       r"2\.00 s, the file holds [01]\.\d\d s; re-encode or re-download it"):
+        load_audio(path)
+
+
+def test_a_flac_that_does_not_state_its_length_reads(tmp_path):
+    # A FLAC written to a pipe has 0 total samples in its STREAMINFO (unknown); libsndfile then gives
+    # 2**63 - 1 frames and fails to read that many: FFmpeg's decode is not held to that length.
+    path = tmp_path / "piped.flac"
+    sf.write(path, sine(44100, 440.0, 2).T, 44100)
+    data = bytearray(path.read_bytes())
+    data[8 + 13] &= 0xF0  # STREAMINFO's block starts at 8; its total samples are the last 36 bits of 8+13..8+17
+    data[8 + 14 : 8 + 18] = bytes(4)
+    path.write_bytes(bytes(data))
+    audio = load_audio(path)
+    assert audio.size == 16000 and peak_hz(audio) == pytest.approx(440.0, abs=3)
