@@ -109,8 +109,8 @@ def _read(path: Path) -> tuple[np.ndarray, int, int | None, int, tuple[int, int]
         audio, sr = _read_ffmpeg(path, sf_error)
         if not exact:  # FFmpeg's length may differ by the codec's priming; a WAV's own header is read below
             declared, slack = None, 0
-    # libsndfile clamps a WAV's data size to the bytes present: read the header's own promise.
-    header = _wav_header_frames(path)
+    # libsndfile clamps a WAV's or AIFF's data size to the bytes present: read the header's own promise.
+    header = _wav_header_frames(path) or _aiff_header_frames(path)
     stream_bytes = (counted_bytes, held_bytes) if counted_bytes else None
     return audio, int(sr), max(declared or 0, header or 0) or None, slack if header is None else 0, stream_bytes
 
@@ -241,6 +241,27 @@ def _xing_tag(path: Path) -> tuple[bool, int | None, int]:
     return False, None, 0
 
 
+# AIFF-C compression types whose COMM chunk counts sample frames of plain samples (PCM or float).
+_PLAIN_AIFC_TYPES = (b"NONE", b"sowt", b"twos", b"raw ", b"in24", b"in32", b"fl32", b"FL32", b"fl64", b"FL64")
+
+
+def _aiff_header_frames(path: Path) -> int | None:
+    """Sample frames the ``COMM`` chunk of an AIFF (or plain AIFF-C) file declares; None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"FORM" or head[8:12] not in (b"AIFF", b"AIFC"):
+            return None
+        while len(chunk := f.read(8)) == 8:
+            chunk_id, size = chunk[:4], struct.unpack(">I", chunk[4:])[0]
+            if chunk_id == b"COMM":
+                comm = f.read(size)
+                if len(comm) < 18 or (head[8:12] == b"AIFC" and comm[18:22] not in _PLAIN_AIFC_TYPES):
+                    return None
+                return struct.unpack(">I", comm[2:6])[0] or None
+            f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    return None
+
+
 def _ogg_cut_short(path: Path) -> bool:
     """Whether an Ogg file's last page is incomplete or lacks the end-of-stream flag: the file was cut short.
 
@@ -306,7 +327,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     """Read an audio file as float32 mono at ``sample_rate`` (any input rate and channel count).
 
     Raises ``AudioLoadError`` for a missing, undecodable, empty, truncated or non-finite file.
-    Truncated: fewer frames than the file declares (a WAV's data size, a FLAC's STREAMINFO, an MP3's
+    Truncated: fewer frames than the file declares (a WAV's or AIFF's header, a FLAC's STREAMINFO, an MP3's
     Xing/Info tag; an M4A's cut frames fail to decode), fewer bytes of MP3 stream than its Xing/Info
     tag counts (by more than 1 %), or an Ogg file (Vorbis, Opus, ...) whose last page does not end
     its stream.

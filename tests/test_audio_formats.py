@@ -248,3 +248,14 @@ def test_a_flac_that_does_not_state_its_length_reads(tmp_path):
     path.write_bytes(bytes(data))
     audio = load_audio(path)
     assert audio.size == 16000 and peak_hz(audio) == pytest.approx(440.0, abs=3)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])  # AIFF, AIFF-C "fl32"
+def test_an_aiff_file_cut_short_is_an_error_and_a_whole_one_reads(tmp_path, subtype):
+    path = tmp_path / f"{subtype}.aiff"
+    sf.write(path, sine(44100, 440.0, 2).T, 44100, format="AIFF", subtype=subtype)
+    whole = load_audio(path)
+    assert abs(whole.size - 16000) <= 16 and peak_hz(whole) == pytest.approx(440.0, abs=3)
+    cut(path, 0.5)
+    with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} is truncated: its header says 1\.00 s, the file holds 0\.\d\d s"):
+        load_audio(path)
