@@ -44,6 +44,19 @@ TRAIN_ATTEMPTS = 64
 TEACHER_CACHE_SIZE = 262_144
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one, as the DataLoader counts them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def default_num_workers(most: int = 4) -> int:
+    """``datamodule.num_workers``'s default: ``most`` worker processes, fewer on a machine with fewer CPUs
+    (more would make the DataLoader warn and compete with the model's threads)."""
+    return max(1, min(most, usable_cpus()))
+
+
 def hop_frames_for(hop: str, n_frames: int, key: str = "predict.hop") -> int:
     """Frames between clip starts: ``"full"``, consecutive clips; ``"half"``, half-overlapping ones.
 

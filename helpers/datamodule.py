@@ -18,25 +18,12 @@ from torch.utils.data import DataLoader
 
 from helpers.data import ClipDataset, TrainDataset, hop_frames_for
 from helpers.melfiles import MelReader, load_groundtruth
-from helpers.sampler import BalancedSampler, RandomEpochSampler
+from helpers.sampler import SAMPLERS, BalancedSampler, RandomEpochSampler
 from models.mel import n_frames_for
 
 logger = logging.getLogger(__name__)
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the OS has one, as the DataLoader counts them)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
-
-
-def default_num_workers(most: int = 4) -> int:
-    """``datamodule.num_workers``'s default: ``most`` worker processes, fewer on a machine with fewer CPUs
-    (more would make the DataLoader warn and compete with the model's threads)."""
-    return max(1, min(most, usable_cpus()))
-
-SAMPLERS = ("balanced", "random")
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):

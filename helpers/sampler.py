@@ -48,6 +48,9 @@ def balanced_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(weights)
 
 
+SAMPLERS = ("balanced", "random")  # datamodule.sampler: BalancedSampler, RandomEpochSampler
+
+
 class Draw(int):
     """A track index drawn by an epoch sampler; ``epoch`` and ``position`` (in the epoch's whole
     draw, all ranks) say which draw it is. It is an ``int`` everywhere else."""

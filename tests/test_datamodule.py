@@ -189,12 +189,12 @@ def test_lightning_fit_draws_a_new_epoch_each_time(tmp_path):
 
 
 def test_the_default_worker_count_is_four_or_the_usable_cpus(monkeypatch):
-    import helpers.datamodule
+    import helpers.data
     from configs.ingredients.datamodule import datamodule_ing
 
     for cpus, expected in ((2, 2), (16, 4), (1, 1)):
-        monkeypatch.setattr(helpers.datamodule, "usable_cpus", lambda: cpus)
-        assert helpers.datamodule.default_num_workers() == expected
-    monkeypatch.setattr(helpers.datamodule, "usable_cpus", lambda: 3)
+        monkeypatch.setattr(helpers.data, "usable_cpus", lambda: cpus)
+        assert helpers.data.default_num_workers() == expected
+    monkeypatch.setattr(helpers.data, "usable_cpus", lambda: 3)
     config = datamodule_ing.configurations[0]()
     assert config["num_workers"] == 3

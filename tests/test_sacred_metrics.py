@@ -397,3 +397,19 @@ def test_config_differences_name_the_keys_that_name_runs_apart():
     assert config_differences(here, there) == "module.lr 0.1 there, (not set) here; trainer.devices 4 there, 2 here"
     many = {f"k{i}": i for i in range(6)}
     assert config_differences(many, {}, shown=2) == "k0 (not set) there, 0 here; k1 (not set) there, 1 here; and 4 more"
+
+
+def test_ex_maest_starts_without_importing_lightning_and_still_takes_every_trainer_argument():
+    """Lightning takes seconds to import: commands that never train (print_config, predict, export) start
+    without it. The Trainer's arguments, which the trainer ingredient accepts as keys, are read from its source."""
+    import inspect
+
+    import lightning.pytorch as pl
+
+    from configs.ingredients.trainer import _lightning_trainer_arguments
+
+    assert _lightning_trainer_arguments() == tuple(name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self")
+    code = "import sys, ex_maest; print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'torchmetrics')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

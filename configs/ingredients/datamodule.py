@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import typing
 
 import torch
 from sacred import Ingredient
 
 from configs.ingredients.maest import model_clip_length, resolve_net
-from helpers.datamodule import MAESTDataModule, default_num_workers
+from helpers.data import default_num_workers
 from models.maest import MAESTConfig
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
 
@@ -38,16 +40,27 @@ def datamodule_config():
     labels = None  # label names in ground-truth vector order (prepare_folder's dataset.json sets them); None: unnamed
 
 
-# MAESTDataModule's parameters: the datamodule keys it takes (groundtruth_predict and labels serve
-# other commands; normalize has no key).
-_DATAMODULE_KEYS = tuple(name for name in inspect.signature(MAESTDataModule.__init__).parameters if name != "self")
+if typing.TYPE_CHECKING:
+    from helpers.datamodule import MAESTDataModule
+
+
+@functools.cache
+def _datamodule_keys() -> tuple[str, ...]:
+    """MAESTDataModule's parameters: the datamodule keys it takes (groundtruth_predict and labels serve
+    other commands; normalize has no key). Lightning is imported here, when a data module is built, not
+    when the program starts (it takes seconds: print_config, predict and export do not need it)."""
+    from helpers.datamodule import MAESTDataModule
+
+    return tuple(name for name in inspect.signature(MAESTDataModule.__init__).parameters if name != "self")
 
 
 @datamodule_ing.capture
 def build_datamodule(_config, clip_length: float) -> MAESTDataModule:
     """The data module of the ``datamodule`` config, cutting ``clip_length``-second clips (the resolved
     ``datamodule.clip_length``: ``check_training_clip`` or ``inference_clip_length``)."""
-    options = {key: _config[key] for key in _DATAMODULE_KEYS if key in _config and key != "clip_length"}
+    from helpers.datamodule import MAESTDataModule
+
+    options = {key: _config[key] for key in _datamodule_keys() if key in _config and key != "clip_length"}
     return MAESTDataModule(**options, clip_length=clip_length)
 
 

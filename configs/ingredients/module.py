@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from sacred import Ingredient
 
-from helpers.module import MAESTModule
 
 module_ing = Ingredient("module")
 
@@ -45,4 +44,6 @@ def module_config():
 
 @module_ing.capture
 def build_module(net, _config, arch: str | None = None, labels: list[str] | None = None):
+    from helpers.module import MAESTModule  # Lightning: imported when a module is built, not at start
+
     return MAESTModule(net, arch=arch, labels=labels, **_config)

@@ -42,13 +42,11 @@ def _accept_trainer_arguments(f):
     """
     import inspect
 
-    import lightning.pytorch as pl
-
     own = inspect.signature(f)
     extra = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-        for name in inspect.signature(pl.Trainer.__init__).parameters
-        if name != "self" and name not in own.parameters
+        for name in _lightning_trainer_arguments()
+        if name not in own.parameters
     ]
     params = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     f.__signature__ = own.replace(parameters=params + extra)
@@ -69,12 +67,30 @@ class _TrainerArgumentNotices(logging.Filter):
 
 
 @functools.cache
-def _lightning_trainer_arguments() -> frozenset[str]:
-    import inspect
+def _lightning_trainer_arguments() -> tuple[str, ...]:
+    """The arguments of the installed Lightning's ``Trainer``, in order, read from its source file.
 
-    import lightning.pytorch as pl
+    Importing Lightning takes seconds (torchmetrics, torch._dynamo): reading its ``trainer.py`` with
+    ``ast`` lets commands that never train (print_config, predict, export) start without it. Where the
+    file cannot be found or parsed, Lightning is imported and its signature read.
+    """
+    import ast
+    import importlib.util
 
-    return frozenset(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    spec = importlib.util.find_spec("lightning")
+    source = Path(spec.origin).parent / "pytorch" / "trainer" / "trainer.py" if spec and spec.origin else None
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        trainer = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Trainer")
+        init = next(node for node in trainer.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+        names = [a.arg for a in [*init.args.posonlyargs, *init.args.args, *init.args.kwonlyargs]]
+        return tuple(name for name in names if name != "self")
+    except (AttributeError, OSError, SyntaxError, StopIteration):
+        import inspect
+
+        import lightning.pytorch as pl
+
+        return tuple(name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self")
 
 
 logging.getLogger(trainer_ing.path).addFilter(_TrainerArgumentNotices())  # Sacred's logger of the ingredient's config
