@@ -48,10 +48,10 @@ from configs.runs import (
     trained_run_name, uses_synthetic_data,
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
-from helpers.sampler import SAMPLERS
 from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import exit_on_failures, update_failure_list
 from helpers.files import output_dir, output_file, write_text_atomic
+from helpers.sampler import SAMPLERS
 from models import heap
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
 from models.precision import PRECISIONS
