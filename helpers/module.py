@@ -248,7 +248,7 @@ class MAESTModule(pl.LightningModule):
     def _add_epoch_losses(self, batch_size: int, **losses: torch.Tensor) -> None:
         """Add a batch's mean losses, weighted by its size (on the loss's device: no synchronisation per step)."""
         for name, loss in losses.items():
-            total = loss.detach().double() * batch_size
+            total = loss.detach().to(torch.float32 if loss.device.type == "mps" else torch.float64) * batch_size  # MPS has no float64
             self._epoch_losses[name] = self._epoch_losses[name].to(total.device) + total if name in self._epoch_losses else total
         self._epoch_samples += batch_size
 
@@ -257,8 +257,9 @@ class MAESTModule(pl.LightningModule):
         if not self._epoch_losses or self._epoch_of_losses != self.current_epoch:
             return
         names = sorted(self._epoch_losses)
-        totals = torch.stack([self._epoch_losses[name].to(self.device) for name in names]
-                             + [torch.tensor(float(self._epoch_samples), dtype=torch.float64, device=self.device)])
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        totals = torch.stack([self._epoch_losses[name].to(self.device, dtype) for name in names]
+                             + [torch.tensor(float(self._epoch_samples), dtype=dtype, device=self.device)])
         if self._trainer is not None and self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         epoch_name = {"train_loss": "train_loss_epoch"}  # the teacher-student parts keep their names, as before
