@@ -298,7 +298,8 @@ class MAESTModule(pl.LightningModule):
         names = sorted(self._epoch_losses)
         totals = torch.tensor([float(self._epoch_losses[name]) for name in names] + [float(self._epoch_samples)], dtype=torch.float64)
         if self._trainer is not None and self.trainer.world_size > 1:
-            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+            on_device = totals.to(self.device, torch.float32 if self.device.type == "mps" else torch.float64)
+            totals = self.trainer.strategy.reduce(on_device, reduce_op="sum").cpu().double()
         return {"epoch": self._epoch_of_losses, "samples": int(totals[-1]), "sums": {name: float(totals[i]) for i, name in enumerate(names)}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
