@@ -295,12 +295,15 @@ def _check_devices(value) -> None:
         raise ValueError(f"trainer.devices must be 'auto', a number of devices >= 1 (-1: all), or a list of device indices such as [0, 1], got {value!r}")
 
 
-def _check_named(key: str, names, what: str):
-    """A validator: ``key`` must be one of ``names()`` (a function, so that Lightning is imported only when checking)."""
+def _check_named(key: str, names, what: str, common: tuple[str, ...] = ()):
+    """A validator: ``key`` must be one of ``names()`` (a function, so that Lightning is imported only when checking
+    a value outside ``common``, the names every Lightning 2 has: commands that never train start without it)."""
 
     def check(value) -> None:
         if not (value is None or isinstance(value, str)):
             return  # an object given from Python (a Lightning Strategy, Accelerator): Lightning checks it
+        if value in common:
+            return
         allowed = names()
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(n) for n in allowed], n=2)
@@ -353,8 +356,9 @@ _CONFIG_RULES = {
     "export.hf_max_length": _check_hf_max_length,  # export_hf checks the frames against the model
     "trainer.max_epochs": (int | None, _at_least(-1, " (-1: no limit)")),
     "trainer.devices": _check_devices,
-    "trainer.strategy": _check_named("trainer.strategy", _strategies, "a Lightning strategy"),
-    "trainer.accelerator": _check_named("trainer.accelerator", _accelerators, "an accelerator this installation has"),
+    "trainer.strategy": _check_named("trainer.strategy", _strategies, "a Lightning strategy", common=("auto", "ddp", "ddp_spawn")),
+    "trainer.accelerator": _check_named("trainer.accelerator", _accelerators, "an accelerator this installation has",
+                                        common=("auto", "cpu", "gpu", "cuda")),
     "maest.arch": _check_named("maest.arch", lambda: [None, *REGISTRY], "None (the checkpoint's) or a registered architecture"),
     "datamodule.sampler": _check_named("datamodule.sampler", lambda: list(SAMPLERS), "a training sampler"),
     "seed": (int, None),
@@ -376,20 +380,25 @@ def _trainer_hints() -> dict:
         return {}
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict, trainer_hints: bool = True) -> None:
     """Refuse values of the wrong type or range before any work, naming every such key at once.
 
     Sacred reads ``trainer.max_epochs=abc`` as the text "abc" and only warns; Lightning would then
-    stop on a bare AssertionError, ``predict.top_k=-1`` would fail every file.
+    stop on a bare AssertionError, ``predict.top_k=-1`` would fail every file. ``trainer_hints``:
+    check ``trainer.<key>`` against Lightning's annotations (which imports Lightning), else against
+    the defaults' types.
     """
-    rules = {key: (hint, None) for key, hint in _trainer_hints().items()}
+    rules = {key: (hint, None) for key, hint in _trainer_hints().items()} if trainer_hints else {}
     check_config_values(config, default_config(ex), {**rules, **_CONFIG_RULES})
+
+
+_TRAINER_COMMANDS = ("main", "test")  # the commands that build a Lightning Trainer from trainer.<key>
 
 
 @ex.config_hook
 def _check_config_hook(config, command_name, logger):
     if command_name not in INFO_COMMANDS:  # print_config still shows a broken config
-        check_config(config)
+        check_config(config, trainer_hints=command_name in _TRAINER_COMMANDS)  # the others start without Lightning
     return {}
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +414,16 @@ def test_ex_maest_starts_without_importing_lightning_and_still_takes_every_train
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+    # predict, to its first error (its config checked, no trainer.<key> checked against Lightning's annotations)
+    code = textwrap.dedent("""
+        import runpy, sys
+        sys.argv = ["ex_maest.py", "predict", "-u", "with", "demo", "predict.audio=['/nonexistent.wav']"]
+        try:
+            runpy.run_path("ex_maest.py", run_name="__main__")
+        except SystemExit:
+            pass
+        print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'torchmetrics')))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "inference_checkpoint='last'" in out.stderr and out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
