@@ -64,6 +64,16 @@ RESUME_HINT = (
     "a single probe starts again when rerun."
 )
 
+def probe_dir_for(embeddings_dir) -> str:
+    """``out_dir``'s default: ``probe/`` beside an ``embeddings/`` folder (a run's layout), ``probe-<name>/``
+    beside any other, so that probes of embedding folders side by side do not overwrite each other."""
+    if not isinstance(embeddings_dir, str):
+        return "outputs/probe"
+    folder = os.path.normpath(embeddings_dir)
+    name = os.path.basename(folder)
+    return os.path.join(os.path.dirname(folder), "probe" if name == "embeddings" else f"probe-{name}")
+
+
 ex = Experiment("maest_tl")
 shorten_result_lines(ex)  # a long result is shortened in the log line; the run record keeps it whole
 keep_output_of_failed_runs(ex)  # a failed run's record keeps what it printed (its FAILED lines)
@@ -82,8 +92,9 @@ def default_config():
     groundtruth_train = None
     groundtruth_val = None  # ground-truth pickle of the validation tracks (selects the best epoch)
     groundtruth_test = None  # ground-truth pickle of the test tracks (reported once, on the best checkpoint)
-    # checkpoints, TensorBoard logs and results.json go here: beside the embeddings (outputs/<run>/probe)
-    out_dir = os.path.join(os.path.dirname(os.path.normpath(embeddings_dir)), "probe") if isinstance(embeddings_dir, str) else "outputs/probe"
+    # checkpoints, TensorBoard logs and results.json go here: beside the embeddings (outputs/<run>/probe for
+    # outputs/<run>/embeddings; /data/probe-emb6 for /data/emb6, so probes of folders side by side stay apart)
+    out_dir = probe_dir_for(embeddings_dir)
 
     token = "c"  # tokens to probe: c (CLS), d (DIST), t (mean of patch tokens), or a combination like "cdt"
     combine = "mean"  # how several tokens are combined: "mean" (input size D) or "concat" (len(token) * D)
@@ -358,6 +369,17 @@ def _warn_other_mode(out_dir: Path, search: bool) -> None:
         )
 
 
+def _warn_other_embeddings(out_dir: Path, embeddings_dir: str) -> None:
+    """``out_dir`` holds the results of a probe of other embeddings, which this run replaces: say so before it trains."""
+    try:
+        earlier = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))["config"]["embeddings_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(earlier, str) and os.path.abspath(earlier) != os.path.abspath(embeddings_dir):
+        logger.warning("%s holds the results of a probe of %s: this run, on %s, replaces them and the checkpoint (set out_dir "
+                       "to keep both)", out_dir, earlier, embeddings_dir)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
@@ -486,12 +508,13 @@ def train_probe(datamodule: EmbeddingDataModule, metric: str, _config, out_dir, 
 
 
 @ex.main
-def main(out_dir, seed, search, selection_metric, threads) -> dict:
+def main(out_dir, embeddings_dir, seed, search, selection_metric, threads) -> dict:
     """Train the probe (or run the search), test its best-validation checkpoint, write and return the results.
 
     Tracks whose extraction failed are left out (listed in failed-probe.txt): the results of the
     others are written, then the run exits with status 1 (SPEC §8).
     """
+    _warn_other_embeddings(Path(out_dir), embeddings_dir)
     pl.seed_everything(seed, workers=True)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -423,7 +423,8 @@ def run_search(
         entry = {"trial": index, "setting": dict(point)}
         if effective in trained:
             first = trials[trained[effective]]
-            entry.update({k: first[k] for k in ("val", "score", "best_epoch", "epochs")}, seconds=0.0, same_as=trained[effective])
+            entry.update({k: first[k] for k in ("val", "score", "best_epoch", "epochs")}, seconds=0.0, resumed=None,
+                         same_as=trained[effective])
         else:
             record = journal.get("trial", settings, seed)
             resumed = record is not None
@@ -433,7 +434,7 @@ def run_search(
                 ))
             entry.update(
                 val=record["val"], score=record["val"][metric], best_epoch=record["best_epoch"],
-                epochs=record["epochs"], seconds=record["seconds"], resumed=resumed,
+                epochs=record["epochs"], seconds=record["seconds"], resumed=resumed, same_as=None,
             )
             trained[effective] = index
         trials.append(entry)

@@ -78,6 +78,22 @@ def test_demo_config_probes_and_writes_results(dataset, tmp_path):
     assert results["checkpoint"].endswith("best.ckpt")
 
 
+def test_a_probe_into_the_folder_of_a_probe_of_other_embeddings_says_it_replaces_it(dataset, tmp_path, caplog):
+    import shutil
+
+    run(["demo"], {**dataset, **FAST, "max_epochs": 2, "ramp_down_start": 1})
+    other = tmp_path / "embeddings-copy"
+    shutil.copytree(dataset["embeddings_dir"], other)
+    with caplog.at_level("WARNING", logger="ex_tl"):
+        run(["demo"], {**dataset, **FAST, "max_epochs": 2, "ramp_down_start": 1, "embeddings_dir": str(other)})
+    assert (f"{tmp_path / 'probe'} holds the results of a probe of {dataset['embeddings_dir']}: this run, on {other}, replaces "
+            "them and the checkpoint (set out_dir to keep both)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ex_tl"):
+        run(["demo"], {**dataset, **FAST, "max_epochs": 2, "ramp_down_start": 1, "embeddings_dir": str(other)})  # a rerun on the same embeddings
+    assert "holds the results of a probe of" not in caplog.text
+
+
 def test_linear_probe_on_one_token(dataset, tmp_path):
     linear = {"token": "c", "combine": "mean", "hidden_size": 0, "lr": 0.1, "warm_up_len": 0, "ramp_down_start": 1}
     r = run([], {**dataset, **FAST, **linear})
@@ -149,6 +165,10 @@ def test_probe_results_go_beside_the_embeddings_by_default():
     assert run.config["out_dir"] == os.path.join("outputs", "my_run", "probe")
     run = ex.run("print_config", config_updates={"embeddings_dir": "e", "out_dir": "elsewhere"}, options={"--loglevel": "ERROR"})
     assert run.config["out_dir"] == "elsewhere"
+    # embedding folders side by side (not a run's embeddings/): their probes stay apart
+    for folder in ("/data/emb_block6", "/data/emb_all/"):
+        run = ex.run("print_config", config_updates={"embeddings_dir": folder}, options={"--loglevel": "ERROR"})
+        assert run.config["out_dir"] == os.path.join("/data", f"probe-{os.path.basename(os.path.normpath(folder))}")
 
 
 # ---- search, layers and tasks ----------------------------------------------------------------

@@ -134,6 +134,8 @@ def test_search_picks_the_best_trial_reuses_linear_duplicates_and_resumes(tmp_pa
     assert len(trials) == 8 and [t["setting"] for t in trials[:2]] == [
         {"lr": 1e-3, "hidden_layers": 0, "dropout": 0.1}, {"lr": 1e-3, "hidden_layers": 0, "dropout": 0.5}]
     assert trials[1]["same_as"] == 0 and trials[1]["val"] == trials[0]["val"]  # a linear probe has no dropout
+    # every trial has both keys, as README shows: a trained one same_as null, a copy resumed null
+    assert (trials[0]["same_as"], trials[0]["resumed"], trials[1]["resumed"]) == (None, False, None)
     scores = [t["score"] for t in trials]
     assert first["best"]["trial"] == int(np.argmax(scores)) and first["best"]["val_roc_auc"] == max(scores)
     assert [s["seed"] for s in first["seeds"]] == [0, 1]
@@ -145,7 +147,7 @@ def test_search_picks_the_best_trial_reuses_linear_duplicates_and_resumes(tmp_pa
 
     journal.write_text(journal.read_text() + '{"id": "half a li')  # a run killed while appending
     again = run_search(data, base=settings(), grid=grid, seed=0, n_seeds=2, journal_path=journal)
-    assert all(t.get("resumed", True) for t in again["trials"]) and all(s["resumed"] for s in again["seeds"])
+    assert all(t["resumed"] in (True, None) for t in again["trials"]) and all(s["resumed"] for s in again["seeds"])  # None: a copy
     def without_resumed(results):
         return [{k: v for k, v in entry.items() if k != "resumed"} for entry in results["trials"] + results["seeds"]]
 
@@ -193,7 +195,7 @@ def test_a_rerun_counts_exactly_the_trainings_it_reuses_and_numbers_trials_as_re
     caplog.clear()
     with caplog.at_level("INFO", logger="helpers.probe_search"):  # the first settings again: 6 + 2 of the 15 lines
         third = run_search(data, base=short, grid=grid, seed=0, n_seeds=2, journal_path=journal)
-    assert all(t.get("resumed", True) for t in third["trials"]) and all(s["resumed"] for s in third["seeds"])
+    assert all(t["resumed"] in (True, None) for t in third["trials"]) and all(s["resumed"] for s in third["seeds"])
     assert (f"{journal}: 6 of the grid's 6 training(s) reused, 2 seed run(s) of grid settings kept for the retraining of "
             "the best; 7 line(s) of other data or settings ignored") in caplog.text
     assert f"{journal}: 2 of the best setting's 2 seed run(s) reused" in caplog.text
