@@ -160,7 +160,7 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
         except av.FFmpegError as e:
             raise AudioLoadError(
                 f"cannot decode audio file {path} ({codec.name} in {container.format.name}): FFmpeg says {_describe_ffmpeg(e)}. "
-                "The file is corrupt: re-encode or re-download it"
+                "The file is corrupt or cut short: download it again or export it again from its source"
             ) from e
         rate = codec.sample_rate
         if not chunks and data_bytes:
@@ -289,7 +289,7 @@ def _ogg_cut_short(path: Path) -> bool:
 def _ogg_cut_error(path: Path) -> AudioLoadError:
     return AudioLoadError(
         f"audio file {path} is truncated: its last Ogg page does not end the stream (the file was cut short, "
-        "e.g. by a copy or download that stopped); re-encode or re-download it"
+        "e.g. by a copy or download that stopped); download it again or export it again from its source"
     )
 
 
@@ -350,13 +350,13 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     if declared is not None and audio.shape[0] < declared - slack:
         raise AudioLoadError(
             f"audio file {path} is truncated: its header says {declared / file_sr:.2f} s, the file holds "
-            f"{audio.shape[0] / file_sr:.2f} s; re-encode or re-download it"
+            f"{audio.shape[0] / file_sr:.2f} s; download it again or export it again from its source"
         )
     if stream_bytes is not None and stream_bytes[1] < stream_bytes[0] * (1 - MPEG_BYTES_SLACK):
         # A cut near an MP3's end can lose fewer frames than MPEG_LENGTH_SLACK; the tag's byte count sees it.
         raise AudioLoadError(
             f"audio file {path} is truncated: its Xing/Info tag counts {stream_bytes[0]} bytes of MP3 stream, the "
-            f"file holds {stream_bytes[1]}; re-encode or re-download it"
+            f"file holds {stream_bytes[1]}; download it again or export it again from its source"
         )
     mono = audio.mean(axis=1, dtype=np.float32)  # (samples,)
     if not np.isfinite(mono).all():

@@ -153,7 +153,7 @@ MAKERS = {
     "vorbis.ogg": soundfile_writes("OGG", 44100, 2),
     "opus.ogg": lambda path: encode(path, "libopus", 48000, 440.0, container="ogg"),
 }
-CUT_SHORT = {".mp3": r"is truncated: its header says 1\.00 s, the file holds 0\.\d\d s; re-encode or re-download it",
+CUT_SHORT = {".mp3": r"is truncated: its header says 1\.00 s, the file holds 0\.\d\d s; download it again or export it again from its source",
              ".ogg": r"is truncated: its last Ogg page does not end the stream \(the file was cut short"}
 
 
@@ -177,7 +177,7 @@ def test_an_ogg_file_missing_only_its_last_bytes_is_cut_short(tmp_path, name):
 
 
 # An MP3's Xing/Info tag counts the bytes of its stream, from the tag's own frame to the end of the last one.
-MP3_BYTES_CUT = r"is truncated: its Xing/Info tag counts (\d+) bytes of MP3 stream, the file holds (\d+); re-encode or re-download it"
+MP3_BYTES_CUT = r"is truncated: its Xing/Info tag counts (\d+) bytes of MP3 stream, the file holds (\d+); download it again or export it again from its source"
 
 
 def first_frame_at(data: bytes) -> int:
@@ -233,7 +233,7 @@ def test_a_flac_cut_at_a_frame_boundary_is_cut_short(tmp_path):
     assert len(frames) > 10
     path.write_bytes(data[: frames[len(frames) // 2]])
     with pytest.raises(AudioLoadError, match=rf"audio file {re.escape(str(path))} is truncated: its header says "
-                       r"2\.00 s, the file holds [01]\.\d\d s; re-encode or re-download it"):
+                       r"2\.00 s, the file holds [01]\.\d\d s; download it again or export it again from its source"):
         load_audio(path)
 
 

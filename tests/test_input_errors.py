@@ -260,7 +260,7 @@ def write_truncated_wav(path, header_seconds=6.0, data_seconds=2.0, sample_rate=
 def test_a_truncated_wav_is_an_error_naming_the_file(tmp_path):
     path = write_truncated_wav(tmp_path / "cut.wav")
     assert sf.info(path).frames == 32000  # soundfile alone reads 2 s without a word
-    with pytest.raises(AudioLoadError, match=rf"audio file {path} is truncated: its header says 6.00 s, the file holds 2.00 s; re-encode or re-download it"):
+    with pytest.raises(AudioLoadError, match=rf"audio file {path} is truncated: its header says 6.00 s, the file holds 2.00 s; download it again or export it again from its source"):
         load_audio(path)
 
 
