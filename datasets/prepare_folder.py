@@ -176,10 +176,30 @@ def _extract_one(audio_path: Path, mel_path: Path) -> str | None:
     return None
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from the processes
+    _stop_with(parent)
+
+
+def _stop_with(parent: int) -> None:
+    """End this worker when the preparing process ``parent`` dies.
+
+    A ``kill -9`` of the parent gives its pool no chance to stop the workers: they went on writing
+    mel files with nobody to record them, then waited forever on a pipe (each holding its model
+    of memory). On Linux the kernel sends the worker SIGTERM when its parent ends
+    (``PR_SET_PDEATHSIG``); a parent that died before that was set is seen by ``getppid``.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @contextmanager
@@ -250,7 +270,7 @@ def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc:
             else:
                 # spawn, not fork: forking after torch's thread pool has run can deadlock the child.
                 ctx = multiprocessing.get_context("spawn")
-                with cf.ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker) as pool:
+                with cf.ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
                     with _started_ignoring_ctrl_c():  # the workers are started by the first submits
                         futures = {pool.submit(_extract_one, *task): task for task in todo}
                     pending = dict(futures)

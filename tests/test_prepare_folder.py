@@ -469,3 +469,53 @@ def test_labels_that_look_like_mistakes_are_warned_about(audio_dir, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="datasets.prepare_folder"):
         prepare_folder(audio_dir, tmp_path / "all", labels_csv=table)
     assert "label 'mix' is on every file: with no file without it, it cannot be scored" in caplog.text
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter (Z: dead, not yet reaped), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
+def test_workers_stop_when_the_preparing_process_is_killed(tmp_path):
+    """kill -9 of prepare_folder: its workers stop too, instead of preparing on alone and waiting forever on a pipe."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    audio = tmp_path / "audio"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        path = audio / ("a" if i % 2 else "b") / f"t{i}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, rng.normal(0, 0.1, 16000 * 20).astype(np.float32), 16000)
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "datasets.prepare_folder", str(audio), str(out), "--jobs", "2"], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.rglob("*.mmap")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                   for pid in (task / "children").read_text().split()]
+        assert len(workers) >= 2, "two workers preparing (and multiprocessing's resource tracker)"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_state(pid) not in (None, "Z") for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(_state(pid) in (None, "Z") for pid in workers), [_state(pid) for pid in workers]
+    finally:
+        for pid in [proc.pid, *workers]:  # nothing of this test outlives it, whatever failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
