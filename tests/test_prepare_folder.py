@@ -372,7 +372,7 @@ def test_ctrl_c_with_a_pool_of_workers_shuts_it_down(audio_dir, tmp_path, capsys
             yield future
             raise KeyboardInterrupt
 
-    def thread_pool(n_jobs, mp_context, initializer):  # the pool logic without spawning processes (seconds of torch imports)
+    def thread_pool(n_jobs, mp_context, initializer, initargs):  # the pool logic without spawning processes (seconds of torch imports)
         pools.append(module.cf.ThreadPoolExecutor(n_jobs))
         return pools[-1]
 
