@@ -837,6 +837,13 @@ def export_onnx(inference_checkpoint, export, predict):
 def main() -> None:
     """The command line: ``python ex_maest.py [command] [options] with ...``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[CurrentStderr()])
+    # Lightning's lines ("GPU available: ...") once, plain, as Lightning prints them when it finds the root logger
+    # without handlers: it is imported later (only by the commands that train), and would print them twice.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lightning_logger = logging.getLogger(name)
+        lightning_logger.setLevel(logging.INFO)
+        lightning_logger.addHandler(CurrentStderr())
+        lightning_logger.propagate = False
     check_config_files(sys.argv)  # a mistyped dataset.json path is named as such, not as an unknown named config
     check_config_keys(ex, sys.argv)  # a mistyped key is named with the keys it resembles
     add_default_observer(ex, sys.argv)  # a run record in outputs/sacred unless -F DIR, -m or -u

@@ -241,6 +241,7 @@ def test_ex_maest_command_line_trains_with_ddp(ddp_run, tmp_path):
     assert "It is recommended to use `self.log('val_" not in proc.stderr  # the gathered metrics need no reduction advice
     output = proc.stdout + proc.stderr
     assert output.count("Completed after") == 1 and "No observers have been added" not in output  # rank 1's run is quiet
+    assert output.count("GPU available: False") == 1  # Lightning's lines once (it is imported after the logging is set up)
     assert "It is recommended to use `self.log('train_loss'" not in proc.stderr  # the training loss is reduced (sync_dist)
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["epoch"] == EPOCHS - 1 and state["global_step"] == EPOCHS * EPOCH_LENGTH // 2 // BATCH_SIZE
