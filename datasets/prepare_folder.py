@@ -661,6 +661,13 @@ def class_counts(gt: dict[str, np.ndarray], splits: dict[str, list[str]], labels
     rows = [f"{'label':<{width}}  " + "  ".join(f"{name:>10}" for name in counts)]
     rows += [f"{label:<{width}}  " + "  ".join(f"{c[i]:>10}" for c in counts.values()) for i, label in enumerate(labels)]
     log.info("files per label and split:\n  %s", "\n  ".join(rows))
+    empty = [label for i, label in enumerate(labels) if not any(c[i] for c in counts.values())]
+    if empty:
+        log.warning(
+            "%d label(s) have no prepared file at all (every one of their files failed): %s. They stay classes of the "
+            "ground truth, with no track to train on or score; fix their files (failed.txt) and rerun, or remove them",
+            len(empty), ", ".join(empty),
+        )
     for name in ("validation", "test"):
         if splits.get(name):
             absent = [label for label, c in zip(labels, counts[name]) if c == 0]

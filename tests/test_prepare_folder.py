@@ -519,3 +519,14 @@ def test_workers_stop_when_the_preparing_process_is_killed(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_a_label_whose_every_file_failed_is_named(audio_dir, tmp_path, caplog):
+    (audio_dir / "hum").mkdir()
+    (audio_dir / "hum" / "cut.wav").write_bytes(b"RIFF" + bytes(60))
+    (audio_dir / "hum" / "notes.wav").write_bytes(b"just text")
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare_folder"):
+        result = prepare_folder(audio_dir, tmp_path / "out", jobs=1)
+    assert "hum" in result.labels and len(result.failed) == 3  # the class stays (n_classes), with no file
+    assert ("1 label(s) have no prepared file at all (every one of their files failed): hum. They stay classes of the "
+            "ground truth, with no track to train on or score") in caplog.text
