@@ -49,7 +49,7 @@ from configs.runs import (
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
-from helpers.failures import exit_on_failures, update_failure_list
+from helpers.failures import exit_on_failures, read_failure_list, update_failure_list
 from helpers.files import output_dir, output_file, write_text_atomic
 from helpers.sampler import SAMPLERS
 from models import heap
@@ -449,7 +449,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except BaseException:
         if trainer.world_size == 1:  # the files skipped before the stop (other ranks' logs would need a collective)
-            _write_training_skips(skip_log.read(), trainer)
+            _write_training_skips(*skip_log.read(), trainer)
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint_cb = trainer.checkpoint_callback
@@ -474,33 +474,36 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
 def _training_skip_log(datamodule, trainer, fresh: bool) -> SkipLog:
     """Where this rank's DataLoader workers note the training files they skip (helpers.data.TrainDataset).
 
-    A fresh run starts an empty log; a resumed run keeps the log of the run it resumes.
+    A fresh run starts an empty log; a resumed run keeps the log of the run it resumes. The files the
+    folder's failure list names are watched: one read whole leaves the list (helpers.failures' merge).
     """
     skip_log = SkipLog(Path(trainer.default_root_dir) / ".skipped-train" / f"rank{trainer.global_rank}")
     if fresh:
         skip_log.clear()
-        if trainer.is_global_zero:  # an earlier run's list: this run's is written when it ends or stops
-            (Path(trainer.default_root_dir) / "failed-train.txt").unlink(missing_ok=True)
-    datamodule.dataset("train").skip_log = skip_log
+    dataset = datamodule.dataset("train")
+    dataset.skip_log = skip_log
+    dataset.listed = frozenset(read_failure_list(Path(trainer.default_root_dir) / "failed-train.txt"))
     return skip_log
 
 
 def _list_training_skips(skip_log: SkipLog, trainer) -> tuple[dict[str, str], Path]:
     """Every rank's skipped training files, written by rank 0 to <trainer.default_root_dir>/failed-train.txt.
 
-    The list is this run's (a resumed run's includes what it skipped before it was stopped); it is
-    removed when the run skipped nothing. A collective: every rank calls it.
+    Merged as every failure list is (helpers.failures): this run's skips (a resumed run's include
+    what it skipped before it was stopped) are added, earlier entries of files it read whole are
+    dropped, the others kept. A collective: every rank calls it. Returns this run's skips.
     """
-    skips = {}
-    for rank_skips in Ranks().gather(skip_log.read()):
+    skips, read = {}, set()
+    for rank_skips, rank_read in Ranks().gather(skip_log.read()):
         skips.update(rank_skips)
-    return dict(sorted(skips.items())), _write_training_skips(skips, trainer)
+        read |= rank_read
+    return dict(sorted(skips.items())), _write_training_skips(skips, read - set(skips), trainer)
 
 
-def _write_training_skips(skips: dict[str, str], trainer) -> Path:
+def _write_training_skips(skips: dict[str, str], read: set[str], trainer) -> Path:
     failed_list = Path(trainer.default_root_dir) / "failed-train.txt"
     if trainer.is_global_zero:
-        update_failure_list(failed_list, skips, covered=skips)
+        update_failure_list(failed_list, skips, succeeded=read)
     return failed_list
 
 

@@ -171,7 +171,8 @@ class _MelDataset(Dataset):
 
 
 class SkipLog:
-    """The training files a run skipped: a ``<key>\t<reason>`` line each, in one file per process.
+    """The training files a run skipped, a ``<key>\t<reason>`` line each, and the files of an earlier
+    run's failure list it read after all, a ``<key>\t`` line each; one file per process.
 
     DataLoader workers are processes of their own, which cannot hand their skips back to the
     training loop: each appends to ``<folder>/<pid>.tsv`` and the rank reads the folder when training
@@ -190,15 +191,21 @@ class SkipLog:
         with open(self.folder / f"{os.getpid()}.tsv", "a", encoding="utf-8") as f:
             f.write(f"{key}\t{' '.join(reason.split())}\n")
 
-    def read(self) -> dict[str, str]:
-        """``{key: reason}`` of every process's skips (a key's last reason)."""
-        entries = {}
+    def add_read(self, key: str) -> None:
+        """``key`` was read whole (a file an earlier run's list names)."""
+        self.add(key, "")
+
+    def read(self) -> tuple[dict[str, str], set[str]]:
+        """``{key: reason}`` of every process's skips (a key's last reason), and the keys read whole (``add_read``)."""
+        skipped, read = {}, set()
         for path in sorted(self.folder.glob("*.tsv")):
             for line in path.read_text(encoding="utf-8").splitlines():
                 key, _, reason = line.partition("\t")
-                if key:
-                    entries[key] = reason
-        return entries
+                if key and reason:
+                    skipped[key] = reason
+                elif key:
+                    read.add(key)
+        return skipped, read - set(skipped)
 
 
 class TrainDataset(_MelDataset):
@@ -237,7 +244,9 @@ class TrainDataset(_MelDataset):
         self.teacher_threshold = teacher_threshold
         self._teacher_cache: dict[int, np.ndarray] = {}  # track -> packed bits, filled per worker
         self.skip_log: SkipLog | None = None
+        self.listed: frozenset[str] = frozenset()  # keys an earlier run's failure list names: noted in skip_log when read whole
         self._skipped: dict[int, str] = {}  # track -> reason, in this process (a worker's own)
+        self._read_listed: set[str] = set()
         if teacher_dir is not None:
             self._check_teacher_files()
 
@@ -286,6 +295,9 @@ class TrainDataset(_MelDataset):
             except (OSError, ValueError) as e:  # MelFileError is a ValueError
                 self._skip(candidate, key, e)
                 continue
+            if key in self.listed and key not in self._read_listed and self.skip_log is not None:
+                self._read_listed.add(key)
+                self.skip_log.add_read(key)  # the list drops it when training ends
             if self.teacher_dir is None:
                 return x, key, self.target(candidate)
             return x, key, self.target(candidate), self.teacher_target(candidate)

@@ -223,14 +223,20 @@ def test_an_unreadable_training_file_is_skipped_for_the_next_track_and_logged(me
     assert y.tolist() == expected_y.tolist() == [1.0, 0.0, 0.0]
     assert "skipping training file a/broken.mmap" in caplog.text and "not a whole number" in caplog.text
     assert "skipping training file a/gone.mmap" in caplog.text and "does not exist" in caplog.text
-    skipped = ds.skip_log.read()
+    skipped, read = ds.skip_log.read()
     assert sorted(skipped) == ["a/broken.mmap", "a/gone.mmap"] and "not a whole number" in skipped["a/broken.mmap"]
+    assert read == set()  # no earlier failure list named a file read here
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="helpers.data"):
         assert ds[Draw(tracks["a/gone.mmap"], epoch=3, position=0)][1] == "a/long.mmap"
     assert caplog.text == ""  # a file is logged and noted once per process
     assert sum(len(p.read_text().splitlines()) for p in (tmp_path / "skips").iterdir()) == 2
+    # A file an earlier run's list names, read whole now: noted once, so that the list drops it.
+    ds.listed = frozenset({"a/long.mmap"})
+    ds[Draw(tracks["a/long.mmap"], epoch=4, position=1)], ds[Draw(tracks["a/long.mmap"], epoch=4, position=2)]
+    assert ds.skip_log.read()[1] == {"a/long.mmap"}
+    assert sum(len(p.read_text().splitlines()) for p in (tmp_path / "skips").iterdir()) == 3
 
 
 def test_a_folder_of_unreadable_training_files_stops_training_naming_the_folder(mels, tmp_path):
