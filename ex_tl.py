@@ -92,9 +92,7 @@ def default_config():
     groundtruth_train = None
     groundtruth_val = None  # ground-truth pickle of the validation tracks (selects the best epoch)
     groundtruth_test = None  # ground-truth pickle of the test tracks (reported once, on the best checkpoint)
-    # checkpoints, TensorBoard logs and results.json go here: beside the embeddings (outputs/<run>/probe for
-    # outputs/<run>/embeddings; /data/probe-emb6 for /data/emb6, so probes of folders side by side stay apart)
-    out_dir = probe_dir_for(embeddings_dir)
+    out_dir = probe_dir_for(embeddings_dir)  # checkpoints, logs, results.json; default: probe/ beside a run's embeddings/, probe-x/ beside another folder x
 
     token = "c"  # tokens to probe: c (CLS), d (DIST), t (mean of patch tokens), or a combination like "cdt"
     combine = "mean"  # how several tokens are combined: "mean" (input size D) or "concat" (len(token) * D)
