@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import librosa
@@ -191,19 +191,35 @@ def _read_ffmpeg(path: Path, sf_error: Exception) -> tuple[np.ndarray, int]:
 _FRAME_ALIGNED_WAVE_FORMATS = (0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE)
 
 
+def _iff_form(f) -> tuple[bytes, str] | None:
+    """A RIFF/RIFX (WAV) or FORM (AIFF) file's form type (``b"WAVE"``, ``b"AIFF"``, ``b"AIFC"``) and byte
+    order for ``struct``, read from its 12-byte header; None for other files."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX", b"FORM"):
+        return None
+    return head[8:12], "<" if head[:4] == b"RIFF" else ">"
+
+
+def _iff_chunks(f, order: str) -> Iterator[tuple[bytes, int]]:
+    """The chunks after the header: ``(id, size)`` with ``f`` at the chunk's data, which the caller may read
+    in part; the walk goes on at the next chunk (chunks are padded to an even size)."""
+    while len(chunk := f.read(8)) == 8:
+        chunk_id, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        start = f.tell()
+        yield chunk_id, size
+        f.seek(start + size + (size & 1))
+
+
 def _wave_format_tag(path: Path) -> int | None:
     """The ``fmt `` chunk's format tag of a RIFF/WAVE file (0x0001 PCM, 0x0055 MP3, ...); None for other files."""
     with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        form = _iff_form(f)
+        if form is None or form[0] != b"WAVE":
             return None
-        order = "<" if head[:4] == b"RIFF" else ">"
-        while len(chunk := f.read(8)) == 8:
-            chunk_id, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        for chunk_id, _size in _iff_chunks(f, form[1]):
             if chunk_id == b"fmt ":
                 fmt = f.read(2)
-                return struct.unpack(order + "H", fmt)[0] if len(fmt) == 2 else None
-            f.seek(size + (size & 1), os.SEEK_CUR)
+                return struct.unpack(form[1] + "H", fmt)[0] if len(fmt) == 2 else None
     return None
 
 
@@ -248,17 +264,15 @@ _PLAIN_AIFC_TYPES = (b"NONE", b"sowt", b"twos", b"raw ", b"in24", b"in32", b"fl3
 def _aiff_header_frames(path: Path) -> int | None:
     """Sample frames the ``COMM`` chunk of an AIFF (or plain AIFF-C) file declares; None for other files."""
     with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"FORM" or head[8:12] not in (b"AIFF", b"AIFC"):
+        form = _iff_form(f)
+        if form is None or form[0] not in (b"AIFF", b"AIFC"):
             return None
-        while len(chunk := f.read(8)) == 8:
-            chunk_id, size = chunk[:4], struct.unpack(">I", chunk[4:])[0]
+        for chunk_id, size in _iff_chunks(f, form[1]):
             if chunk_id == b"COMM":
                 comm = f.read(size)
-                if len(comm) < 18 or (head[8:12] == b"AIFC" and comm[18:22] not in _PLAIN_AIFC_TYPES):
+                if len(comm) < 18 or (form[0] == b"AIFC" and comm[18:22] not in _PLAIN_AIFC_TYPES):
                     return None
                 return struct.unpack(">I", comm[2:6])[0] or None
-            f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
     return None
 
 
@@ -299,27 +313,22 @@ def _wav_header_frames(path: Path) -> int | None:
     Streaming writers leave the size at 0 or 0xFFFFFFFF (unknown): those are not promises.
     """
     with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+        form = _iff_form(f)
+        if form is None or form[0] != b"WAVE":
             return None
-        order = "<" if head[:4] == b"RIFF" else ">"
         block_align = None
-        while len(chunk := f.read(8)) == 8:
-            chunk_id, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+        for chunk_id, size in _iff_chunks(f, form[1]):
             if chunk_id == b"fmt ":
                 fmt = f.read(size)
                 if len(fmt) < 14:
                     return None
-                tag, _channels, _rate, _byte_rate, block_align = struct.unpack(order + "HHIIH", fmt[:14])
+                tag, _channels, _rate, _byte_rate, block_align = struct.unpack(form[1] + "HHIIH", fmt[:14])
                 if tag not in _FRAME_ALIGNED_WAVE_FORMATS:
                     return None
-                f.seek(size & 1, os.SEEK_CUR)
             elif chunk_id == b"data":
                 if not block_align or size in (0, 0xFFFFFFFF):
                     return None
                 return size // block_align
-            else:
-                f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
     return None
 
 
