@@ -252,16 +252,21 @@ class MAESTModule(pl.LightningModule):
             self._epoch_losses[name] = self._epoch_losses[name].to(total.device) + total if name in self._epoch_losses else total
         self._epoch_samples += batch_size
 
-    def _log_epoch_losses(self) -> None:
-        """``<name>_epoch`` (``train_loss_epoch``, ...): the mean over every sample of the epoch, every rank's."""
-        if not self._epoch_losses or self._epoch_of_losses != self.current_epoch:
-            return
+    def _epoch_totals(self) -> tuple[list[str], torch.Tensor]:
+        """The epoch's loss sums by name, then the sample count, of every rank together (a collective under DDP)."""
         names = sorted(self._epoch_losses)
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         totals = torch.stack([self._epoch_losses[name].to(self.device, dtype) for name in names]
                              + [torch.tensor(float(self._epoch_samples), dtype=dtype, device=self.device)])
         if self._trainer is not None and self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        return names, totals
+
+    def _log_epoch_losses(self) -> None:
+        """``<name>_epoch`` (``train_loss_epoch``, ...): the mean over every sample of the epoch, every rank's."""
+        if not self._epoch_losses or self._epoch_of_losses != self.current_epoch:
+            return
+        names, totals = self._epoch_totals()
         epoch_name = {"train_loss": "train_loss_epoch"}  # the teacher-student parts keep their names, as before
         self.log_dict({epoch_name.get(name, name): (totals[i] / totals[-1]).float() for i, name in enumerate(names)},
                       on_step=False, on_epoch=True, prog_bar=False, sync_dist=False)
@@ -295,11 +300,8 @@ class MAESTModule(pl.LightningModule):
     def _epoch_losses_state(self) -> dict:
         """The epoch's loss sums of every rank together (a collective under DDP: Lightning builds a checkpoint
         on every rank, and rank 0 writes it)."""
-        names = sorted(self._epoch_losses)
-        totals = torch.tensor([float(self._epoch_losses[name]) for name in names] + [float(self._epoch_samples)], dtype=torch.float64)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            on_device = totals.to(self.device, torch.float32 if self.device.type == "mps" else torch.float64)
-            totals = self.trainer.strategy.reduce(on_device, reduce_op="sum").cpu().double()
+        names, totals = self._epoch_totals()
+        totals = totals.cpu().double()
         return {"epoch": self._epoch_of_losses, "samples": int(totals[-1]), "sums": {name: float(totals[i]) for i, name in enumerate(names)}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
