@@ -44,7 +44,7 @@ from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
     INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, config_differences,
-    ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, run_commandline, run_dir, run_name_for, shorten_result_lines,
+    ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, recorded_configs, run_commandline, run_dir, run_name_for, shorten_result_lines,
     trained_run_name, uses_synthetic_data,
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
@@ -242,11 +242,14 @@ def _other_runs(run_name: str, hint: str, config: dict | None = None) -> str:
     differ from it, where a Sacred record of the run is kept (``outputs/sacred``)."""
     prefix = run_name.rsplit("_", 1)[0] + "_"
     found = []
+    records = None  # read once, when a run with a checkpoint is found
     for folder in sorted(run_dir(prefix).parent.glob(f"{glob.escape(prefix)}*/train/checkpoints")):
         newest = _newest_checkpoint(folder)
         if newest is None or folder.parent.parent.name == run_name:
             continue
-        recorded = recorded_config(folder.parent.parent.name) if config is not None else None
+        if config is not None and records is None:
+            records = recorded_configs()
+        recorded = (records or {}).get(folder.parent.parent.name)
         found.append(str(newest) + (f"  (keys that differ: {config_differences(config, recorded)})" if recorded else ""))
     if not found:
         return ""

@@ -81,11 +81,11 @@ def hashed_config(config: dict) -> dict:
     }
 
 
-def recorded_config(run_name: str, exclude: Iterable[str | os.PathLike] = (), environ=os.environ) -> dict | None:
-    """The config of the newest Sacred run record of ``run_name`` in the default record folder
-    (``outputs/sacred`` or ``$MAEST_SACRED_DIR``), other than the record folders ``exclude`` (the
-    running command's own); None when none is kept there."""
-    newest = None
+def recorded_configs(exclude: Iterable[str | os.PathLike] = (), environ=os.environ) -> dict[str, dict]:
+    """``{run_name: config}`` of the newest Sacred run record of each run in the default record folder
+    (``outputs/sacred`` or ``$MAEST_SACRED_DIR``), leaving out the record folders ``exclude`` (the running
+    command's own). One pass over the records."""
+    newest: dict[str, tuple[int, dict]] = {}
     excluded = {Path(folder).resolve() for folder in exclude}
     for path in Path(environ.get(SACRED_DIR_ENV) or OUTPUTS / "sacred").glob("*/config.json"):
         if not path.parent.name.isdigit() or path.parent.resolve() in excluded:
@@ -94,9 +94,15 @@ def recorded_config(run_name: str, exclude: Iterable[str | os.PathLike] = (), en
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(config, dict) and config.get("run_name") == run_name and (newest is None or int(path.parent.name) > newest[0]):
-            newest = (int(path.parent.name), config)
-    return newest[1] if newest else None
+        run, number = config.get("run_name") if isinstance(config, dict) else None, int(path.parent.name)
+        if isinstance(run, str) and (run not in newest or number > newest[run][0]):
+            newest[run] = (number, config)
+    return {run: config for run, (_, config) in newest.items()}
+
+
+def recorded_config(run_name: str, exclude: Iterable[str | os.PathLike] = (), environ=os.environ) -> dict | None:
+    """The config of the newest Sacred run record of ``run_name`` (``recorded_configs``); None when none is kept."""
+    return recorded_configs(exclude, environ).get(run_name)
 
 
 def config_differences(here: dict, there: dict, shown: int = 4) -> str:
