@@ -44,8 +44,8 @@ from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
     INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, config_differences,
-    ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, recorded_configs, run_commandline, run_dir, run_name_for, shorten_result_lines,
-    trained_run_name, uses_synthetic_data,
+    ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, recorded_configs, run_commandline, run_dir, run_name_for,
+    shorten_result_lines, trained_run_name, uses_synthetic_data,
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
