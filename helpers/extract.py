@@ -46,7 +46,7 @@ from models.precision import check_precision, prepare_for_inference
 from .data import FileClips
 from .failures import update_failure_list
 from .files import atomic_path, folder_lock, write_text_atomic
-from .melfiles import MelReader, check_keys, load_groundtruth
+from .melfiles import MIN_FRAMES, MelReader, check_keys, load_groundtruth
 
 _logger = logging.getLogger(__name__)
 
@@ -527,6 +527,12 @@ def predict_files(
     def forward(group: list[tuple[str, torch.Tensor]]) -> None:
         probs = track_probabilities(model, [a for _, a in group], n_frames, hop_frames, batch_size=batch_size, mel=mel)
         for (path, audio), p in zip(group, probs):
+            if 1 + audio.numel() // HOP_LENGTH < MIN_FRAMES:  # as a mel file this short warns (helpers.melfiles)
+                _logger.warning(
+                    "%s is %.3f s long, shorter than one %d-frame patch (%.2f s): it is zero-padded to a clip, "
+                    "so the model sees mostly silence and its labels say little",
+                    path, audio.numel() / SAMPLE_RATE, MIN_FRAMES, (MIN_FRAMES - 1) * HOP_LENGTH / SAMPLE_RATE,
+                )
             top = torch.topk(p, k=min(top_k, p.numel()))
             results.append({
                 "file": path,

@@ -114,6 +114,11 @@ def track_probabilities(
     ``models.mel.check_audio`` (real floating-point, 1-D, not empty, finite); errors name the track.
     """
     batch_size = check_count("batch_size", batch_size)
+    if torch.is_tensor(audios) or isinstance(audios, np.ndarray):
+        raise TypeError(
+            f"track_probabilities takes a list of tracks, got one {type(audios).__name__} of shape {tuple(audios.shape)}: "
+            "pass [audio] for one track, or list(batch) for a (tracks, samples) batch"
+        )
     if not audios:
         return []
     if mel is None:

@@ -237,7 +237,10 @@ class MAEST(nn.Module):
             )
         n_frames = x.shape[3]
         if n_frames < cfg.patch_size:
-            raise ValueError(f"MAEST needs at least {cfg.patch_size} frames, got {n_frames}; pad short clips")
+            raise ValueError(
+                f"MAEST needs at least {cfg.patch_size} frames, got {n_frames}: pad short clips, e.g. "
+                "models.inference.split_into_clips(mel, n_frames) centres a (n_mels, frames) mel in silence as training did"
+            )
         if cfg.patches(n_frames)[1] > cfg.grid_t:  # i.e. n_frames > cfg.max_input_frames
             raise ValueError(
                 f"input of {n_frames} frames is longer than this model's time embeddings allow "

@@ -147,3 +147,6 @@ def test_track_probabilities_inputs_it_refuses(model):
         track_probabilities(model, [torch.zeros(2, 16000)], N_FRAMES)
     with pytest.raises(ValueError, match=r"normalises the mels itself: pass a MelSpectrogram\(normalized=False\)"):
         track_probabilities(model, [torch.zeros(16000)], N_FRAMES, mel=MelSpectrogram(normalized=True))
+    for batch in (torch.zeros(16000), np.zeros((2, 16000), dtype=np.float32)):  # a tensor or array, not a list of tracks
+        with pytest.raises(TypeError, match=r"takes a list of tracks, got one .* of shape \(.*16000,?\): pass \[audio\] for one track"):
+            track_probabilities(model, batch, N_FRAMES)

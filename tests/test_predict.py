@@ -75,6 +75,20 @@ def test_predict_files_labels_wav_and_flac_of_different_lengths(model, audio_dir
     assert by_file[str(paths[0])]["labels"] != by_file[str(paths[1])]["labels"]
 
 
+def test_a_file_shorter_than_one_patch_is_labelled_with_a_warning(model, tmp_path, caplog):
+    sf.write(tmp_path / "blip.wav", stereo(0.1, seed=2), 44100)  # 0.1 s: 7 frames, fewer than a 16-frame patch
+    sf.write(tmp_path / "ok.wav", stereo(0.3, seed=3), 44100)  # 0.3 s: 19 frames
+    with caplog.at_level(logging.WARNING, logger="helpers.extract"):
+        results, failures = predict_files(model, tmp_path, LABELS, n_frames=N_FRAMES, progress=False)
+
+    assert failures == {} and [r["file"] for r in results] == [str(tmp_path / "blip.wav"), str(tmp_path / "ok.wav")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{tmp_path / 'blip.wav'} is 0.100 s long, shorter than one 16-frame patch (0.24 s): it is zero-padded to a clip, "
+        "so the model sees mostly silence and its labels say little"
+    ]
+
+
 def test_a_folder_expands_to_its_audio_files(model, audio_dir):
     (audio_dir / "notes.txt").write_text("not audio, not listed")
     results, failures = predict_files(model, audio_dir, LABELS, n_frames=N_FRAMES, top_k=10, progress=False)
