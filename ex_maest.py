@@ -45,7 +45,7 @@ from configs.maest import register_named_configs
 from configs.runs import (
     INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, config_differences,
     ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, recorded_configs, run_commandline, run_dir, run_name_for,
-    shorten_result_lines, trained_run_name, uses_synthetic_data,
+    save_record_now, shorten_result_lines, trained_run_name, uses_synthetic_data,
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
@@ -435,7 +435,7 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     net = build_net(setup=setup)
     module = build_module(net, arch=setup.arch, labels=training_labels(setup.config.n_classes))
     has_val = datamodule.groundtruth["val"] is not None  # without one, no best-val_loss checkpoint
-    trainer = build_trainer(default_root=run_output("train"), checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val, log_scalar=_run.log_scalar)
+    trainer = build_trainer(default_root=run_output("train"), checkpoint_every_n_train_steps=checkpoint_every_n_train_steps, monitor_val=has_val, log_scalar=_run.log_scalar, save_record=lambda: save_record_now(_run))
     if trainer.is_global_zero:
         _logger.info("run %s: checkpoints and TensorBoard logs go to %s", _run.config["run_name"], trainer.default_root_dir)
     val_failures, failed_list = _list_dataset_failures(datamodule, "val", trainer, "validation file") if has_val else ({}, None)
@@ -594,7 +594,7 @@ def test(_run, _config, synthetic_data, inference_checkpoint):
     net = build_net(data_n_classes=datamodule.dataset("test").n_classes, inference_checkpoint=inference_checkpoint)
     module = build_module(net)
     module.swa = False  # the loaded weights (SWA or plain: maest.checkpoint_swa_weights) are the one network tested
-    trainer = build_trainer(default_root=run_output("train"), log_scalar=_run.log_scalar)
+    trainer = build_trainer(default_root=run_output("train"), log_scalar=_run.log_scalar, save_record=lambda: save_record_now(_run))
     if trainer.strategy.root_device.type == "cpu":
         heap.reuse_freed_memory()  # inference: the large tensors one test batch frees serve the next (models.heap)
     # The metrics are those of the good files; the bad ones are listed and the command then fails.

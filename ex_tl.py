@@ -45,7 +45,7 @@ from configs.checks import check_config_values
 from configs.checks import default_config as config_defaults  # ex_tl.default_config is the config scope below
 from configs.runs import (
     INFO_COMMANDS, add_default_observer, check_config_files, check_config_keys, ctrl_c_from_lightning, keep_output_of_failed_runs, run_commandline,
-    shorten_result_lines,
+    save_record_now, shorten_result_lines,
 )
 from configs.tl import register
 from helpers.failures import exit_on_failures, update_failure_list
@@ -352,7 +352,7 @@ def make_trainer(metric: str, out_dir, max_epochs, patience, trainer, _run) -> t
     if kwargs["logger"]:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **kwargs)
-    trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(_run.log_scalar)]
+    trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(_run.log_scalar, flush=lambda: save_record_now(_run))]
     return trainer, checkpoint
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 
@@ -370,20 +371,41 @@ def keep_output_of_failed_runs(ex) -> None:
     capture is closed before the last heartbeat, so a short failed run's record had no output (its
     FAILED lines included). A pre-run hook wraps the command: on any exception, one heartbeat
     first, while the output is still captured.
+
+    The hook also makes heartbeats one at a time (a lock shared with Sacred's heartbeat thread), so
+    ``save_record_now`` may write the record from the command's thread: two heartbeats at once
+    would both rewrite ``metrics.json``, and one could drop the other's values.
     """
 
     @ex.pre_run_hook
     def _keep_output(_run):
-        command = _run.main_function
+        command, beat, lock = _run.main_function, type(_run)._emit_heartbeat, threading.Lock()
+
+        def one_heartbeat_at_a_time():
+            with lock:
+                beat(_run)
+
+        _run._emit_heartbeat = one_heartbeat_at_a_time  # Sacred 0.8's own heartbeat: output and metrics to the observers
+        if getattr(_run, "_heartbeat", None) is not None:  # the thread started before pre-run hooks run
+            _run._heartbeat.func = one_heartbeat_at_a_time
 
         def command_keeping_its_output(*args):
             try:
                 return command(*args)
             except BaseException:
-                _run._emit_heartbeat()  # Sacred 0.8's own heartbeat: the output so far and the metrics reach the observers
+                _run._emit_heartbeat()
                 raise
 
         _run.main_function = command_keeping_its_output
+
+
+def save_record_now(_run) -> None:
+    """Write the run record's metrics and output now, not at the next 10 s heartbeat.
+
+    Called after each epoch's metrics (``ScalarCallbackLogger``'s ``flush``), so a run killed with
+    SIGKILL keeps every epoch it finished in ``metrics.json``. Needs ``keep_output_of_failed_runs``.
+    """
+    _run._emit_heartbeat()
 
 
 @contextlib.contextmanager

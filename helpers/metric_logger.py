@@ -21,12 +21,15 @@ class ScalarCallbackLogger(Logger):
 
     Lightning logs an epoch's values (``train_loss_epoch``, ``val_loss``, ``val_roc``, ``lr-AdamW``,
     ...) together with an ``epoch`` entry; those are forwarded with ``step=epoch``. Values logged
-    per step (names ending in ``_step``) and metrics logged without an epoch are not.
+    per step (names ending in ``_step``) and metrics logged without an epoch are not. ``flush()``, when
+    given, is called after each call that forwarded a value (the record written at once, not at its
+    next heartbeat).
     """
 
-    def __init__(self, log_scalar: Callable[[str, float, int], Any], name: str = "run_record"):
+    def __init__(self, log_scalar: Callable[[str, float, int], Any], name: str = "run_record", flush: Callable[[], Any] | None = None):
         super().__init__()
         self._log_scalar = log_scalar
+        self._flush = flush  # called after each batch of forwarded values (configs.runs.save_record_now)
         self._name = name
 
     @property
@@ -45,10 +48,13 @@ class ScalarCallbackLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if "epoch" not in metrics:
             return
-        epoch = int(metrics["epoch"])
+        epoch, forwarded = int(metrics["epoch"]), False
         for name, value in metrics.items():
             if name == "epoch" or name.endswith("_step"):
                 continue
             value = float(value)
             if math.isfinite(value):  # a NaN metric (no class could be scored) stays out of the JSON record
                 self._log_scalar(name, value, epoch)
+                forwarded = True
+        if forwarded and self._flush is not None:
+            self._flush()

@@ -48,7 +48,47 @@ def test_logger_forwards_epoch_values_with_the_epoch_as_step_and_skips_step_valu
     assert logged == [("train_loss_epoch", 0.5, 2), ("val_loss", 0.25, 2)]
 
 
-def test_training_metrics_json_holds_every_epoch(tmp_path):
+def written_at_each_call(monkeypatch, module) -> list[dict]:
+    """Spy on ``module.save_record_now``: metrics.json as it is on disk right after each call."""
+    from configs.runs import save_record_now
+
+    snapshots = []
+
+    def spy(_run):
+        save_record_now(_run)
+        snapshots.append(json.loads((Path(_run.observers[0].dir) / "metrics.json").read_text()))
+
+    monkeypatch.setattr(module, "save_record_now", spy)
+    return snapshots
+
+
+def test_an_epochs_metrics_are_written_when_logged_not_at_the_next_heartbeat(tmp_path):
+    """Sacred writes metrics.json every 10 s: a run killed with SIGKILL lost its last epochs. save_record_now writes it now,
+    one heartbeat at a time with Sacred's own thread."""
+    from configs.runs import keep_output_of_failed_runs, save_record_now
+
+    experiment = Experiment("x")
+    keep_output_of_failed_runs(experiment)
+    seen = {}
+
+    @experiment.main
+    def trains(_run):
+        logger = ScalarCallbackLogger(_run.log_scalar, flush=lambda: save_record_now(_run))
+        record = Path(_run.observers[0].dir) / "metrics.json"
+        logger.log_metrics({"train_loss_epoch": 0.5, "epoch": 0})
+        seen["after epoch 0"] = json.loads(record.read_text())
+        logger.log_metrics({"train_loss_step": 0.4, "epoch": 1})  # nothing forwarded: nothing written
+        seen["after a step"] = json.loads(record.read_text())
+        seen["the thread beats the same way"] = _run._heartbeat.func is _run._emit_heartbeat
+
+    observed_run(experiment, tmp_path)
+    assert seen["after epoch 0"]["train_loss_epoch"]["values"] == [0.5]
+    assert seen["after a step"] == seen["after epoch 0"]
+    assert seen["the thread beats the same way"]
+
+
+def test_training_metrics_json_holds_every_epoch(tmp_path, monkeypatch):
+    snapshots = written_at_each_call(monkeypatch, ex_maest)
     data = make_synthetic_dataset(tmp_path / "data", n_tracks=30, clip_length=1.0)
     updates = {
         "synthetic_data": {"out_dir": None},
@@ -71,6 +111,8 @@ def test_training_metrics_json_holds_every_epoch(tmp_path):
     assert metrics["val_loss"]["values"][-1] == pytest.approx(run.result["metrics"]["val_loss"], rel=1e-6)
     assert 1 <= metrics["val_n_classes_scored"]["values"][0] <= 10
     assert not any(name.endswith("_step") for name in metrics)
+    # epoch 0's values were on disk before epoch 1 ended (a kill then keeps them)
+    assert any(snap.get("train_loss_epoch", {}).get("steps") == [0] and snap.get("val_loss", {}).get("steps") == [0] for snap in snapshots)
 
 
 def probe_data(tmp_path) -> dict:
@@ -98,8 +140,10 @@ def probe_data(tmp_path) -> dict:
     return updates
 
 
-def test_probe_metrics_json_and_results_count_the_scored_classes(tmp_path):
+def test_probe_metrics_json_and_results_count_the_scored_classes(tmp_path, monkeypatch):
+    snapshots = written_at_each_call(monkeypatch, ex_tl)
     run, metrics = observed_run(ex_tl.ex, tmp_path, config_updates=probe_data(tmp_path))
+    assert any(snap.get("val_roc_auc", {}).get("steps") == [0] for snap in snapshots)  # written as each epoch ended
 
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["n_classes"] == 3

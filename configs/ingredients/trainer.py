@@ -98,11 +98,12 @@ logging.getLogger(trainer_ing.path).addFilter(_TrainerArgumentNotices())  # Sacr
 
 @trainer_ing.capture
 @_accept_trainer_arguments
-def build_trainer(_config, default_root: Path, checkpoint_every_n_train_steps=None, monitor_val=True, log_scalar=None, **_lightning_arguments):
+def build_trainer(_config, default_root: Path, checkpoint_every_n_train_steps=None, monitor_val=True, log_scalar=None, save_record=None, **_lightning_arguments):
     """The Lightning Trainer of the ``trainer`` config (any Trainer argument) with checkpointing.
 
     ``default_root``: the folder when ``trainer.default_root_dir`` is None (the run's ``outputs/<run_name>/train``).
-    ``log_scalar(name, value, step)`` (the Sacred run's): every epoch's metrics also go there.
+    ``log_scalar(name, value, step)`` (the Sacred run's): every epoch's metrics also go there, and
+    ``save_record()`` is called after them (``configs.runs.save_record_now``).
     """
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor
@@ -128,5 +129,5 @@ def build_trainer(_config, default_root: Path, checkpoint_every_n_train_steps=No
     if log_scalar is not None:  # beside the configured loggers (TensorBoard by default)
         from helpers.metric_logger import ScalarCallbackLogger
 
-        trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(log_scalar)]
+        trainer.loggers = [*trainer.loggers, ScalarCallbackLogger(log_scalar, flush=save_record)]
     return trainer
