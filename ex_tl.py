@@ -32,11 +32,9 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 # sacred 0.8.7 imports pkg_resources, which warns on every run; setuptools<81 is pinned so that it stays
 warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 from sacred import Experiment  # noqa: E402
@@ -50,12 +48,16 @@ from configs.runs import (
 from configs.tl import register
 from helpers.failures import exit_on_failures, update_failure_list
 from helpers.files import write_text_atomic
-from helpers.metric_logger import ScalarCallbackLogger
 from helpers.probe import (
-    COMBINES, LAYER_COMBINES, LOWER_IS_BETTER, TASKS, EmbeddingDataModule, ProbeData, ProbeModule, ProbeNet, ProbeTask,
-    requested_blocks, token_indices,
+    COMBINES, LAYER_COMBINES, LOWER_IS_BETTER, TASKS, ProbeData, ProbeNet, ProbeTask, requested_blocks, token_indices,
 )
 from helpers.probe_search import ProbeSettings, finite_or_none, grid_axis_problem, grid_problems, plot_search, run_search
+
+if TYPE_CHECKING:  # Lightning is imported where a probe is trained: `print_config` and config errors start in seconds
+    import lightning as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from helpers.probe_lightning import EmbeddingDataModule, ProbeModule
 
 logger = logging.getLogger(__name__)
 # What a Ctrl-C leaves and how to go on (configs.runs.run_commandline).
@@ -261,6 +263,8 @@ def make_datamodule(
     embeddings_dir, groundtruth_train, groundtruth_val, groundtruth_test, token, combine, layers, layer_combine, task,
     selection_metric, batch_size, num_workers,
 ) -> EmbeddingDataModule:
+    from helpers.probe_lightning import EmbeddingDataModule  # Lightning is imported when a probe is trained, not to start
+
     unset = [
         name
         for name, value in [
@@ -304,6 +308,8 @@ def make_probe(input_dim: int, n_classes: int, weighted_layers: int, hidden_size
 def make_module(
     net, task: ProbeTask, lr, weight_decay, warm_up_len, ramp_down_start, ramp_down_len, last_lr_value
 ) -> ProbeModule:
+    from helpers.probe_lightning import ProbeModule
+
     return ProbeModule(
         net=net,
         task=task,
@@ -334,6 +340,12 @@ def make_trainer(metric: str, out_dir, max_epochs, patience, trainer, _run) -> t
 
     Every epoch's metrics also go to the Sacred run record (``metrics.json`` of ``-F DIR``).
     """
+    import lightning as pl
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from helpers.metric_logger import ScalarCallbackLogger
+
     mode = "min" if metric in LOWER_IS_BETTER else "max"
     checkpoint = ModelCheckpoint(
         dirpath=Path(out_dir) / "checkpoints",
@@ -513,7 +525,9 @@ def main(out_dir, embeddings_dir, seed, search, selection_metric, threads) -> di
     others are written, then the run exits with status 1 (SPEC §8).
     """
     _warn_other_embeddings(Path(out_dir), embeddings_dir)
-    pl.seed_everything(seed, workers=True)
+    from lightning.pytorch import seed_everything
+
+    seed_everything(seed, workers=True)
     if threads is not None:
         torch.set_num_threads(threads)
     datamodule = make_datamodule()

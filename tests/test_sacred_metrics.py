@@ -471,3 +471,20 @@ def test_ex_maest_starts_without_importing_lightning_and_still_takes_every_train
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "inference_checkpoint='last'" in out.stderr and out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+
+
+def test_ex_tl_starts_without_importing_lightning_until_it_trains():
+    """`ex_tl.py print_config` and its config errors start without Lightning; helpers.probe still gives its classes."""
+    code = textwrap.dedent("""
+        import runpy, sys
+        sys.argv = ["ex_tl.py", "print_config", "with", "demo"]
+        runpy.run_path("ex_tl.py", run_name="__main__")
+        print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'torchmetrics')))
+        import helpers.probe, helpers.probe_lightning
+        print(helpers.probe.ProbeModule is helpers.probe_lightning.ProbeModule, helpers.probe.EmbeddingDataModule.__module__)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "embeddings_dir" in out.stdout  # the config was printed
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "True helpers.probe_lightning"]
