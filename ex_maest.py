@@ -123,9 +123,25 @@ def _run_checkpoints(folder: Path) -> list[Path]:
 
 
 def _newest_checkpoint(folder: Path) -> Path | None:
-    """A training run's newest checkpoint in ``folder`` (``_run_checkpoints``), by modification time."""
-    candidates = _run_checkpoints(folder)
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+    """A training run's newest checkpoint in ``folder`` (``_run_checkpoints``): the one training wrote last.
+
+    The time is the one training put in the file (``SAVED_AT_KEY``), read without its tensors: a
+    folder copied with ``cp -r`` gives every file the copy's modification time, which would make an
+    older step checkpoint look newer than ``last.ckpt``. Files of older versions, without it, count
+    by modification time. A file that cannot be read is passed over with a warning.
+    """
+    from models.checkpoints import SAVED_AT_KEY, read_checkpoint
+
+    written = {}
+    for path in _run_checkpoints(folder):
+        try:
+            obj = read_checkpoint(path, mmap=True)
+        except Exception as e:  # noqa: BLE001 - a cut or foreign file: the others are candidates
+            _logger.warning("%s cannot be read, so it is passed over as the newest checkpoint: %s", path, e)
+            continue
+        saved = obj.get(SAVED_AT_KEY) if isinstance(obj, dict) else None
+        written[path] = saved if isinstance(saved, int) else path.stat().st_mtime_ns
+    return max(written, key=written.get) if written else None
 
 
 def check_resume_checkpoint(path: str, module) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import warnings
 
 import lightning.pytorch as pl
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MAEST
-from models.checkpoints import MODEL_RECORD_KEY, model_record
+from models.checkpoints import MODEL_RECORD_KEY, SAVED_AT_KEY, model_record
 
 EPOCH_LOSSES_KEY = "maest_epoch_losses"  # a checkpoint's running sums of the epoch's training losses
 
@@ -294,6 +295,7 @@ class MAESTModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[MODEL_RECORD_KEY] = self.record  # SPEC §5.6: commands rebuild the network from the file
+        checkpoint[SAVED_AT_KEY] = time.time_ns()  # ckpt_path=last orders by it: a copied folder's files all have the copy's mtime
         if self._epoch_of_losses is not None:
             checkpoint[EPOCH_LOSSES_KEY] = self._epoch_losses_state()
 

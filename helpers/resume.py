@@ -13,6 +13,7 @@ the same batches, augmentations and dropout masks as the run that was never kill
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,38 @@ class RandomStateCheckpoint(Callback):
         set_random_state(states[trainer.global_rank])
 
 
-class EpochCheckpoint(ModelCheckpoint):
+class _FolderCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that resumes its own files after the run's folder was moved or copied.
+
+    Lightning reloads a checkpoint callback's state (the best score, the top-k files, the last file)
+    only when the folder is the one that wrote it; otherwise it starts without them, so a run resumed
+    in a moved or copied folder wrote ``last-v1.ckpt`` beside a stale ``last.ckpt`` and kept the old
+    "best" file as if another run's. When the files the state names are in this folder, under the
+    same names, the state is this folder's: its paths are moved here and it is reloaded.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath and self._names_files_here(state_dict, saved):
+            here = str(self.dirpath)
+
+            def moved(path):
+                return os.path.join(here, os.path.relpath(path, saved)) if isinstance(path, str) and path.startswith(saved + os.sep) else path
+
+            _logger.info("checkpoints of %s resumed in %s (the run's folder was moved or copied)", saved, here)
+            state_dict = {**state_dict, "dirpath": here, "best_model_path": moved(state_dict.get("best_model_path")),
+                          "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                          "last_model_path": moved(state_dict.get("last_model_path")),
+                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
+
+    def _names_files_here(self, state_dict: dict[str, Any], saved: str) -> bool:
+        named = [state_dict.get("last_model_path"), state_dict.get("best_model_path"), *(state_dict.get("best_k_models") or {})]
+        inside = [os.path.relpath(p, saved) for p in named if isinstance(p, str) and p.startswith(saved + os.sep)]
+        return bool(inside) and any(os.path.isfile(os.path.join(self.dirpath, name)) for name in inside)
+
+
+class EpochCheckpoint(_FolderCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is written at every epoch end, whatever the monitored value did.
 
     Lightning (2.5 on) writes the last checkpoint only when a top-k checkpoint was saved at the same
@@ -138,7 +170,7 @@ class EpochCheckpoint(ModelCheckpoint):
             self._ensure_last(trainer)
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(_FolderCheckpoint):
     """``ModelCheckpoint(every_n_train_steps=n)`` that skips the last batch of an epoch.
 
     The epoch-end checkpoint follows that batch anyway, and Lightning resumes a checkpoint taken

@@ -38,6 +38,7 @@ _logger = logging.getLogger(__name__)
 TOKEN_KEYS = ("cls_token", "dist_token", "new_pos_embed", "freq_new_pos_embed", "time_new_pos_embed")
 HEAD_PREFIXES = ("head.", "head_dist.")
 MODEL_RECORD_KEY = "maest_model"  # this project's checkpoints: {"arch", "config", "labels"} (SPEC §5.6)
+SAVED_AT_KEY = "maest_saved_at_ns"  # when training wrote the checkpoint (time.time_ns): "newest" survives a copy of the folder
 
 
 class CheckpointError(ValueError):

@@ -166,21 +166,60 @@ def test_killed_and_resumed_run_ends_like_the_uninterrupted_one(data, tmp_path, 
     assert have["lr_schedulers"] == want["lr_schedulers"]
 
 
-def test_ckpt_path_last_takes_the_newest_checkpoint_of_the_run(data, tmp_path):
+def test_ckpt_path_last_takes_the_newest_checkpoint_of_the_run(data, tmp_path, caplog):
     from ex_maest import _resolve_ckpt_path
+    from models.checkpoints import SAVED_AT_KEY
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     trainer = type("T", (), {"default_root_dir": str(tmp_path)})()
     with pytest.raises(FileNotFoundError, match="last.ckpt does not exist: nothing to resume"):
         _resolve_ckpt_path("last", trainer)
-    (folder / "last.ckpt").write_bytes(b"epoch end")
+    torch.save({"global_step": 30}, folder / "last.ckpt")  # an older version's files: no time inside, their mtimes count
     assert _resolve_ckpt_path("last", trainer) == str(folder / "last.ckpt")
     step = folder / "step-step=40.ckpt"
-    step.write_bytes(b"mid-epoch")
+    torch.save({"global_step": 40}, step)
     newer = (folder / "last.ckpt").stat().st_mtime_ns + 10**9
     os.utime(step, ns=(newer, newer))
     assert _resolve_ckpt_path("last", trainer) == str(step)
+    # The time training wrote inside decides, not the mtime (cp -r gives every file the copy's time).
+    torch.save({"global_step": 50, SAVED_AT_KEY: 2 * 10**18}, folder / "last.ckpt")
+    torch.save({"global_step": 45, SAVED_AT_KEY: 1 * 10**18}, step)
+    os.utime(step, ns=(newer + 10**9, newer + 10**9))
+    assert _resolve_ckpt_path("last", trainer) == str(folder / "last.ckpt")
+    (folder / "last.ckpt").write_bytes(b"cut short")  # an unreadable file is passed over, named
+    with caplog.at_level(logging.WARNING, logger="ex_maest"):
+        assert _resolve_ckpt_path("last", trainer) == str(step)
+    assert f"{folder / 'last.ckpt'} cannot be read, so it is passed over as the newest checkpoint" in caplog.text
+
+
+def test_a_run_resumed_in_a_copied_folder_keeps_its_last_and_best_checkpoints(data, tmp_path, uninterrupted, caplog):
+    """Lightning reloads its checkpoint callbacks' state only in the folder that wrote it: in a copied (or moved) run
+    folder it wrote last-v1.ckpt beside a stale last.ckpt, which README's commands read. cp -r also gives every file
+    the copy's time, so the step checkpoint looked newer than last.ckpt."""
+    import shutil
+
+    original = Path(uninterrupted.config["trainer"]["default_root_dir"])
+    before = {p.name: p.stat().st_mtime_ns for p in (original / "checkpoints").iterdir()}
+    copy = tmp_path / "copied"
+    shutil.copytree(original, copy, copy_function=shutil.copy)  # as cp -r: contents, not times
+    step = copy / "checkpoints" / f"step-step={EPOCHS * EPOCH_LENGTH // BATCH_SIZE - 1}.ckpt"
+    later = (copy / "checkpoints" / "last.ckpt").stat().st_mtime_ns + 10**9
+    os.utime(step, ns=(later, later))  # copied after last.ckpt
+    updates = demo_updates(data, copy)
+    updates["ckpt_path"], updates["trainer"]["max_epochs"] = "last", EPOCHS + 1
+    with caplog.at_level(logging.INFO, logger="ex_maest"), caplog.at_level(logging.INFO, logger="helpers.resume"):
+        resumed = _run(updates)
+
+    assert f"resuming from {copy / 'checkpoints' / 'last.ckpt'}: epoch {EPOCHS - 1} complete" in caplog.text
+    assert "dirpath has changed" not in caplog.text
+    files = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    assert "last-v1.ckpt" not in files and len([f for f in files if f.endswith("-best.ckpt")]) == 1, files
+    assert [f for f in files if f.startswith("step-")] == ["step-step=10.ckpt"]  # every 2 steps; 12 ends the epoch: last.ckpt
+    last = torch.load(copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == resumed.result["global_step"] == (EPOCHS + 1) * EPOCH_LENGTH // BATCH_SIZE
+    assert resumed.result["last_checkpoint"] == str(copy / "checkpoints" / "last.ckpt")
+    assert {p.name: p.stat().st_mtime_ns for p in (original / "checkpoints").iterdir()} == before  # the original untouched
 
 
 # ------------------------------------------------------------------ the parts
