@@ -77,7 +77,7 @@ from tqdm import tqdm
 
 from helpers.audio import AUDIO_EXTENSIONS, AudioLoadError, audio_to_mel, list_audio_files, load_audio
 from helpers.failures import format_failures, read_failure_list, update_failure_list
-from helpers.files import write_text_atomic
+from helpers.files import output_dir, write_text_atomic
 from helpers.melfiles import (
     MelFileError,
     MelReader,
@@ -328,15 +328,15 @@ def _nfc(text: str) -> str:
 
 
 def labels_from_folders(audio_dir: Path, files: Sequence[Path]) -> dict[Path, list[str]]:
-    """``{file: [first-level sub-folder name]}`` (NFC: folders copied from macOS are one label); files
-    directly in ``audio_dir`` are left out."""
+    """``{file: [first-level sub-folder name]}`` (NFC: folders copied from macOS are one label; without
+    surrounding spaces, as the CSV's labels); files directly in ``audio_dir`` are left out."""
     labelled, unlabelled = {}, []
     for f in files:
         parts = f.relative_to(audio_dir).parts
         if len(parts) < 2:
             unlabelled.append(f)
         else:
-            labelled[f] = [_nfc(parts[0])]
+            labelled[f] = [_nfc(parts[0]).strip() or parts[0]]
     if unlabelled:
         log.warning(
             "%d file(s) directly in %s have no label sub-folder and are skipped (e.g. %s)",
@@ -680,6 +680,20 @@ def class_counts(gt: dict[str, np.ndarray], splits: dict[str, list[str]], labels
     return counts
 
 
+def _check_label_names(label_names: list[str], file_labels: Mapping[Path, list[str]]) -> None:
+    """Refuse, before any work, label names that ``labels.txt`` (one name per line) cannot hold."""
+    bad = [name for name in label_names if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name)]
+    if bad:
+        examples = []
+        for name in bad[:5]:
+            owner = next(p for p, names in file_labels.items() if name in names)
+            examples.append(f"{name!r} (e.g. of {str(owner)!r})")
+        raise ValueError(
+            f"{len(bad)} label name(s) hold a line break, tab or other control character: {', '.join(examples)}; "
+            "labels.txt holds one name per line: rename the label folders (or fix the labels CSV)"
+        )
+
+
 def _warn_about_labels(label_names: list[str], file_labels: Mapping[Path, list[str]]) -> None:
     """Labels that look like mistakes: two spellings of one name, one on every file, files without any."""
     by_case = defaultdict(list)
@@ -715,7 +729,7 @@ def prepare_folder(
     extensions: Sequence[str] = AUDIO_EXTENSIONS,
 ) -> PrepareResult:
     """Mel files, ground truth and label list for a folder of labelled audio (see the module doc)."""
-    audio_dir, out_dir = Path(audio_dir), Path(out_dir)
+    audio_dir, out_dir = Path(audio_dir), output_dir(out_dir, "OUT_DIR")  # a file or a read-only folder: said before any work
     fractions = _check_split(split)
     if mel_format not in MEL_FORMATS:
         raise ValueError(f"mel_format must be one of {MEL_FORMATS}, got {mel_format!r}")
@@ -746,6 +760,7 @@ def prepare_folder(
             "per label, or pass a labels CSV"
         )
     label_names = sorted({name for names in file_labels.values() for name in names})
+    _check_label_names(label_names, file_labels)
     log.info("%d audio file(s), %d label(s) in %s", len(file_labels), len(label_names), audio_dir)
     _warn_about_labels(label_names, file_labels)
 
@@ -824,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = prepare_folder(**vars(args))
     except NothingPrepared as e:
         return report_nothing_prepared(e)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C: one line, not the traceback of the process pool

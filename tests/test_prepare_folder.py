@@ -158,6 +158,31 @@ def test_bad_arguments(audio_dir, tmp_path):
         prepare_folder(empty, tmp_path / "out")
 
 
+def test_an_output_path_that_cannot_be_a_folder_is_refused_before_any_file_is_read(audio_dir, tmp_path, caplog, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with caplog.at_level(logging.ERROR):
+        assert main([str(audio_dir), str(tmp_path / "afile")]) == 1
+    assert f"OUT_DIR={tmp_path / 'afile'} is a file, and the command writes a folder there: give a folder path" in caplog.text
+    monkeypatch.setattr("datasets.prepare_folder.extract_mel_files", lambda *a, **k: pytest.fail("decoding started"))
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, so the folder cannot be created there"):
+        prepare_folder(audio_dir, tmp_path / "afile" / "prepared")
+
+
+def test_label_names_are_stripped_and_one_with_a_line_break_is_refused_before_any_work(tmp_path, monkeypatch):
+    for label in (" spaced ", "ok"):
+        (tmp_path / "audio" / label).mkdir(parents=True)
+        sf.write(tmp_path / "audio" / label / "a.wav", tone(300.0, 16000, 1), 16000)
+    result = prepare_folder(tmp_path / "audio", tmp_path / "out")
+    assert result.labels == ["ok", "spaced"]  # as the CSV's labels, and as labels.txt reads back
+    assert (tmp_path / "out" / "labels.txt").read_text() == "ok\nspaced\n"
+    (tmp_path / "audio" / "new\nline").mkdir()
+    sf.write(tmp_path / "audio" / "new\nline" / "b.wav", tone(300.0, 16000, 1), 16000)
+    monkeypatch.setattr("datasets.prepare_folder.extract_mel_files", lambda *a, **k: pytest.fail("decoding started"))
+    with pytest.raises(ValueError, match=r"1 label name\(s\) hold a line break, tab or other control character: 'new\\nline' \(e\.g\. of '.*b\.wav'\); "
+                                         r"labels\.txt holds one name per line: rename the label folders"):
+        prepare_folder(tmp_path / "audio", tmp_path / "out")
+
+
 def test_mel_keys_keep_the_audio_suffix_only_where_names_clash(tmp_path):
     files = [tmp_path / "a" / "x.wav", tmp_path / "a" / "x.mp3", tmp_path / "a" / "y.flac"]
     assert mel_keys(tmp_path, files, "mmap") == {
