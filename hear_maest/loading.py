@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 
 
-from models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, record_of, select_state_dict
-from models.maest import MAEST
-from models.registry import check_network_shapes, config_from_record, get_maest, recognise_arch
+from models.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, record_of, select_state_dict, state_dict_shapes
+from models.maest import MAEST, MAESTConfig
+from models.registry import check_network_shapes, config_from_record, get_maest, get_spec, recognise_arch
 
 _logger = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ def load_maest(
     if record is None and arch is None:
         arch, shape_overrides = recognise_arch(sd, source, overrides)
         overrides = {**shape_overrides, **overrides}
+    elif record is None and "n_classes" not in overrides:  # a named arch: the number of classes is the head's
+        heads = state_dict_shapes(sd).get("n_classes")
+        if heads is not None and heads != get_spec(arch).config.get("n_classes", MAESTConfig.n_classes):
+            _logger.info("%s: n_classes=%d, from its head", source, heads)
+            overrides = {**overrides, "n_classes": heads}
     arch, config = config_from_record(arch, record, overrides, source)
     check_network_shapes(arch, config, sd, source)  # a named arch of another width or depth: names the file's
     model = MAEST(config)

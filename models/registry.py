@@ -276,11 +276,19 @@ def recognise_arch(state_dict: dict, source: str = "checkpoint", overrides: dict
                      source, name, f" with n_classes={found['n_classes']}" if needed else "")
         return name, needed
     held = ", ".join(f"{k}={v}" for k, v in found.items())
+    frames = f"input_t in [{found['grid_t'] * 10}, {found['grid_t'] * 10 + 9}] for {found['grid_t']} time positions"
+    network = arch_of_shapes(found, fields=NETWORK_SHAPE_FIELDS)
+    if network is not None:  # a registry network trained on clips of another length: input_t is not in the weights
+        name = network[0]
+        raise CheckpointError(
+            f"{source} records no architecture; its network is {name}'s ({held}) but trained on clips of another "
+            f"length, which the weights do not say exactly: load_model(path, arch={name!r}, input_t=<the frames per clip "
+            f"it was trained with>) ({frames}; the number of classes comes from the head)"
+        )
     raise CheckpointError(
         f"{source} records no architecture and its shapes ({held}) fit no registry model: name it, e.g. "
-        f"load_model(path, arch='maest-tiny', input_t=..., n_classes=...) (arch: a registry name, with any "
-        f"MAESTConfig field that differs; input_t in [{found['grid_t'] * 10}, {found['grid_t'] * 10 + 9}] for "
-        f"{found['grid_t']} time positions); known: {', '.join(list_models())}"
+        f"load_model(path, arch=<a registry name>, input_t=..., <any MAESTConfig field that differs>) ({frames}); "
+        f"known: {', '.join(list_models())}"
     )
 
 

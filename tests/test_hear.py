@@ -197,12 +197,17 @@ def test_architecture_recognised_from_the_file(tmp_path, tiny):
     loaded = hear_maest.load_model(str(tmp_path / "bare.pt")).maest
     assert (loaded.config.input_t, loaded.config.n_classes, loaded.config.num_heads) == (625, 7, 4)  # maest-tiny
     assert torch.equal(loaded.blocks[1].mlp.fc2.weight, registry_shaped.blocks[1].mlp.fc2.weight)
-    # An upstream-layout Lightning file whose shapes fit no registry model: the error says to name it.
+    # An upstream-layout Lightning file of a registry network trained on other clips: the error names the arch to give.
     lightning_file(tmp_path / "odd.ckpt", plain, swa, arch=None)
-    with pytest.raises(CheckpointError, match=r"fit no registry model: name it, e.g. load_model\(path, arch='maest-tiny', input_t=\.\.\."):
+    with pytest.raises(CheckpointError, match=r"records no architecture; its network is maest-tiny's \(.*\) but trained on clips of another "
+                                              r"length, .*: load_model\(path, arch='maest-tiny', input_t=<the frames per clip"):
         hear_maest.load_model(str(tmp_path / "odd.ckpt"))
-    named = hear_maest.load_model(str(tmp_path / "odd.ckpt"), arch="maest-tiny", input_t=CLIP, n_classes=3).maest
-    assert torch.equal(named.cls_token, swa.cls_token)
+    named = hear_maest.load_model(str(tmp_path / "odd.ckpt"), arch="maest-tiny", input_t=CLIP).maest  # n_classes: the head's
+    assert torch.equal(named.cls_token, swa.cls_token) and named.config.n_classes == 3
+    # Shapes of no registry network at all: name one, with the fields that differ.
+    torch.save(MAEST(MAESTConfig(embed_dim=32, depth=1, num_heads=2, n_classes=3)).state_dict(), tmp_path / "odder.pt")
+    with pytest.raises(CheckpointError, match=r"fit no registry model: name it, e.g. load_model\(path, arch=<a registry name>, input_t=\.\.\."):
+        hear_maest.load_model(str(tmp_path / "odder.pt"))
     assert hear_maest.load_model(str(tmp_path / "odd.ckpt"), input_t=CLIP).maest.config.n_classes == 3  # recognised once input_t is given
     # A Hugging Face directory: its config.json shapes the model.
     export_hf(plain, tmp_path / "hf", feature_extractor=False)
