@@ -421,7 +421,9 @@ def _extract_files(
                 failed[key] = str(e)
             start += c.shape[0]
 
-    files = tqdm(loader, total=len(keys), desc=desc, unit="file", disable=not progress)
+    # iter(): tqdm.auto's asyncio class calls iter() on an iterable when built, and then the loop again: every
+    # worker process would start twice and read its first files twice
+    files = tqdm(iter(loader), total=len(keys), desc=desc, unit="file", disable=not progress)
     on_device = ((key, None if clips is None else clips.to(device, non_blocking=True), error) for key, clips, error in files)
     run_in_groups(on_device, forward, failed, batch_size, n_clips=lambda clips: clips.shape[0])
     return written, failed
@@ -541,7 +543,7 @@ def predict_files(
             })
 
     run_in_groups(
-        tqdm(loader, total=len(files), desc="predict", unit="file", disable=not progress), forward, failures, batch_size,
+        tqdm(iter(loader), total=len(files), desc="predict", unit="file", disable=not progress), forward, failures, batch_size,
         n_clips=lambda audio: len(clip_starts(1 + audio.numel() // HOP_LENGTH, n_frames, hop_frames)),  # as track_probabilities cuts
     )
     return results, failures

@@ -270,9 +270,20 @@ def test_bf16_runs_and_is_close_to_fp32(model, data, tmp_path):
         assert not np.array_equal(a, b)  # bf16 really ran
 
 
-def test_worker_processes_give_the_same_outputs(model, data, tmp_path):
+def test_worker_processes_give_the_same_outputs_and_start_once(model, data, tmp_path, monkeypatch):
+    import helpers.extract
+
+    iterations = []
+
+    class CountingLoader(helpers.extract.DataLoader):
+        def __iter__(self):
+            iterations.append(self.num_workers)
+            return super().__iter__()
+
+    monkeypatch.setattr(helpers.extract, "DataLoader", CountingLoader)
     run_extract(model, data, tmp_path / "w0", kind="logits")
     run_extract(model, data, tmp_path / "w1", kind="logits", num_workers=1)
+    assert iterations == [0, 1]  # tqdm.auto iterated the loader once more when built: workers started and read twice
     for key in LENGTHS:
         np.testing.assert_array_equal(np.load(tmp_path / "w0" / f"{key}.logits.npy"), np.load(tmp_path / "w1" / f"{key}.logits.npy"))
 

@@ -272,7 +272,17 @@ def test_predict_command_configuration_errors(audio_dir, checkpoint, labels_file
 
 
 # ----------------------------------------------------------------------------------- batching, workers, precision
-def test_clips_of_several_files_share_a_forward_pass_and_workers_decode(model, audio_dir):
+def test_clips_of_several_files_share_a_forward_pass_and_workers_decode(model, audio_dir, monkeypatch):
+    import helpers.extract
+
+    iterations = []
+
+    class CountingLoader(helpers.extract.DataLoader):
+        def __iter__(self):
+            iterations.append(self.num_workers)
+            return super().__iter__()
+
+    monkeypatch.setattr(helpers.extract, "DataLoader", CountingLoader)
     calls = []
     handle = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:
@@ -282,6 +292,7 @@ def test_clips_of_several_files_share_a_forward_pass_and_workers_decode(model, a
 
     assert failures == {}
     assert calls == [2 + 4]  # 3 s: 2 clips, 7 s: 4 clips, one batch (per file it took two)
+    assert iterations == [1]  # the worker started once (tqdm.auto iterated the loader once more when built)
     for result, path in zip(results, [audio_dir / "short.wav", audio_dir / "sub" / "long.flac"]):
         check_result(model, result, path, top_k=5)  # equal to the per-file path (atol 1e-6)
 
