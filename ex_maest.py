@@ -83,6 +83,7 @@ def main_config():
     # Outputs default to outputs/<run_name>/ (train/, embeddings/, export/, norm_stats.json); the same
     # command line gives the same folder, so ckpt_path=last finds it (configs/runs.py).
     run_name = None  # the run's output folder; None: "demo" on the demo's data, else <dataset>_<arch>_<hash of the config>
+    seed = 0  # Sacred seeds python, numpy and torch with it: the same command line trains the same numbers (seed=N: another draw, another folder)
     synthetic_data = {"out_dir": None, "n_tracks": 300, "clip_length": 10.0, "seed": 0}  # out_dir set: generate the demo dataset there first, if datamodule.base_dir is out_dir
     inference_checkpoint = None  # test/extract/predict/export load this checkpoint instead of maest.checkpoint; "last": the newest of this config's training run (<trainer.default_root_dir>/checkpoints/: last.ckpt or a step checkpoint)
     ckpt_path = None  # resume training exactly from this Lightning checkpoint ("last" = the run's newest: last.ckpt or its step checkpoint)

@@ -191,6 +191,9 @@ def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepare
     assert name(seed=1) != first
     assert name(run_name="mine") == "mine"
     assert name(named=("demo",)) == "demo"  # the demo's synthetic data keeps its documented outputs/demo/...
+    # Every config is seeded (0 unless given): the same folder is the same numbers, not another random draw.
+    runs = [ex.run("print_config", named_configs=["finetune", dataset_json], options={"--loglevel": "ERROR"}) for _ in range(2)]
+    assert [r.config["seed"] for r in runs] == [0, 0] and runs[0].config["run_name"] == runs[1].config["run_name"]
     assert run_name_for({"datamodule": {"base_dir": "data/discogs/mels"}, "maest": {"arch": "x"}}).startswith("discogs_x_")
 
 
