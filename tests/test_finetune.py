@@ -73,6 +73,17 @@ def test_backbone_loads_exactly_and_heads_are_reinitialised(pretrained, caplog):
         get_maest(checkpoint=pretrained, n_classes=NEW_CLASSES)
 
 
+def test_testing_a_model_on_a_data_config_of_other_labels_says_so(pretrained, data, tmp_path):
+    """prepare_folder's dataset.json sets maest.n_classes: the error speaks of the labels, not of dropping a key."""
+    updates = {"inference_checkpoint": str(pretrained), "maest": {"n_classes": NEW_CLASSES, "input_t": None},
+               "datamodule": {**datamodule(data, "new"), "labels": [f"style {i}" for i in range(NEW_CLASSES)]},
+               "trainer": {"default_root_dir": str(tmp_path), **TRAINER}}
+    with pytest.raises(ValueError, match=rf"checkpoint {pretrained} was trained on 10 classes: .*, \.\.\., but maest.n_classes=6 "
+                                         r"\(given, or set by a data config such as prepare_folder's dataset.json: style 0, style 1, style 2, style 3, \.\.\.\): "
+                                         r"test and extraction of logits need a model trained on these labels \(fine-tune it"):
+        run("test", updates)
+
+
 def test_training_on_other_labels_without_finetune_is_refused(pretrained, data, tmp_path):
     updates = {"maest": {"checkpoint": str(pretrained)}, "datamodule": datamodule(data, "new"),
                "trainer": {"max_epochs": 1, "default_root_dir": str(tmp_path), **TRAINER}}

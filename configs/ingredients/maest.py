@@ -118,6 +118,9 @@ def resolve_net(
             f"are scored against the ground truth's columns. Leave maest.n_classes unset (it follows the data){hint}, or "
             f"use a ground truth of {options['n_classes']} classes"
         )
+    recorded = record["config"]["n_classes"] if record is not None else None
+    if recorded is not None and not reinit and options["n_classes"] is not None and options["n_classes"] != recorded:
+        raise ValueError(_other_labels_message(source, record, options["n_classes"], data_labels, training))
     arch, config = config_from_record(arch, record, options, source, reinit_heads=reinit)
     spec = REGISTRY.get(arch)
     if (
@@ -126,6 +129,22 @@ def resolve_net(
     ):
         _logger.warning("%s was trained with input_t=%d; maest.input_t=%d", arch, spec.config["input_t"], config.input_t)
     return NetSetup(arch, config, checkpoint, record, reinit)
+
+
+def _named(labels, shown: int = 4) -> str:
+    return f": {', '.join(map(str, labels[:shown]))}{', ...' if len(labels) > shown else ''}" if labels else ""
+
+
+def _other_labels_message(source: str, record: dict, n_classes: int, data_labels, training: bool) -> str:
+    """``maest.n_classes`` (given, or from a data config such as prepare_folder's dataset.json) is not the checkpoint's."""
+    recorded = record["config"]["n_classes"]
+    fix = ("fine-tune it on these labels with maest.reinit_heads=True (the finetune named config)" if training else
+           "test and extraction of logits need a model trained on these labels (fine-tune it: the finetune named config); "
+           "predict, extract_embeddings and the exports need no data config: leave it out")
+    return (
+        f"{source} was trained on {recorded} classes{_named(record.get('labels'))}, but maest.n_classes={n_classes} "
+        f"(given, or set by a data config such as prepare_folder's dataset.json{_named(list(data_labels or []))}): {fix}"
+    )
 
 
 def check_same_labels(model_labels: list[str], data_labels: list[str], source: str, training: bool) -> None:
