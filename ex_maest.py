@@ -18,6 +18,7 @@ config and lists the commands.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import glob
@@ -50,7 +51,7 @@ from configs.runs import (
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
 from helpers.failures import exit_on_failures, read_failure_list, update_failure_list
-from helpers.files import output_dir, output_file, write_text_atomic
+from helpers.files import folder_lock, launching_process, output_dir, output_file, write_text_atomic
 from helpers.sampler import SAMPLERS
 from models import heap
 from models.mel import HOP_LENGTH, SAMPLE_RATE, n_frames_for
@@ -442,7 +443,15 @@ def _run_name_hook(config, command_name, logger):
 @ex.main
 def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
-    output_dir(_config["trainer"]["default_root_dir"] or run_output("train"), "trainer.default_root_dir")  # a file there: said before any work
+    chosen_by = "trainer.default_root_dir" if _config["trainer"]["default_root_dir"] else "run_name"
+    root = output_dir(_config["trainer"]["default_root_dir"] or run_output("train"), chosen_by)  # a file there: said before any work
+    # One training per folder: a second run of the same command line would write into the first one's checkpoints.
+    # The other ranks of this job (started by it, torchrun or SLURM) share the folder.
+    with folder_lock(root, refuse_as=chosen_by) if launching_process() else contextlib.nullcontext():
+        return _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps)
+
+
+def _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     clip_length = check_training_clip()
     check_pretrained_weights()
     _check_teacher(_config["module"]["teacher_student"], _config["datamodule"]["teacher_dir"])

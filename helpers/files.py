@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.files import atomic_path
 
-__all__ = ["atomic_path", "folder_lock", "output_dir", "output_file", "write_text_atomic"]
+__all__ = ["atomic_path", "folder_lock", "launching_process", "output_dir", "output_file", "write_text_atomic"]
 
 
 def output_dir(path: str | os.PathLike, key: str) -> Path:
@@ -47,12 +47,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def launching_process(environ=os.environ) -> bool:
+    """Whether this process is the one a command line started, not another rank of its job: no rank
+    variable of Lightning's launcher, torchrun or SLURM names another process."""
+    return all(environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+
 @contextmanager
-def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, refuse_as: str | None = None) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if needed) for the block, across processes and threads.
 
     The lock is ``fcntl.flock`` on ``<folder>/.lock``, released when the block ends or the process
-    dies (no stale locks). The lock file stays: removing it could let two holders in at once.
+    dies (no stale locks: a killed run goes on). The lock file stays: removing it could let two
+    holders in at once. ``refuse_as`` (the option that chose the folder): a held lock is an error
+    naming the folder and that option, instead of a wait (two runs of one command line would write
+    each other's checkpoints).
     """
     import fcntl
 
@@ -60,7 +69,13 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if refuse_as else 0))
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another run is writing into {folder} (it holds {folder / '.lock'}): wait for it to end, or give this "
+                f"one its own folder ({refuse_as}=...)"
+            ) from None
         yield folder
     finally:
         os.close(fd)  # closing the descriptor releases the lock

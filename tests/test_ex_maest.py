@@ -261,6 +261,27 @@ def test_a_second_fresh_run_in_one_folder_is_the_one_last_names(data, tmp_path, 
     assert extracted.result["written"] > 0
 
 
+def test_a_second_training_into_a_folder_in_use_is_refused_and_the_other_ranks_share_it(data, tmp_path, monkeypatch):
+    """Two runs of one command line at once wrote into each other's checkpoints (last-v1.ckpt, two best files)."""
+    from helpers.files import folder_lock, launching_process
+
+    root = tmp_path / "busy"
+    updates = tiny_updates(data, root, max_epochs=1)
+    with folder_lock(root):  # the first run, still training
+        with pytest.raises(RuntimeError, match=rf"another run is writing into {root} \(it holds {root / '.lock'}\): wait for it "
+                                               r"to end, or give this one its own folder \(trainer.default_root_dir=\.\.\.\)"):
+            run("main", ["demo"], updates)
+        assert not (root / "checkpoints").exists()
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a rank the first run started: it trains into the run's folder
+        assert not launching_process()
+        assert run("main", ["demo"], updates).result["global_step"] > 0
+    monkeypatch.delenv("LOCAL_RANK")
+    assert launching_process() and not launching_process({"SLURM_PROCID": "2"}) and not launching_process({"NODE_RANK": "1"})
+    updates["ckpt_path"] = "last"  # the folder is free again (a killed run's lock goes with its process)
+    updates["trainer"]["max_epochs"] = 2
+    assert run("main", ["demo"], updates).result["global_step"] > 0
+
+
 def test_resume_from_last_without_a_checkpoint_says_so(data, tmp_path):
     updates = tiny_updates(data, tmp_path / "empty")
     updates["ckpt_path"] = "last"
