@@ -68,9 +68,21 @@ def run_name_for(config: dict) -> str:
     base = PurePath(str(config.get("datamodule", {}).get("base_dir") or "data"))
     dataset = base.parent.name if base.name == "mels" and base.parent.name else base.name
     maest = config.get("maest", {})
-    # maest.arch None: the checkpoint's (known only once it is read) or the default init arch.
-    model = maest.get("arch") or (PurePath(str(maest["checkpoint"])).stem if maest.get("checkpoint") else "maest")
+    model = maest.get("arch") or _checkpoint_arch(maest.get("checkpoint"), maest.get("trust_checkpoint", False)) or "maest"
     return f"{_slug(dataset)}_{_slug(str(model))}_{digest}"
+
+
+def _checkpoint_arch(checkpoint, trust_checkpoint: bool) -> str | None:
+    """maest.arch None with a checkpoint (fine-tuning): the arch it records, else its file's name (``last`` names nothing)."""
+    if not checkpoint:
+        return None
+    from configs.ingredients.maest import checkpoint_record
+
+    try:
+        record = checkpoint_record(checkpoint, trust_checkpoint)
+    except Exception:  # noqa: BLE001 - a missing or unreadable file: the command says so when it loads it
+        record = None
+    return (record or {}).get("arch") or PurePath(str(checkpoint)).stem
 
 
 def hashed_config(config: dict) -> dict:

@@ -142,7 +142,7 @@ def test_inference_checkpoint_last_before_training_names_the_folder_and_the_fix(
     # A run on the same data and model with other keys (another hash): named, with its newest checkpoint.
     other = tmp_path / "outputs" / (folder.parts[-3].rsplit("_", 1)[0] + "_0123abcd") / "train" / "checkpoints" / "last.ckpt"
     other.parent.mkdir(parents=True)
-    other.write_bytes(b"")
+    torch.save({"global_step": 1}, other)  # a readable checkpoint (an unreadable one is passed over)
     with pytest.raises(FileNotFoundError) as error:
         ex.run("predict", named_configs=["demo", dataset_json], config_updates={**TINY, "predict": {"audio": ["x.wav"]}}, options={"--loglevel": "ERROR"})
     assert str(error.value).endswith(f"have these (give one as inference_checkpoint=...):\n  {Path('outputs') / other.relative_to(tmp_path / 'outputs')}")
@@ -160,7 +160,7 @@ def test_ckpt_path_last_without_a_checkpoint_names_runs_with_one_and_the_keys_th
     assert earlier["run_name"] != config["run_name"] and earlier["run_name"].rsplit("_", 1)[0] == config["run_name"].rsplit("_", 1)[0]
     last = tmp_path / "outputs" / earlier["run_name"] / "train" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
-    last.write_bytes(b"")
+    torch.save({"global_step": 1}, last)  # a readable checkpoint (an unreadable one is passed over)
     record = tmp_path / "outputs" / "sacred" / "3" / "config.json"
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps(earlier))
@@ -195,6 +195,21 @@ def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepare
     runs = [ex.run("print_config", named_configs=["finetune", dataset_json], options={"--loglevel": "ERROR"}) for _ in range(2)]
     assert [r.config["seed"] for r in runs] == [0, 0] and runs[0].config["run_name"] == runs[1].config["run_name"]
     assert run_name_for({"datamodule": {"base_dir": "data/discogs/mels"}, "maest": {"arch": "x"}}).startswith("discogs_x_")
+
+
+def test_a_run_from_a_checkpoint_is_named_after_the_arch_it_records(tmp_path):
+    """Fine-tuning from outputs/<run>/train/checkpoints/last.ckpt was named <dataset>_last_<hash>."""
+    import torch
+
+    from models.checkpoints import MODEL_RECORD_KEY
+
+    (tmp_path / "run").mkdir()
+    torch.save({MODEL_RECORD_KEY: {"arch": "maest-demo", "config": {"n_classes": 3}, "labels": None}, "state_dict": {}}, tmp_path / "run" / "last.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")  # records nothing: its file's name
+    data = {"base_dir": "data/mine"}
+    assert run_name_for({"datamodule": data, "maest": {"checkpoint": str(tmp_path / "run" / "last.ckpt")}}).startswith("mine_maest-demo_")
+    assert run_name_for({"datamodule": data, "maest": {"checkpoint": str(tmp_path / "bare.ckpt")}}).startswith("mine_bare_")
+    assert run_name_for({"datamodule": data, "maest": {"checkpoint": str(tmp_path / "gone.ckpt")}}).startswith("mine_gone_")
 
 
 def test_a_bad_run_name_is_refused_before_any_work(tmp_path, monkeypatch):
