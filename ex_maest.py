@@ -256,23 +256,34 @@ def _check_teacher(teacher_student: bool, teacher_dir) -> None:
 
 def _other_runs(run_name: str, hint: str, config: dict | None = None) -> str:
     """The newest checkpoints of other runs on the same data and model (``<dataset>_<model>_*``, another hash: the
-    training used other keys), for the error of a ``'last'`` that finds none; with ``config``, each run's keys that
-    differ from it, where a Sacred record of the run is kept (``outputs/sacred``)."""
+    training used other keys), for the error of a ``'last'`` that finds none; with ``config``, also the runs whose
+    Sacred record (``outputs/sacred``) names the same data and model under a ``run_name=`` of their own, and each
+    run's keys that differ from it."""
     prefix = run_name.rsplit("_", 1)[0] + "_"
     found = []
-    records = None  # read once, when a run with a checkpoint is found
-    for folder in sorted(run_dir(prefix).parent.glob(f"{glob.escape(prefix)}*/train/checkpoints")):
-        newest = _newest_checkpoint(folder)
-        if newest is None or folder.parent.parent.name == run_name:
+    records = recorded_configs() if config is not None else {}
+    folders = {folder: folder.parent.parent.name for folder in run_dir(prefix).parent.glob(f"{glob.escape(prefix)}*/train/checkpoints")}
+    for name, recorded in records.items():  # runs whose folder was named with run_name=: the same data and model by their record
+        if not name.startswith(prefix) and _same_data_and_model(recorded, prefix):
+            folders.setdefault(Path(recorded["trainer"].get("default_root_dir") or run_dir(name) / "train") / "checkpoints", name)
+    for folder, name in sorted(folders.items(), key=lambda item: str(item[0])):
+        newest = _newest_checkpoint(folder) if folder.is_dir() else None
+        if newest is None or name == run_name:
             continue
-        if config is not None and records is None:
-            records = recorded_configs()
-        recorded = (records or {}).get(folder.parent.parent.name)
+        recorded = records.get(name)
         found.append(str(newest) + (f"  (keys that differ: {config_differences(config, recorded)})" if recorded else ""))
     if not found:
         return ""
     shown = "\n  ".join(found[:5]) + (f"\n  and {len(found) - 5} more" if len(found) > 5 else "")
     return f". Runs on the same data and model with other keys have these ({hint}):\n  {shown}"
+
+
+def _same_data_and_model(recorded: dict, prefix: str) -> bool:
+    """Whether a recorded run's config names a run ``<prefix><hash>`` (``<dataset>_<arch>_``), whatever its run_name."""
+    try:
+        return isinstance(recorded.get("trainer"), dict) and run_name_for(recorded).startswith(prefix)
+    except Exception:  # noqa: BLE001 - a record of another version or experiment: not one of this config's runs
+        return False
 
 
 # ----------------------------------------------------------------------------------- config checks

@@ -174,6 +174,16 @@ def test_ckpt_path_last_without_a_checkpoint_names_runs_with_one_and_the_keys_th
         f"ckpt_path=last):\n  {Path('outputs') / earlier['run_name'] / 'train' / 'checkpoints' / 'last.ckpt'}  "
         f"(keys that differ: seed 3 there, {config['seed']} here; trainer.devices 4 there, \"auto\" here)"
     )
+    # A run of the same data and model in a folder named with run_name=: found by its Sacred record.
+    mine = {**earlier, "run_name": "mine", "seed": 5}
+    mine_last = tmp_path / "outputs" / "mine" / "train" / "checkpoints" / "last.ckpt"
+    mine_last.parent.mkdir(parents=True)
+    torch.save({"global_step": 2}, mine_last)
+    (tmp_path / "outputs" / "sacred" / "4").mkdir()
+    (tmp_path / "outputs" / "sacred" / "4" / "config.json").write_text(json.dumps(mine))
+    with pytest.raises(FileNotFoundError) as error:
+        ex.run("main", named_configs=named, config_updates={**TINY, "ckpt_path": "last"}, options={"--loglevel": "ERROR"})
+    assert f"\n  {Path('outputs') / 'mine' / 'train' / 'checkpoints' / 'last.ckpt'}  (keys that differ: seed 5 there" in str(error.value)
 
 
 def test_run_name_is_the_same_for_the_same_command_and_differs_otherwise(prepared):
