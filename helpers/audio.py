@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -422,6 +423,8 @@ def find_audio_files(
     found: set[Path] = set()
     unusable: dict[str, str] = {}
     for p in map(Path, paths):
+        if not p.exists():  # typed in one Unicode form, on disk in the other (a file copied from macOS: 'café' as e + U+0301)
+            p = next((q for q in (Path(unicodedata.normalize(f, str(p))) for f in ("NFC", "NFD")) if q.exists()), p)
         if p.is_file():
             found.add(p)
         elif p.is_dir():

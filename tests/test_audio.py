@@ -157,6 +157,17 @@ def test_list_audio_files_expands_folders_recursively(tmp_path):
     )
 
 
+def test_a_path_typed_in_another_unicode_form_than_on_disk_is_found(tmp_path):
+    import unicodedata
+
+    on_disk = tmp_path / unicodedata.normalize("NFD", "café.wav")  # as copied from macOS: e + combining accent
+    on_disk.write_bytes(b"")
+    typed = tmp_path / unicodedata.normalize("NFC", "café.wav")
+    assert str(typed) != str(on_disk) and not typed.exists()
+    assert find_audio_files([typed]) == ([on_disk], {})
+    assert find_audio_files([tmp_path / "cafe.wav"])[1]  # another name is still missing
+
+
 def test_symlinked_folders_are_followed_and_cycles_skipped(tmp_path, caplog):
     # prepare_folder's case: AUDIO_DIR/rock is a link to a folder elsewhere.
     (tmp_path / "my_audio/rock/live").mkdir(parents=True)
