@@ -78,6 +78,12 @@ shorten_result_lines(ex)  # predict's result lists every file: the log line says
 keep_output_of_failed_runs(ex)  # a failed run's record keeps what it printed (its FAILED lines)
 
 
+@ex.pre_run_hook
+def _set_threads(threads):
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:  # other values: the commands' config check says so
+        torch.set_num_threads(threads)
+
+
 @ex.config
 def main_config():
     """MAEST pre-training, evaluation, extraction and export; see the ingredients for each part."""
@@ -92,6 +98,7 @@ def main_config():
     norm_stats_out = None  # compute_norm_stats writes mean and std here; None: outputs/<run_name>/norm_stats.json
     speed_test_batch_size = 8  # model_speed_test batch size
     speed_test_iterations = 5  # model_speed_test timed iterations
+    threads = None  # torch CPU threads of any command; None keeps torch's default (one per core); 1 can be faster for small models on a busy machine
 
 
 register_named_configs(ex)
@@ -397,6 +404,7 @@ _CONFIG_RULES = {
     "checkpoint_every_n_train_steps": (int | None, _at_least(1)),
     "run_name": check_run_name,
     "speed_test_batch_size": (int, _at_least(1)),
+    "threads": (int | None, _at_least(1, " (None: torch's default)")),
     "speed_test_iterations": (int, _at_least(1)),
 }
 

@@ -38,7 +38,7 @@ INFO_COMMANDS = ("print_config", "print_dependencies", "save_config", "print_nam
 # how fast or how visibly a run goes, or resume it, never what it computes.
 RUN_NAME_IGNORES = (
     "run_name", "ckpt_path", "checkpoint_every_n_train_steps", "norm_stats_out",
-    "speed_test_batch_size", "speed_test_iterations",
+    "speed_test_batch_size", "speed_test_iterations", "threads",
     "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "datamodule.num_workers", "datamodule.pin_memory", "module.step_in_backward", "maest.allow_random_weights",
     # Read by the inference commands only: they write into the folder of the run that trained the model.

@@ -387,6 +387,16 @@ def test_model_speed_test_reports_throughput():
     assert r.result["n_frames"] == INPUT_T  # the clip extraction and predict cut for this model
 
 
+def test_threads_sets_torchs_cpu_threads_for_the_command(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)  # the test process keeps its own threads
+    updates = {"maest": dict(TINY_MAEST), "speed_test_batch_size": 1, "speed_test_iterations": 1, "predict": {"device": "cpu"}}
+    run("model_speed_test", updates={**updates, "threads": 1})
+    assert seen == [1]
+    run("model_speed_test", updates=updates)  # None: torch's default, untouched
+    assert seen == [1]
+
+
 def test_model_speed_test_says_when_the_share_is_over_100_percent(monkeypatch, capsys):
     import models.precision
 
