@@ -59,9 +59,9 @@ VARIANTS = {
     "train-ours-fp32": ("train", "ours", "fp32"),
     "train-ours-bf16": ("train", "ours", "bf16"),
     # the same step without helpers.memory.release_freed_memory (glibc's default heap behaviour)
-    "train-ours-bf16-heap": ("train", "ours, default malloc", "bf16"),
+    "train-ours-bf16-heap": ("train", "ours, module.release_freed_memory=False", "bf16"),
     # the same step with the optimizer's step after backward (module.step_in_backward=False)
-    "train-ours-bf16-after": ("train", "ours, step after backward", "bf16"),
+    "train-ours-bf16-after": ("train", "ours, module.step_in_backward=False", "bf16"),
     # predict.compile=True (--compile): each block through torch.compile; the warm-up call compiles
     "forward-ours-fp32-compiled": ("forward", "ours, torch.compile", "fp32"),
     "forward-ours-bf16-compiled": ("forward", "ours, torch.compile", "bf16"),
@@ -79,7 +79,7 @@ QUICK_WORK = {
 }
 VIT_B = dict(embed_dim=768, depth=12, num_heads=12, n_classes=400)
 TINY = dict(embed_dim=64, depth=2, num_heads=4, n_classes=10)
-COLUMNS = ("work", "impl", "precision", "seconds", "peak_mb", "speedup_vs_upstream_fp32", "gflops", "ceiling_gflops", "share_of_ceiling", "share_of_run_ceiling")
+COLUMNS = ("work", "impl", "precision", "seconds", "peak_mb", "peak_vs_upstream_fp32", "speedup_vs_upstream_fp32", "gflops", "ceiling_gflops", "share_of_ceiling", "share_of_run_ceiling")
 
 
 def _input_t(w: dict) -> int:
@@ -127,7 +127,7 @@ def run_variant(name: str, arch: dict, iterations: int, threads: int | None, ups
         from models import MAEST
 
         model = MAEST(_config(w, arch).replace(check_finite=not train)).to(device)  # training checks its input in the data module
-        if train and device == "cpu" and impl != "ours, default malloc":
+        if train and device == "cpu" and impl != "ours, module.release_freed_memory=False":
             from helpers.memory import release_freed_memory
 
             release_freed_memory(model.blocks)  # as MAESTModule.on_fit_start does (module.release_freed_memory=True)
@@ -150,7 +150,7 @@ def run_variant(name: str, arch: dict, iterations: int, threads: int | None, ups
             optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-4, fused=True)
             from helpers.step_in_backward import StepInBackward, pays
 
-            if impl != "ours, step after backward" and pays(optimizer, torch.device(device)):
+            if impl != "ours, module.step_in_backward=False" and pays(optimizer, torch.device(device)):
                 StepInBackward(optimizer)  # module.step_in_backward="auto": each parameter updated in backward
 
         def step():
@@ -216,6 +216,7 @@ def table(results: dict[str, dict], ceiling: dict[str, float], arch: dict, works
         local = r.get("ceiling_gflops") or ceiling[precision]  # measured in the variant's process, right after its fastest round
         rows.append({
             "work": work, "impl": impl, "precision": precision, "seconds": r["seconds"], "peak_mb": r["peak_mb"],
+            "peak_vs_upstream_fp32": r["peak_mb"] / base["peak_mb"] if base else None,
             "speedup_vs_upstream_fp32": base["seconds"] / r["seconds"] if base else None,
             "gflops": gflops, "ceiling_gflops": local, "share_of_ceiling": gflops / local,
             "share_of_run_ceiling": gflops / ceiling[precision],
@@ -231,7 +232,8 @@ def format_table(rows: list[dict], works: dict = WORK) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['speedup_vs_upstream_fp32']:.2f}x" if r["speedup_vs_upstream_fp32"] else "-"
-        lines.append(f"| {label[r['work']]} | {r['impl']} | {r['precision']} | {r['seconds']:.3f} | {r['peak_mb']:.0f} | {speed} | "
+        peak = f"{r['peak_mb']:.0f}" + (f" ({r['peak_vs_upstream_fp32']:.2f}x)" if r["impl"] != "upstream" and r["peak_vs_upstream_fp32"] else "")
+        lines.append(f"| {label[r['work']]} | {r['impl']} | {r['precision']} | {r['seconds']:.3f} | {peak} | {speed} | "
                      f"{r['gflops']:.1f} | {100 * r['share_of_ceiling']:.0f}% of {r['ceiling_gflops']:.0f} | {100 * r['share_of_run_ceiling']:.0f}% |")
     return "\n".join(lines)
 
@@ -289,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
     best = best_ceilings(results, ceiling)
     rows = table(results, best, arch, works)
     print(format_table(rows, works))
+    if args.rounds * args.iterations < 3:
+        print(f"{args.rounds} round(s) x {args.iterations} iteration(s): each figure is the best of {args.rounds * args.iterations} "
+              "sample(s), so a busy machine's noise is not averaged out (README's table: --rounds 3 --iterations 3)")
     report = {
         "meta": {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
                  "threads": args.threads or torch.get_num_threads(), "device": args.device, "quick": args.quick,

@@ -57,9 +57,11 @@ def test_quick_run_prints_and_writes_the_table_with_shares_of_the_measured_ceili
         assert r["share_of_run_ceiling"] == pytest.approx(r["gflops"] / best)
         upstream = next(u for u in rows if u["work"] == r["work"] and u["impl"] == "upstream")
         assert r["speedup_vs_upstream_fp32"] == pytest.approx(upstream["seconds"] / r["seconds"])
+        assert r["peak_vs_upstream_fp32"] == pytest.approx(r["peak_mb"] / upstream["peak_mb"])
     printed = capsys.readouterr().out
     assert "| work | code | precision | seconds | peak MB | vs upstream fp32 |" in printed
     assert printed.count("| ours |") == 4 and "matmul ceiling on cpu" in printed
+    assert "| ours, module.release_freed_memory=False | bf16 |" in printed  # the config key README's table names
 
 
 def test_block_parts_reports_linears_and_attention_against_the_ceiling(capsys):
