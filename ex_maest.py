@@ -464,16 +464,17 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     """Pre-train (fit) a MAEST model; resume with ckpt_path=<file> or ckpt_path=last."""
     chosen_by = "trainer.default_root_dir" if _config["trainer"]["default_root_dir"] else "run_name"
     root = output_dir(_config["trainer"]["default_root_dir"] or run_output("train"), chosen_by)  # a file there: said before any work
-    # One training per folder: a second run of the same command line would write into the first one's checkpoints.
-    # The other ranks of this job (started by it, torchrun or SLURM) share the folder.
-    with folder_lock(root, refuse_as=chosen_by) if launching_process() else contextlib.nullcontext():
-        return _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps)
-
-
-def _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps):
     clip_length = check_training_clip()
     check_pretrained_weights()
     _check_teacher(_config["module"]["teacher_student"], _config["datamodule"]["teacher_dir"])
+    # One training per folder: a second run of the same command line would write into the first one's checkpoints.
+    # The other ranks of this job (started by it, torchrun or SLURM) share the folder. (Taken after the checks above,
+    # which refuse a config before anything is written.)
+    with folder_lock(root, refuse_as=chosen_by) if launching_process() else contextlib.nullcontext():
+        return _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps, clip_length)
+
+
+def _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps, clip_length):
     _prepare_synthetic(synthetic_data)
     datamodule = build_datamodule(clip_length=clip_length)
     setup = resolve_net(data_n_classes=datamodule.n_classes, training=True, data_labels=_config["datamodule"]["labels"])
