@@ -112,6 +112,7 @@ class ExtractionResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)  # audio path -> reason
+    silent: list[Path] = field(default_factory=list)  # audio files written this run whose every sample is below SILENCE
 
 
 class ExtractionInterrupted(KeyboardInterrupt):
@@ -166,14 +167,17 @@ def mel_file_is_complete(path: Path) -> bool:
     return True
 
 
-def _extract_one(audio_path: Path, mel_path: Path) -> str | None:
-    """Write the mel of one audio file; return the reason it failed, or None."""
+SILENCE = 1e-4  # peak amplitude (-80 dBFS) below which a file is silent: an empty export or a mistake, warned about
+
+
+def _extract_one(audio_path: Path, mel_path: Path) -> tuple[str | None, bool]:
+    """Write the mel of one audio file; return (the reason it failed, or None; whether it is silent)."""
     try:
         audio = load_audio(audio_path)
     except AudioLoadError as e:
-        return str(e)
+        return str(e), False
     write_mel(mel_path, audio_to_mel(audio))
-    return None
+    return None, not bool(np.any(np.abs(audio) >= SILENCE))
 
 
 def _init_worker(parent: int) -> None:
@@ -254,7 +258,10 @@ def extract_mel_files(tasks: Sequence[tuple[Path, Path]], n_jobs: int = 1, desc:
     if changed:
         log.info("%d mel file(s) older than their audio file: made again", changed)
 
-    def record(task: tuple[Path, Path], reason: str | None) -> None:
+    def record(task: tuple[Path, Path], outcome: tuple[str | None, bool]) -> None:
+        reason, silent = outcome
+        if silent:
+            result.silent.append(task[0])
         if reason is None:
             result.written.append(task[1])
         else:
@@ -767,6 +774,12 @@ def prepare_folder(
     keys = mel_keys(audio_dir, sorted(file_labels), mel_format, earlier.keys)
     result = extract_mel_files([(f, out_dir / key) for f, key in keys.items()], n_jobs=jobs, desc=audio_dir.name)
     failed.update(result.failed)
+    if result.silent:
+        log.warning(
+            "%d file(s) are silent (every sample below %.0f dBFS): the model learns their labels from silence; "
+            "check they are not empty exports:\n  %s", len(result.silent), 20 * np.log10(SILENCE),
+            "\n  ".join(str(p.relative_to(audio_dir)) for p in sorted(result.silent)),
+        )
     write_failed_list(
         out_dir, failed, relative_to=audio_dir, succeeded=[f for f in keys if f not in failed], covered=[*in_folder, *keys]
     )

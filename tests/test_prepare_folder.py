@@ -183,6 +183,19 @@ def test_label_names_are_stripped_and_one_with_a_line_break_is_refused_before_an
         prepare_folder(tmp_path / "audio", tmp_path / "out")
 
 
+def test_silent_files_are_named_in_a_warning_and_prepared(tmp_path, caplog):
+    for label in ("pad", "drums"):
+        (tmp_path / "audio" / label).mkdir(parents=True)
+        sf.write(tmp_path / "audio" / label / "tone.wav", tone(300.0, 16000, 1), 16000)
+    sf.write(tmp_path / "audio" / "pad" / "silent.wav", np.zeros((8000, 2), np.float32), 16000)
+    sf.write(tmp_path / "audio" / "drums" / "hiss.flac", np.full((8000, 1), 5e-5, np.float32), 16000)  # -86 dBFS
+    with caplog.at_level(logging.WARNING, logger="datasets.prepare_folder"):
+        result = prepare_folder(tmp_path / "audio", tmp_path / "out")
+    assert result.n_written == 4 and not result.failed
+    assert "2 file(s) are silent (every sample below -80 dBFS): the model learns their labels from silence; check they are " \
+           "not empty exports:\n  drums/hiss.flac\n  pad/silent.wav" in caplog.text
+
+
 def test_mel_keys_keep_the_audio_suffix_only_where_names_clash(tmp_path):
     files = [tmp_path / "a" / "x.wav", tmp_path / "a" / "x.mp3", tmp_path / "a" / "y.flac"]
     assert mel_keys(tmp_path, files, "mmap") == {
