@@ -23,12 +23,16 @@ every other pickled object (a malicious ``__reduce__``, ``exec``, an object-dtyp
 from __future__ import annotations
 
 import _compat_pickle
+import atexit
 import collections
+import hashlib
 import logging
 import math
 import os
 import pickle
 import posixpath
+import shutil
+import tempfile
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,6 +47,7 @@ N_MELS = 96
 MMAP_DTYPE = np.dtype("<f2")
 MIN_FRAMES = 16  # one MAEST patch: shorter mels are zero-padded to it, so they are warned about
 _warned_short: set[str] = set()  # files already warned about in this process (one warning per file)
+_cleanup_registered: set[str] = set()  # warned-file folders this process removes when it ends
 
 
 # What fixes a damaged mel file: the preparers (``datasets.prepare_folder.extract_mel_files``) recompute
@@ -162,6 +167,12 @@ class MelReader:
         self._h5 = None
         self._h5_pid = None
         self._subfolders: list[Path] | None = None  # base_dir's folders, for a missing file's hint (_elsewhere)
+        # Shared by the processes that get this reader (DataLoader workers, started again every epoch): one
+        # warning per short file for all of them, not one per worker and epoch. Removed when this process ends.
+        self._warned_dir = Path(tempfile.gettempdir()) / f"maest-warned-{os.getpid()}"
+        if str(self._warned_dir) not in _cleanup_registered:
+            _cleanup_registered.add(str(self._warned_dir))
+            atexit.register(shutil.rmtree, self._warned_dir, True)
 
     def __getstate__(self):  # DataLoader workers pickle the reader: never ship an open h5 handle
         state = self.__dict__.copy()
@@ -244,14 +255,29 @@ class MelReader:
                 "compressed log mels (log10(1 + 10000 * mel), SPEC §2): compute them again from the audio "
                 "(helpers.audio.audio_to_mel, or datasets/prepare_folder.py), do not cast quantised or integer data"
             )
-        if mel.shape[0] < MIN_FRAMES and str(self.base_dir / key) not in _warned_short:
-            _warned_short.add(str(self.base_dir / key))
+        if mel.shape[0] < MIN_FRAMES and self._first_to_warn(self.base_dir / key):
             _logger.warning(
                 "mel file %s has %d frame(s), fewer than one %d-frame patch: it is zero-padded to a clip, "
                 "so the model sees mostly silence",
                 self.base_dir / key, mel.shape[0], MIN_FRAMES,
             )
         return mel
+
+    def _first_to_warn(self, path: Path) -> bool:
+        """Whether this process is the first of the reader's processes to warn about ``path`` (a marker file
+        created exclusively; without a temporary folder, the first of this process)."""
+        if str(path) in _warned_short:
+            return False
+        _warned_short.add(str(path))
+        marker = self._warned_dir / hashlib.sha1(str(path).encode()).hexdigest()
+        try:
+            self._warned_dir.mkdir(exist_ok=True)
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def n_frames(self, key: str) -> int:
         return int(self.open(key).shape[0])

@@ -258,3 +258,34 @@ def test_a_missing_mel_file_found_one_folder_up_or_down_names_the_base_dir_to_gi
             MelReader(base).read(key)
     with pytest.raises(MelFileError, match=r"ground truth keys$"):  # nowhere near: no guess
         reader.read("a/elsewhere.mmap")
+
+
+class _ReadEach(torch.utils.data.Dataset):
+    def __init__(self, reader, keys):
+        self.reader, self.keys = reader, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.reader.read(self.keys[i]))
+
+
+def test_a_short_file_is_warned_about_once_across_workers_and_epochs(tmp_path, capfd):
+    """Training workers start afresh every epoch: each warned about every short file it drew, every epoch."""
+    write_mel(tmp_path / "short.mmap", _mel(7))
+    write_mel(tmp_path / "long.mmap", _mel(40))
+    reader = MelReader(tmp_path)
+    handler = logging.StreamHandler()  # writes to fd 2 in the worker processes too
+    log = logging.getLogger("helpers.melfiles")
+    log.addHandler(handler)
+    level, log.level = log.level, logging.WARNING  # whatever earlier tests left the root logger at
+    try:
+        dataset = _ReadEach(reader, ["short.mmap", "long.mmap"] * 4)
+        for _ in range(2):  # two epochs, two workers each
+            assert len(list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2))) == 8
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    err = capfd.readouterr().err
+    assert err.count("has 7 frame(s), fewer than one 16-frame patch") == 1, err
