@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,10 @@ def folder_lock(folder: str | os.PathLike, refuse_as: str | None = None) -> Iter
                 f"another run is writing into {folder} (it holds {folder / '.lock'}): wait for it to end, or give this "
                 f"one its own folder ({refuse_as}=...)"
             ) from None
+        except OSError as e:  # a file system without locks (some network mounts): the work goes on, unguarded
+            logging.getLogger(__name__).warning(
+                "cannot lock %s (%s): a second run into the same folder at the same time would not be noticed", folder, e.strerror or e
+            )
         yield folder
     finally:
         os.close(fd)  # closing the descriptor releases the lock

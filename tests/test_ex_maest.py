@@ -644,3 +644,20 @@ def test_mini_train_checks_a_pretraining_setup_on_a_small_dataset(data, tmp_path
     del updates["trainer"]["max_epochs"]
     run_ = run("main", ["maest_10s_random_weights_pretrain", "mini_train"], updates)  # 20 tracks: drawn with replacement
     assert run_.config["datamodule"]["epoch_length"] == 200_000 and run_.result["global_step"] == 2 * 5
+
+
+def test_a_folder_on_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from helpers.files import folder_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="helpers.files"):
+        with folder_lock(tmp_path / "nfs", refuse_as="run_name") as folder:
+            (folder / "written").write_text("x")
+    assert (tmp_path / "nfs" / "written").read_text() == "x"
+    assert f"cannot lock {tmp_path / 'nfs'} (No locks available): a second run into the same folder at the same time would not be noticed" in caplog.text
