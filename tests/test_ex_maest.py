@@ -661,3 +661,26 @@ def test_a_folder_on_a_file_system_without_locks_is_written_with_a_warning(tmp_p
             (folder / "written").write_text("x")
     assert (tmp_path / "nfs" / "written").read_text() == "x"
     assert f"cannot lock {tmp_path / 'nfs'} (No locks available): a second run into the same folder at the same time would not be noticed" in caplog.text
+
+
+def test_the_run_seed_reaches_the_data_draws_and_crops(data, tmp_path, monkeypatch):
+    """seed=N changed the weights' initialisation and augmentations but not which tracks were drawn or cropped."""
+    import helpers.datamodule
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(self, **options):
+        seen.append(options["seed"])
+        raise Stop
+
+    monkeypatch.setattr(helpers.datamodule.MAESTDataModule, "__init__", record)
+    for seed, data_seed in ((0, 0), (3, 0), (3, 2)):
+        updates = tiny_updates(data, tmp_path / f"s{seed}-{data_seed}", max_epochs=1)
+        updates["seed"] = seed
+        updates["datamodule"]["seed"] = data_seed
+        with pytest.raises(Stop):
+            run("main", ["demo"], updates)
+    assert seen == [0, 3, 5]  # datamodule.seed + seed: the demo (0 + 0) keeps its draws

@@ -46,6 +46,22 @@ def test_sampler_is_seeded_by_seed_and_epoch():
     assert list(BalancedSampler(labels=_labels(), epoch_length=50, seed=2)) != first
 
 
+@pytest.mark.parametrize("cls", ["balanced", "random"])
+def test_each_seed_is_its_own_stream_not_another_seeds_shifted_by_epochs(cls):
+    """The generator was seeded with seed + epoch: seed 1's epoch 0 was seed 0's epoch 1."""
+    def sampler(seed):
+        return BalancedSampler(labels=_labels(), epoch_length=50, seed=seed) if cls == "balanced" else RandomEpochSampler(1000, 50, seed=seed)
+
+    def draw(seed, epoch):
+        s = sampler(seed)
+        s.set_epoch(epoch)
+        return [int(i) for i in s]
+
+    assert draw(1, 0) != draw(0, 1) and draw(2, 3) != draw(0, 5)
+    # seed 0 keeps the stream it had: the demo's draws, and every figure measured on them
+    assert sampler(0)._draw(torch.Generator().manual_seed(3)).tolist() == draw(0, 3)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("cls", ["balanced", "random"])
 def test_ddp_ranks_share_one_draw(world_size, cls):

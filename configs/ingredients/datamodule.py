@@ -31,7 +31,7 @@ def datamodule_config():
     epoch_length = 200_000  # training draws per epoch (all ranks together)
     sampler = "balanced"  # "balanced" (class-balanced weights 1000 / (count + 100)) or "random"
     sampler_replacement = False  # draw with replacement (released models: without, as upstream's code; needs epoch_length <= training tracks)
-    seed = 0  # seeds the sampler draws and the crop offsets
+    seed = 0  # added to the run's seed, seeds the sampler draws and the crop offsets (seed=N changes the data order too)
     teacher_dir = None  # teacher logits (<dir>/<key>.logits.npy) for teacher-student training
     teacher_threshold = 0.45  # sigmoid threshold of the hard teacher targets
     test_hop = "full"  # test clips: "full" consecutive, "half" half-overlapping (as predict.hop for extraction)
@@ -55,12 +55,14 @@ def _datamodule_keys() -> tuple[str, ...]:
 
 
 @datamodule_ing.capture
-def build_datamodule(_config, clip_length: float) -> MAESTDataModule:
+def build_datamodule(_config, _run, clip_length: float) -> MAESTDataModule:
     """The data module of the ``datamodule`` config, cutting ``clip_length``-second clips (the resolved
-    ``datamodule.clip_length``: ``check_training_clip`` or ``inference_clip_length``)."""
+    ``datamodule.clip_length``: ``check_training_clip`` or ``inference_clip_length``). The data's seed is
+    ``datamodule.seed`` plus the run's ``seed``: another run seed draws other tracks and crops too."""
     from helpers.datamodule import MAESTDataModule
 
     options = {key: _config[key] for key in _datamodule_keys() if key in _config and key != "clip_length"}
+    options["seed"] = _config["seed"] + _run.config["seed"]
     return MAESTDataModule(**options, clip_length=clip_length)
 
 
