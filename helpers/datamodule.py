@@ -6,6 +6,7 @@ Extraction and prediction do not go through it: they cut files into the same cli
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -225,6 +226,34 @@ class MAESTDataModule(pl.LightningDataModule):
             self._datasets[split] = ds
             logger.info("%s set: %d tracks from %s", split, len(ds.labels), self.groundtruth[split])
         return self._datasets[split]
+
+    def _train_digest(self) -> str:
+        """SHA-1 of the training tracks and their labels, in order (computed once)."""
+        if getattr(self, "_digest", None) is None:
+            ds = self.dataset("train")
+            digest = hashlib.sha1(np.ascontiguousarray(ds._keys).tobytes())
+            digest.update(str(ds.labels.dtype).encode() + np.ascontiguousarray(ds.labels).tobytes())
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def state_dict(self) -> dict:
+        """Kept in every checkpoint (Lightning's data-module state): what the run trains on, so that a
+        resume on other data says so."""
+        if self.groundtruth["train"] is None or "train" not in self._datasets:
+            return {}
+        return {"train_tracks": len(self.dataset("train").labels), "train_digest": self._train_digest()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state or "train_digest" not in state or self.groundtruth["train"] is None:
+            return  # a checkpoint of an older version, or no training here
+        if state["train_digest"] != self._train_digest():
+            logger.warning(
+                "datamodule.groundtruth_train (%s, %d tracks) is not the training data this run had until the checkpoint "
+                "(%d tracks, or other labels): it goes on with this one, so it is not the run it would have been on its "
+                "own data (prepared again with files added?). To keep runs on different data apart, give this one its "
+                "own run_name and start it afresh, or from the checkpoint's weights with maest.checkpoint=FILE",
+                self.groundtruth["train"], len(self.dataset("train").labels), state["train_tracks"],
+            )
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}

@@ -212,7 +212,7 @@ def test_a_run_resumed_in_a_copied_folder_keeps_its_last_and_best_checkpoints(da
         resumed = _run(updates)
 
     assert f"resuming from {copy / 'checkpoints' / 'last.ckpt'}: epoch {EPOCHS - 1} complete" in caplog.text
-    assert "dirpath has changed" not in caplog.text
+    assert "dirpath has changed" not in caplog.text and "is not the training data this run had" not in caplog.text
     files = sorted(p.name for p in (copy / "checkpoints").iterdir())
     assert "last-v1.ckpt" not in files and len([f for f in files if f.endswith("-best.ckpt")]) == 1, files
     assert [f for f in files if f.startswith("step-")] == ["step-step=10.ckpt"]  # every 2 steps; 12 ends the epoch: last.ckpt
@@ -220,6 +220,25 @@ def test_a_run_resumed_in_a_copied_folder_keeps_its_last_and_best_checkpoints(da
     assert last["global_step"] == resumed.result["global_step"] == (EPOCHS + 1) * EPOCH_LENGTH // BATCH_SIZE
     assert resumed.result["last_checkpoint"] == str(copy / "checkpoints" / "last.ckpt")
     assert {p.name: p.stat().st_mtime_ns for p in (original / "checkpoints").iterdir()} == before  # the original untouched
+
+
+def test_a_resume_on_other_training_data_says_so(data, tmp_path, uninterrupted, caplog):
+    """Prepared again with files added, the same command resumed silently on other data ("resume is exact")."""
+    import shutil
+
+    from helpers.melfiles import save_groundtruth
+
+    copy = tmp_path / "run"
+    shutil.copytree(Path(uninterrupted.config["trainer"]["default_root_dir"]), copy)
+    gt = load_groundtruth(data["groundtruth_train"])
+    fewer = save_groundtruth(tmp_path / "gt-train.pk", dict(list(gt.items())[:-2]))
+    updates = demo_updates(data, copy)
+    updates["ckpt_path"], updates["trainer"]["max_epochs"] = "last", EPOCHS + 1
+    updates["datamodule"]["groundtruth_train"] = str(fewer)
+    with caplog.at_level(logging.WARNING, logger="helpers.datamodule"):
+        _run(updates)
+    assert f"datamodule.groundtruth_train ({fewer}, {len(gt) - 2} tracks) is not the training data this run had until the " \
+           f"checkpoint ({len(gt)} tracks, or other labels)" in caplog.text
 
 
 # ------------------------------------------------------------------ the parts
