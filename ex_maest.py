@@ -217,10 +217,13 @@ def _resolve_ckpt_path(ckpt_path, trainer, run_name: str | None = None, config: 
         folder = Path(trainer.default_root_dir) / "checkpoints"
         newest = _newest_checkpoint(folder)
         if newest is None:
+            started = folder.parent.is_dir() and any(p.name != ".lock" for p in folder.parent.iterdir())
             raise FileNotFoundError(
-                f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume. The folder follows from "
-                "run_name (by default from the config): resume with the command line of the run to resume, or set "
-                "run_name or trainer.default_root_dir to its folder"
+                f"ckpt_path='last' but {folder / 'last.ckpt'} does not exist: nothing to resume. "
+                + (f"A run of this config started in {folder.parent} but was stopped before its first checkpoint: rerun "
+                   "the same command without ckpt_path=last to start it again. " if started else "")
+                + "The folder follows from run_name (by default from the config): resume with the command line of the run "
+                "to resume, or set run_name or trainer.default_root_dir to its folder"
                 + (_other_runs(run_name, "resume one in its folder with run_name=<its folder> ckpt_path=last", config) if run_name else "")
             )
         return str(newest)

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 _logger = logging.getLogger(__name__)
+_said_moved: set[tuple[str, str]] = set()  # (folder that wrote the checkpoints, folder now) already logged
 
 
 def get_random_state() -> dict[str, Any]:
@@ -129,7 +130,9 @@ class _FolderCheckpoint(ModelCheckpoint):
             def moved(path):
                 return os.path.join(here, os.path.relpath(path, saved)) if isinstance(path, str) and path.startswith(saved + os.sep) else path
 
-            _logger.info("checkpoints of %s resumed in %s (the run's folder was moved or copied)", saved, here)
+            if (saved, here) not in _said_moved:  # once, not once per checkpoint callback
+                _said_moved.add((saved, here))
+                _logger.info("checkpoints of %s resumed in %s (the run's folder was moved or copied)", saved, here)
             state_dict = {**state_dict, "dirpath": here, "best_model_path": moved(state_dict.get("best_model_path")),
                           "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
                           "last_model_path": moved(state_dict.get("last_model_path")),

@@ -285,7 +285,12 @@ def test_a_second_training_into_a_folder_in_use_is_refused_and_the_other_ranks_s
 def test_resume_from_last_without_a_checkpoint_says_so(data, tmp_path):
     updates = tiny_updates(data, tmp_path / "empty")
     updates["ckpt_path"] = "last"
-    with pytest.raises(FileNotFoundError, match="last.ckpt does not exist: nothing to resume"):
+    with pytest.raises(FileNotFoundError, match="last.ckpt does not exist: nothing to resume") as error:
+        run("main", ["demo"], updates)
+    assert "stopped before its first checkpoint" not in str(error.value)
+    (tmp_path / "empty" / "lightning_logs" / "version_0").mkdir(parents=True)  # what a run killed in its first epoch leaves
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume\. A run of this config started in .*empty but was stopped "
+                                                r"before its first checkpoint: rerun the same command without ckpt_path=last"):
         run("main", ["demo"], updates)
 
 

@@ -213,6 +213,7 @@ def test_a_run_resumed_in_a_copied_folder_keeps_its_last_and_best_checkpoints(da
 
     assert f"resuming from {copy / 'checkpoints' / 'last.ckpt'}: epoch {EPOCHS - 1} complete" in caplog.text
     assert "dirpath has changed" not in caplog.text and "is not the training data this run had" not in caplog.text
+    assert caplog.text.count(f"checkpoints of {original / 'checkpoints'} resumed in {copy / 'checkpoints'}") == 1
     files = sorted(p.name for p in (copy / "checkpoints").iterdir())
     assert "last-v1.ckpt" not in files and len([f for f in files if f.endswith("-best.ckpt")]) == 1, files
     assert [f for f in files if f.startswith("step-")] == ["step-step=10.ckpt"]  # every 2 steps; 12 ends the epoch: last.ckpt
