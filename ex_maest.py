@@ -581,11 +581,31 @@ def _warn_changed_keys(_run, config: dict, resume_from: str) -> None:
     run = parts[-4] if len(parts) >= 4 and parts[-3:-1] == ("train", "checkpoints") else config["run_name"]
     own = [observer.dir for observer in _run.observers if getattr(observer, "dir", None)]  # this command's own record
     recorded = recorded_config(run, exclude=own)
+    if recorded is None:  # a run folder copied or moved: the run that wrote the checkpoint, by the folder it names
+        origin = _checkpoint_origin(resume_from)
+        if origin is not None:
+            run, recorded = origin, recorded_config(origin, exclude=own)
     changed = config_differences(config, recorded) if recorded else ""
     if changed:
         _logger.warning(
             "resuming run %s under other keys than its Sacred record's: %s. The checkpoint brings the weights, the optimiser "
             "and schedule, the random state and the sampler's place; every other key takes this command's value", run, changed)
+
+
+def _checkpoint_origin(path: str) -> str | None:
+    """The run whose folder wrote a training checkpoint (``outputs/<run>/train/checkpoints``, as its checkpoint
+    callbacks' state records it), read without the tensors; None when it does not say."""
+    from models.checkpoints import read_checkpoint
+
+    try:
+        callbacks = read_checkpoint(path, mmap=True).get("callbacks") or {}
+    except Exception:  # noqa: BLE001 - the resume reads it again and reports a bad file
+        return None
+    for state in callbacks.values():
+        parts = Path(str(state.get("dirpath") or "")).parts if isinstance(state, dict) else ()
+        if len(parts) >= 3 and parts[-2:] == ("train", "checkpoints"):
+            return parts[-3]
+    return None
 
 
 def _list_dataset_failures(datamodule, split: str, trainer, what: str) -> tuple[dict[str, str], Path]:

@@ -242,6 +242,23 @@ def test_a_resume_on_other_training_data_says_so(data, tmp_path, uninterrupted, 
            f"checkpoint ({len(gt)} tracks, or other labels)" in caplog.text
 
 
+def test_a_resume_in_a_copied_folder_compares_the_keys_with_the_record_of_the_run_that_wrote_it(tmp_path, monkeypatch, caplog):
+    """cp -r outputs/run outputs/copy: the copy has no Sacred record under its name; the checkpoint says where it was written."""
+    from types import SimpleNamespace
+
+    import ex_maest
+
+    monkeypatch.setenv("MAEST_SACRED_DIR", str(tmp_path / "records"))
+    (tmp_path / "records" / "1").mkdir(parents=True)
+    (tmp_path / "records" / "1" / "config.json").write_text(json.dumps({"run_name": "myrun", "seed": 0, "trainer": {"max_epochs": 3}}))
+    checkpoint = tmp_path / "outputs" / "copy" / "train" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"callbacks": {"EpochCheckpoint{'monitor': 'val_loss'}": {"dirpath": "/data/outputs/myrun/train/checkpoints"}}}, checkpoint)
+    with caplog.at_level(logging.WARNING, logger="ex_maest"):
+        ex_maest._warn_changed_keys(SimpleNamespace(observers=[]), {"run_name": "copy", "seed": 0, "trainer": {"max_epochs": 4}}, str(checkpoint))
+    assert "resuming run myrun under other keys than its Sacred record's: trainer.max_epochs 3 there, 4 here" in caplog.text
+
+
 # ------------------------------------------------------------------ the parts
 @pytest.mark.parametrize("cls", ["balanced", "random"])
 @pytest.mark.parametrize("replacement", [True, False])
