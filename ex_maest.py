@@ -598,10 +598,11 @@ def _checkpoint_origin(path: str) -> str | None:
     from models.checkpoints import read_checkpoint
 
     try:
-        callbacks = read_checkpoint(path, mmap=True).get("callbacks") or {}
+        obj = read_checkpoint(path, mmap=True)
     except Exception:  # noqa: BLE001 - the resume reads it again and reports a bad file
         return None
-    for state in callbacks.values():
+    callbacks = obj.get("callbacks") if isinstance(obj, dict) else None
+    for state in callbacks.values() if isinstance(callbacks, dict) else ():  # anything else (inert data of a strange file): no origin
         parts = Path(str(state.get("dirpath") or "")).parts if isinstance(state, dict) else ()
         if len(parts) >= 3 and parts[-2:] == ("train", "checkpoints"):
             return parts[-3]
