@@ -42,3 +42,18 @@ def main_not_interrupted(main, argv):
         return main(argv)
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main(): Ctrl-C would end with a traceback")
+
+
+def count_loader_iterations(monkeypatch) -> list[int]:
+    """Make ``helpers.extract``'s DataLoader note each iteration (its ``num_workers``) in the list returned."""
+    import helpers.extract
+
+    iterations: list[int] = []
+
+    class CountingLoader(helpers.extract.DataLoader):
+        def __iter__(self):
+            iterations.append(self.num_workers)
+            return super().__iter__()
+
+    monkeypatch.setattr(helpers.extract, "DataLoader", CountingLoader)
+    return iterations

@@ -271,16 +271,9 @@ def test_bf16_runs_and_is_close_to_fp32(model, data, tmp_path):
 
 
 def test_worker_processes_give_the_same_outputs_and_start_once(model, data, tmp_path, monkeypatch):
-    import helpers.extract
+    from tests.builders import count_loader_iterations
 
-    iterations = []
-
-    class CountingLoader(helpers.extract.DataLoader):
-        def __iter__(self):
-            iterations.append(self.num_workers)
-            return super().__iter__()
-
-    monkeypatch.setattr(helpers.extract, "DataLoader", CountingLoader)
+    iterations = count_loader_iterations(monkeypatch)
     run_extract(model, data, tmp_path / "w0", kind="logits")
     run_extract(model, data, tmp_path / "w1", kind="logits", num_workers=1)
     assert iterations == [0, 1]  # tqdm.auto iterated the loader once more when built: workers started and read twice

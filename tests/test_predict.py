@@ -273,16 +273,9 @@ def test_predict_command_configuration_errors(audio_dir, checkpoint, labels_file
 
 # ----------------------------------------------------------------------------------- batching, workers, precision
 def test_clips_of_several_files_share_a_forward_pass_and_workers_decode(model, audio_dir, monkeypatch):
-    import helpers.extract
+    from tests.builders import count_loader_iterations
 
-    iterations = []
-
-    class CountingLoader(helpers.extract.DataLoader):
-        def __iter__(self):
-            iterations.append(self.num_workers)
-            return super().__iter__()
-
-    monkeypatch.setattr(helpers.extract, "DataLoader", CountingLoader)
+    iterations = count_loader_iterations(monkeypatch)
     calls = []
     handle = model.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:
