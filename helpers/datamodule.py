@@ -176,6 +176,7 @@ class MAESTDataModule(pl.LightningDataModule):
         self.reader = MelReader(base_dir)
         self._datasets: dict[str, TrainDataset | ClipDataset] = {}
         self._n_classes: int | None = None
+        self._digest: str | None = None  # of the training tracks and labels (_train_digest)
 
     def _load_groundtruth(self, split: str) -> dict[str, np.ndarray]:
         path = self.groundtruth[split]
@@ -229,7 +230,7 @@ class MAESTDataModule(pl.LightningDataModule):
 
     def _train_digest(self) -> str:
         """SHA-1 of the training tracks and their labels, in order (computed once)."""
-        if getattr(self, "_digest", None) is None:
+        if self._digest is None:
             ds = self.dataset("train")
             digest = hashlib.sha1(np.ascontiguousarray(ds._keys).tobytes())
             digest.update(str(ds.labels.dtype).encode() + np.ascontiguousarray(ds.labels).tobytes())
