@@ -194,6 +194,37 @@ def test_lean_autocast_linear_gives_autocasts_outputs_and_gradients_bit_for_bit(
         assert lean.dtype == plain.dtype and torch.equal(lean, plain)
 
 
+@pytest.mark.parametrize("gelu_input", [False, True])
+def test_fp32_cpu_training_linear_gives_f_linears_outputs_and_gradients(monkeypatch, gelu_input):
+    """fp32 CPU training goes through _CastLinear (bias inside oneDNN's matmul, GELU recomputed): F.linear's values."""
+    import torch.nn.functional as F
+
+    from models import layers
+    from models.layers import autocast_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 32)
+    x0 = torch.randn(3, 7, 48)
+    grad = torch.randn(3, 7, 32)
+    results = []
+    for lean in (True, False):
+        monkeypatch.setattr(layers, "FP32_CPU_TRAINING_LINEAR", lean)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        out = autocast_linear(x, layer, gelu_input=gelu_input)
+        # the lean path saves the input and the weight only (not GELU's output); the plain one is F.linear's
+        assert (type(out.grad_fn).__name__ == "_CastLinearBackward") == (lean and layers._ONEDNN_LINEAR)
+        out.backward(grad)
+        results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
+    reference = layer(F.gelu(x0) if gelu_input else x0)
+    torch.testing.assert_close(results[0][0], reference, rtol=1e-5, atol=1e-5)
+    for lean, plain in zip(*results):
+        assert lean.dtype == plain.dtype == torch.float32 and lean.shape == plain.shape
+        torch.testing.assert_close(lean, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference keeps its own path
+        assert autocast_linear(x0, layer, gelu_input=gelu_input).grad_fn is None
+
+
 def test_scratch_casts_reuse_one_buffer_per_shape_and_keep_gradients_apart(monkeypatch):
     """Weight casts and bf16 weight gradients go through reused buffers: same results, distinct gradients."""
     import torch.nn.functional as F
