@@ -62,6 +62,18 @@ def test_quick_run_prints_and_writes_the_table_with_shares_of_the_measured_ceili
     assert "| work | code | precision | seconds | peak MB | vs upstream fp32 |" in printed
     assert printed.count("| ours |") == 4 and "matmul ceiling on cpu" in printed
     assert "| ours, module.release_freed_memory=False | bf16 |" in printed  # the config key README's table names
+    # the machine is named, with its matrix units (AMX or not changes the bf16 ceiling several times over)
+    assert report["meta"]["cpu"] == bench_speed.cpu_description() and report["meta"]["cpu"] in printed
+
+
+def test_cpu_description_names_the_model_and_matrix_units(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\n")
+    real_path = bench_speed.Path
+    monkeypatch.setattr(bench_speed, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    assert bench_speed.cpu_description() == "Some Xeon (AMX, AVX-512 BF16, AVX-512)"
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n")
+    assert bench_speed.cpu_description() == "Old CPU (no AVX-512 or AMX listed)"
 
 
 def test_block_parts_reports_linears_and_attention_against_the_ceiling(capsys):
