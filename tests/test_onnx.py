@@ -56,6 +56,8 @@ def test_audio_input_runs_the_mel_front_end_and_the_clips_inside(model, tmp_path
     (inp,) = sess.get_inputs()
     assert inp.name == "audio" and all(isinstance(d, str) for d in inp.shape)  # any batch, any length
     assert [o.name for o in sess.get_outputs()] == ["logits", "probabilities"]
+    # the clips axis is named, not the exporter's formula of the number of samples
+    assert [o.shape for o in sess.get_outputs()] == [[inp.shape[0], "clips", 5], [inp.shape[0], 5]]
     mel = MelSpectrogram()
     for batch, samples in ((1, 59 * 256), (3, 59 * 256), (2, 3000), (1, 200 * 256 + 77)):
         audio = torch.randn(batch, samples) * 0.1

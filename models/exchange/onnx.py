@@ -53,6 +53,25 @@ DEFAULT_OPSET = 18
 LABELS_KEY = "labels"  # metadata_props: the output names of a logits graph, as a JSON list
 
 
+def _name_derived_axes(model) -> None:
+    """Name "clips" the output axes the exporter named by a size formula (the audio graph's clip count).
+
+    torch.export names a derived size by its formula (``((samples//256) + Max(0, 624 - ...))//625 + 1``
+    for the number of clips), which onnxruntime's ``get_outputs()`` and viewers show as the axis name.
+    Only names change; the graph computes the same. ``model`` is the exporter's ``onnx_ir`` model.
+    """
+    for value in model.graph.outputs:
+        if value.shape is None:
+            continue
+        dims = list(value.shape)
+        renamed = [
+            "clips" if type(d).__name__ == "SymbolicDim" and d.value is not None and not d.value.isidentifier() else d
+            for d in dims
+        ]
+        if renamed != dims:
+            value.shape = type(value.shape)(renamed)
+
+
 class OnnxExportWrapper(nn.Module):
     """The exported function: mel -> logits or block embeddings, or audio -> clips -> the same per clip.
 
@@ -180,6 +199,7 @@ def export_onnx(
             f"the ONNX exporter could not convert this graph to opset {opset} (it stays at {written}); "
             f"use opset={written}{' or with_mel=False' if with_mel else ''}"
         )
+    _name_derived_axes(program.model)
     if labels is not None and block is None:  # an embeddings graph has no class outputs to name
         program.model.metadata_props[LABELS_KEY] = json.dumps(labels, ensure_ascii=False)
     path = Path(path)
