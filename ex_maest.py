@@ -710,7 +710,15 @@ def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_che
     from models.precision import forward_flops, matmul_gflops, prepare_for_inference, time_forward
 
     device, batch = _device(predict["device"]), speed_test_batch_size
-    inference_checkpoint = _inference_checkpoint()
+    try:
+        inference_checkpoint = _inference_checkpoint()
+    except FileNotFoundError:
+        if inference_checkpoint != "last":
+            raise
+        # 'last' before the run is trained: the run's architecture is the configured one, and only it is timed
+        _logger.info("inference_checkpoint='last': no checkpoint yet; timing the configured architecture (maest.arch=%s)", maest["arch"])
+        inference_checkpoint = None
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     rows = []
     for precision in dict.fromkeys(["fp32", predict["precision"]]):  # the configured precision last
         # the architecture is timed, not the weights: released weights need not be downloaded for it
@@ -727,7 +735,7 @@ def model_speed_test(speed_test_batch_size, speed_test_iterations, inference_che
                      "ceiling_gflops": ceiling, "share_of_ceiling": gflops / ceiling})
         busy = "  (over 100 %: the machine was busier while the ceiling was measured; rerun when it is idle)" if gflops > ceiling else ""
         print(f"{precision:5} {batch / seconds:9.2f} clips/s  {seconds * 1000:9.1f} ms per batch of {batch}  {gflops:8.1f} GFLOP/s  "
-              f"{100 * gflops / ceiling:5.1f}% of the {precision} matmul ceiling ({ceiling:.0f} GFLOP/s, {device}){busy}")
+              f"{100 * gflops / ceiling:5.1f}% of the {precision} matmul ceiling ({ceiling:.0f} GFLOP/s, {device}{threads}){busy}")
         del net
     return {**rows[-1], "device": str(device), "n_frames": n_frames, "rows": rows}
 

@@ -202,6 +202,8 @@ def cpu_description() -> str:
     except OSError:
         pass
     units = [name for name, flag in (("AMX", "amx_bf16"), ("AVX-512 BF16", "avx512_bf16"), ("AVX-512", "avx512f")) if flag in flags]
+    if units and "AMX" not in units:
+        units.append("no AMX")
     return f"{model} ({', '.join(units) or 'no AVX-512 or AMX listed'})"
 
 

@@ -416,6 +416,19 @@ def test_model_speed_test_says_when_the_share_is_over_100_percent(monkeypatch, c
     assert "over 100 %" not in bf16
 
 
+def test_model_speed_test_times_the_demos_architecture_before_it_is_trained(tmp_path, capsys):
+    """inference_checkpoint='last' (the demo's) with no checkpoint yet: the configured architecture is timed."""
+    updates = {"trainer": {"default_root_dir": str(tmp_path / "train")}, "speed_test_batch_size": 1, "speed_test_iterations": 1,
+               "predict": {"device": "cpu"}}
+    r = run("model_speed_test", ["demo"], updates)
+    assert r.result["clips_per_s"] > 0 and r.result["n_frames"] == 312  # the demo's 5 s clips
+    lines = [line for line in capsys.readouterr().out.splitlines() if "clips/s" in line]
+    assert len(lines) == 2 and all(f"GFLOP/s, cpu, {torch.get_num_threads()} threads)" in line for line in lines)  # the threads the ceiling used too
+    assert not (tmp_path / "train").exists()
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):  # a path given is still checked
+        run("model_speed_test", ["demo"], {**updates, "inference_checkpoint": str(tmp_path / "nothing.ckpt")})
+
+
 def test_model_speed_test_times_a_released_architecture_without_its_weights(tmp_path):
     updates = {"maest": {"weights_dir": str(tmp_path)}, "speed_test_batch_size": 1, "speed_test_iterations": 1, "predict": {"device": "cpu"}}
     r = run("model_speed_test", ["maest_discogs_5sec_inference"], updates)  # pretrained=True, no weights file here

@@ -72,6 +72,8 @@ def test_cpu_description_names_the_model_and_matrix_units(monkeypatch, tmp_path)
     real_path = bench_speed.Path
     monkeypatch.setattr(bench_speed, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
     assert bench_speed.cpu_description() == "Some Xeon (AMX, AVX-512 BF16, AVX-512)"
+    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert bench_speed.cpu_description() == "AMD EPYC (AVX-512 BF16, AVX-512, no AMX)"
     cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n")
     assert bench_speed.cpu_description() == "Old CPU (no AVX-512 or AMX listed)"
 
