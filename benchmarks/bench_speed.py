@@ -223,6 +223,19 @@ def best_ceilings(results: dict[str, dict], ceiling: dict[str, float]) -> dict[s
     return best
 
 
+def unsteady_ceilings(results: dict[str, dict], ceiling: dict[str, float], spread: float = 1.5) -> list[str]:
+    """A line per precision whose ceilings in this run differ by more than ``spread`` times: a busy machine."""
+    lines = []
+    for precision in ceiling:
+        seen = [ceiling[precision]] + [c for name, r in results.items() if VARIANTS[name][2] == precision for c in r.get("ceilings", [])]
+        if min(seen) > 0 and max(seen) / min(seen) > spread:
+            lines.append(
+                f"the {precision} ceiling ranged from {min(seen):.0f} to {max(seen):.0f} GFLOP/s in this run: other work shared the "
+                "machine, so times and shares are unreliable; rerun when it is idle"
+            )
+    return lines
+
+
 def table(results: dict[str, dict], ceiling: dict[str, float], arch: dict, works: dict = WORK) -> list[dict]:
     """One row per variant with every COLUMNS entry; speed-ups against the upstream fp32 row of the same work."""
     rows = []
@@ -311,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     best = best_ceilings(results, ceiling)
     rows = table(results, best, arch, works)
     print(format_table(rows, works))
+    for line in unsteady_ceilings(results, ceiling):
+        print(line)
     if args.rounds * args.iterations < 3:
         print(f"{args.rounds} round(s) x {args.iterations} iteration(s): each figure is the best of {args.rounds * args.iterations} "
               "sample(s), so a busy machine's noise is not averaged out (README's table: --rounds 3 --iterations 3)")

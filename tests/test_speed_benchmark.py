@@ -66,6 +66,14 @@ def test_quick_run_prints_and_writes_the_table_with_shares_of_the_measured_ceili
     assert report["meta"]["cpu"] == bench_speed.cpu_description() and report["meta"]["cpu"] in printed
 
 
+def test_a_run_whose_ceilings_swing_says_its_figures_are_unreliable():
+    results = {"forward-ours-fp32": {"ceilings": [180.0, 175.0]}, "forward-ours-bf16": {"ceilings": [400.0, 120.0]}}
+    lines = bench_speed.unsteady_ceilings(results, {"fp32": 190.0, "bf16": 390.0})
+    assert lines == ["the bf16 ceiling ranged from 120 to 400 GFLOP/s in this run: other work shared the machine, so times "
+                     "and shares are unreliable; rerun when it is idle"]
+    assert bench_speed.unsteady_ceilings({"forward-ours-fp32": {"ceilings": [180.0]}}, {"fp32": 190.0, "bf16": 390.0}) == []
+
+
 def test_cpu_description_names_the_model_and_matrix_units(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\n")
