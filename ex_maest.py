@@ -45,8 +45,8 @@ from configs.ingredients.trainer import build_trainer, trainer_ing
 from configs.maest import register_named_configs
 from configs.runs import (
     INFO_COMMANDS, CurrentStderr, add_default_observer, check_config_files, check_config_keys, check_run_name, config_differences,
-    ctrl_c_from_lightning, keep_output_of_failed_runs, recorded_config, recorded_configs, run_commandline, run_dir, run_name_for,
-    save_record_now, shorten_result_lines, trained_run_name, uses_synthetic_data,
+    ctrl_c_from_lightning, keep_output_of_failed_runs, mark_killed_records, recorded_config, recorded_configs, run_commandline,
+    run_dir, run_name_for, save_record_now, shorten_result_lines, trained_run_name, uses_synthetic_data,
 )
 from helpers.data import SkipLog, hop_frames_for, teacher_logits_command
 from helpers.extract import FailedOnRankZero, Ranks, extract, predict_files, start_processes, weights_digest, write_predictions
@@ -474,7 +474,20 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     # The other ranks of this job (started by it, torchrun or SLURM) share the folder. (Taken after the checks above,
     # which refuse a config before anything is written.)
     with folder_lock(root, refuse_as=chosen_by) if launching_process() else contextlib.nullcontext():
+        if launching_process():
+            _mark_killed_runs(_run)
         return _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps, clip_length)
+
+
+def _mark_killed_runs(_run) -> None:
+    """Earlier trainings of this run killed without a word: their Sacred records say RUNNING; mark them INTERRUPTED."""
+    observers = [observer for observer in _run.observers if getattr(observer, "dir", None)]  # file storage: its records
+    marked = mark_killed_records(_run.config["run_name"], ex.path, "main", record_dirs=[o.basedir for o in observers],
+                                 exclude=[o.dir for o in observers])
+    if marked:
+        _logger.warning(
+            "the Sacred record(s) %s of run %s still said RUNNING, though their process is gone (killed: SIGKILL, out of memory, "
+            "a lost node); marked INTERRUPTED", ", ".join(str(folder) for folder in marked), _run.config["run_name"])
 
 
 def _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps, clip_length):

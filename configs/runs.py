@@ -13,6 +13,7 @@ experiments overwrite each other's checkpoints.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import difflib
 import hashlib
 import json
@@ -111,6 +112,51 @@ def recorded_configs(exclude: Iterable[str | os.PathLike] = (), environ=os.envir
         if isinstance(run, str) and (run not in newest or number > newest[run][0]):
             newest[run] = (number, config)
     return {run: config for run, (_, config) in newest.items()}
+
+
+KILLED_AFTER_S = 300  # a RUNNING record without a heartbeat for this long (Sacred beats every 10 s): its process is gone
+
+
+def mark_killed_records(run_name: str, experiment: str, command: str, record_dirs: Iterable[str | os.PathLike],
+                        exclude: Iterable[str | os.PathLike] = (), now: datetime.datetime | None = None) -> list[Path]:
+    """Mark INTERRUPTED the Sacred records of ``experiment``'s ``command`` on run ``run_name`` left RUNNING by a killed process.
+
+    A process killed without a word (SIGKILL, out of memory, a lost node) never writes its end, so its
+    record says RUNNING for ever. A training calls this once it holds its folder's lock: no other
+    training of that folder is alive. Only records whose heartbeat stopped ``KILLED_AFTER_S`` ago or
+    more are marked (a live run beats every 10 s, and its next beat would write RUNNING again);
+    ``stop_time`` becomes the last heartbeat, and ``maest_stopped`` says what happened. Returns the
+    record folders marked. ``record_dirs``: the Sacred folders to look in (the running command's file
+    observers'); ``exclude`` (its own record) is left alone.
+    """
+    from helpers.files import write_text_atomic
+
+    now = now or datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)  # Sacred records naive UTC times
+    excluded = {Path(folder).resolve() for folder in exclude}
+    marked = []
+    for run_json in sorted(path for folder in dict.fromkeys(map(str, record_dirs)) for path in Path(folder).glob("*/run.json")):
+        folder = run_json.parent
+        if not folder.name.isdigit() or folder.resolve() in excluded:
+            continue
+        try:
+            entry = json.loads(run_json.read_text(encoding="utf-8"))
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            last = datetime.datetime.fromisoformat(entry.get("heartbeat") or entry["start_time"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if (
+            entry.get("status") != "RUNNING" or entry.get("command") != command
+            or (entry.get("experiment") or {}).get("name") != experiment
+            or not isinstance(config, dict) or config.get("run_name") != run_name
+            or (now - last.replace(tzinfo=None)).total_seconds() < KILLED_AFTER_S
+        ):
+            continue
+        entry["status"], entry["stop_time"] = "INTERRUPTED", last.isoformat()
+        entry["maest_stopped"] = (f"no heartbeat after {last.isoformat()} UTC: the process was killed without a word (SIGKILL, out of "
+                                  "memory, a lost node); marked by a later training of the same run")
+        write_text_atomic(run_json, json.dumps(entry, sort_keys=True, indent=2))
+        marked.append(folder)
+    return marked
 
 
 def recorded_config(run_name: str, exclude: Iterable[str | os.PathLike] = (), environ=os.environ) -> dict | None:

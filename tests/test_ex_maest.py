@@ -702,3 +702,31 @@ def test_the_run_seed_reaches_the_data_draws_and_crops(data, tmp_path, monkeypat
         with pytest.raises(Stop):
             run("main", ["demo"], updates)
     assert seen == [0, 3, 5]  # datamodule.seed + seed: the demo (0 + 0) keeps its draws
+
+
+def test_a_training_marks_the_records_of_killed_runs_of_its_folder_interrupted(data, tmp_path, caplog):
+    """A SIGKILLed run's Sacred record says RUNNING for ever; the next training of the folder marks it INTERRUPTED."""
+    import datetime
+    import logging
+    import shutil
+
+    records = tmp_path / "records"
+    updates = tiny_updates(data, tmp_path / "run", max_epochs=1)
+    options = {"--loglevel": "ERROR", "--file_storage": str(records)}
+    ex.run("main", named_configs=["demo"], config_updates=updates, options=options)
+    # record 2: the same training, killed 10 minutes after its last heartbeat; record 3: alive, beating a second ago
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    for number, beat in ((2, now - datetime.timedelta(minutes=10)), (3, now - datetime.timedelta(seconds=1))):
+        shutil.copytree(records / "1", records / str(number))
+        entry = json.loads((records / str(number) / "run.json").read_text())
+        entry.update(status="RUNNING", heartbeat=beat.isoformat(), stop_time=None)
+        (records / str(number) / "run.json").write_text(json.dumps(entry))
+    caplog.set_level(logging.WARNING, logger="ex_maest")
+    ex.run("main", named_configs=["demo"], config_updates=updates, options=options)
+    status = {n: json.loads((records / str(n) / "run.json").read_text())["status"] for n in (1, 2, 3, 4)}
+    assert status == {1: "COMPLETED", 2: "INTERRUPTED", 3: "RUNNING", 4: "COMPLETED"}
+    killed = json.loads((records / "2" / "run.json").read_text())
+    assert killed["stop_time"] == (now - datetime.timedelta(minutes=10)).isoformat()
+    assert killed["maest_stopped"].startswith("no heartbeat after ") and "killed without a word (SIGKILL" in killed["maest_stopped"]
+    run_name = json.loads((records / "4" / "config.json").read_text())["run_name"]
+    assert f"the Sacred record(s) {records / '2'} of run {run_name} still said RUNNING" in caplog.text

@@ -488,3 +488,35 @@ def test_ex_tl_starts_without_importing_lightning_until_it_trains():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "embeddings_dir" in out.stdout  # the config was printed
     assert out.stdout.strip().splitlines()[-2:] == ["[]", "True helpers.probe_lightning"]
+
+
+def test_only_the_stale_running_records_of_the_same_training_are_marked_killed(tmp_path):
+    import datetime
+
+    from configs.runs import KILLED_AFTER_S, mark_killed_records
+
+    now = datetime.datetime(2026, 11, 22, 12, 0, 0)
+    stale, fresh = now - datetime.timedelta(seconds=KILLED_AFTER_S + 1), now - datetime.timedelta(seconds=30)
+    cases = {  # number: (status, command, experiment, run_name, heartbeat)
+        1: ("RUNNING", "main", "maest", "r", stale),  # killed: marked
+        2: ("RUNNING", "main", "maest", "r", fresh),  # alive
+        3: ("COMPLETED", "main", "maest", "r", stale),
+        4: ("RUNNING", "main", "maest", "other", stale),  # another run
+        5: ("RUNNING", "main", "maest_tl", "r", stale),  # another program
+        6: ("RUNNING", "test", "maest", "r", stale),  # another command of the run (it may run beside a training)
+        7: ("RUNNING", "main", "maest", "r", stale),  # the caller's own record
+        8: ("RUNNING", "main", "maest", "r", None),  # no heartbeat yet: its start time counts
+    }
+    for number, (status, command, experiment, run_name, beat) in cases.items():
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"status": status, "command": command, "experiment": {"name": experiment},
+                                                     "heartbeat": beat and beat.isoformat(), "start_time": stale.isoformat()}))
+        (folder / "config.json").write_text(json.dumps({"run_name": run_name}))
+    (tmp_path / "9").mkdir()
+    (tmp_path / "9" / "run.json").write_text("{not json")  # a broken record is passed over
+    marked = mark_killed_records("r", "maest", "main", record_dirs=[tmp_path, str(tmp_path)], exclude=[tmp_path / "7"], now=now)
+    assert marked == [tmp_path / "1", tmp_path / "8"]
+    statuses = {n: json.loads((tmp_path / str(n) / "run.json").read_text())["status"] for n in cases}
+    assert statuses == {1: "INTERRUPTED", 2: "RUNNING", 3: "COMPLETED", 4: "RUNNING", 5: "RUNNING", 6: "RUNNING", 7: "RUNNING", 8: "INTERRUPTED"}
+    assert json.loads((tmp_path / "1" / "run.json").read_text())["stop_time"] == stale.isoformat()
