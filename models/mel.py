@@ -9,7 +9,8 @@ No torchaudio: it has no CPU build next to every torch.
 ``check_audio`` is the one rule for what every waveform entry point takes (this module,
 ``track_probabilities``, ``MAESTEncoder``, ``MAESTFeatureExtractor``): real floating-point samples
 in [-1, 1], mono, not empty, finite. Each refusal says what to do, because the mistakes it catches
-otherwise compute without an error: integer PCM 32768 times too loud, or ``(samples, channels)``
+otherwise compute without an error: integer PCM 32768 times too loud (as integers, or cast to float
+without its scale), or ``(samples, channels)``
 (what ``soundfile.read`` returns) read as a batch of ``samples`` one-frame tracks.
 """
 
@@ -115,6 +116,21 @@ def check_finite(audio, who: str, name: str = "the audio", rows: str = "row") ->
     raise ValueError(f"{who} got NaN or inf samples in {where}: a corrupt or badly decoded file? Decode it again or leave it out")
 
 
+# Float samples peaking above this are integer PCM converted to float without its scale (16-bit
+# PCM of music peaks in the thousands); float files may go a little over 1, never near it.
+PCM_SCALE_PEAK = 64.0
+
+
+def check_scale(audio, who: str, name: str = "the audio") -> None:
+    """Refuse float audio at the scale of integer PCM (``int16`` cast to float without dividing by 32768)."""
+    peak = float(audio.abs().max()) if torch.is_tensor(audio) else float(np.abs(np.asarray(audio)).max())
+    if peak > PCM_SCALE_PEAK:
+        raise ValueError(
+            f"{who} expects floating-point audio in [-1, 1]; {name} peaks at {peak:g}, the scale of integer PCM: divide it by "
+            "its full scale first (32768 for 16-bit, 2**31 for 32-bit)"
+        )
+
+
 def check_audio(
     audio, who: str, expected: str, name: str = "the audio", rows: str = "row", ndims: tuple[int, ...] = (1, 2), finite: bool = True
 ) -> None:
@@ -128,6 +144,7 @@ def check_audio(
     check_dtype(audio, who, name)
     if finite:
         check_finite(audio, who, name, rows)
+    check_scale(audio, who, name)
 
 
 def normalize(mel: torch.Tensor | np.ndarray, mean: float = DISCOGS_MEAN, std: float = DISCOGS_STD):
@@ -184,6 +201,7 @@ class MelSpectrogram(nn.Module):
         check_dtype(audio, "MelSpectrogram")
         if not torch.compiler.is_compiling():  # a test of the length would pin the ONNX exporter's free samples axis
             check_layout(audio.shape, "MelSpectrogram", "mono 16 kHz audio (samples,) or (batch, samples)")
+            check_scale(audio, "MelSpectrogram")  # scipy.io.wavfile's int16 cast to float32 computes without an error
         squeeze = audio.dim() == 1
         if squeeze:
             audio = audio.unsqueeze(0)

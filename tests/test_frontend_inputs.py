@@ -76,6 +76,17 @@ def test_integer_pcm_is_refused_everywhere(model, extractor):
         track_probabilities(model, [pcm], N_FRAMES)  # a numpy track is checked like a tensor
     with pytest.raises(TypeError, match=r"the audio is torch.complex64: pass real samples"):
         MelSpectrogram()(torch.zeros(100, dtype=torch.complex64))
+    # PCM cast to float without its scale is refused too (it would compute a mel 90 dB too loud)
+    unscaled = r"peaks at \d+, the scale of integer PCM: divide it by its full scale first \(32768 for 16-bit"
+    with pytest.raises(ValueError, match="MelSpectrogram expects floating-point audio in \\[-1, 1\\]; the audio " + unscaled):
+        MelSpectrogram()(torch.from_numpy(pcm.astype(np.float32)))
+    with pytest.raises(ValueError, match="MAESTFeatureExtractor .*clip 0 " + unscaled):
+        extractor(pcm.astype(np.float32), sampling_rate=16000)
+    with pytest.raises(ValueError, match="track 0 " + unscaled):
+        track_probabilities(model, [pcm.astype(np.float32)], N_FRAMES)
+    with pytest.raises(ValueError, match="MAESTEncoder .*the batch " + unscaled):
+        MAESTEncoder(model)(torch.from_numpy(pcm.astype(np.float32))[None])
+    MelSpectrogram()(torch.full((1600,), 1.5))  # a float file a little over full scale is audio, not PCM
     scaled = torch.from_numpy(pcm / 32768.0)  # the fix: float64 samples in [-1, 1] are fine
     torch.testing.assert_close(MelSpectrogram()(scaled), MelSpectrogram()(scaled.float()), atol=1e-5, rtol=0)
 
