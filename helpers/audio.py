@@ -342,6 +342,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     tag counts (by more than 1 %), or an Ogg file (Vorbis, Opus, ...) whose last page does not end
     its stream.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_audio reads an audio file: give its path, not a {type(path).__name__} (audio already in memory "
+                        "needs no loading: 16 kHz mono float32 in [-1, 1] goes to models.mel.MelSpectrogram as it is)")
     path = Path(path)
     if not path.is_file():
         raise AudioLoadError(f"audio file {path} does not exist")

@@ -241,6 +241,10 @@ class MAESTFeatureExtractor(_Base):
         """
         if kwargs:
             _logger.debug("ignoring feature-extractor arguments %s", sorted(kwargs))
+        if sampling_rate is None:  # as Hugging Face's own extractors do: a silent wrong rate is the likely mistake
+            _logger.warning(
+                "MAESTFeatureExtractor was called without sampling_rate: pass sampling_rate=%d to confirm the audio's rate "
+                "(other rates must be resampled first)", self.sampling_rate)
         if sampling_rate is not None and sampling_rate != self.sampling_rate:
             raise ValueError(
                 f"audio at {sampling_rate} Hz given, but MAEST expects {self.sampling_rate} Hz: resample it first "

@@ -224,9 +224,10 @@ class MAEST(nn.Module):
         if x.dim() == 3:
             x = x.unsqueeze(1)
         if x.dim() != 4 or x.shape[1] != 1:
+            fix = ("add a batch axis first (mel[None])" if x.dim() == 2 and x.shape[0] == cfg.input_f
+                   else "raw audio goes through models.mel.MelSpectrogram first")
             raise ValueError(
-                f"MAEST expects a mel spectrogram of shape (B, {cfg.input_f}, T) or (B, 1, {cfg.input_f}, T), "
-                f"got {tuple(x.shape)}; raw audio goes through models.mel.MelSpectrogram first"
+                f"MAEST expects a mel spectrogram of shape (B, {cfg.input_f}, T) or (B, 1, {cfg.input_f}, T), got {tuple(x.shape)}; {fix}"
             )
         if x.numel() == 0:
             raise ValueError(f"MAEST got an empty input of shape {tuple(x.shape)}")

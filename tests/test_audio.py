@@ -67,6 +67,8 @@ def test_other_target_rate(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(AudioLoadError, match=r"nope\.wav does not exist"):
         load_audio(tmp_path / "nope.wav")
+    with pytest.raises(TypeError, match=r"load_audio reads an audio file: give its path, not a ndarray \(audio already in memory"):
+        load_audio(np.zeros(16000, dtype=np.float32))
 
 
 def test_corrupt_file_names_the_file_and_the_cause(tmp_path):

@@ -49,6 +49,17 @@ def test_features_equal_the_mel_front_end(extractor):
     torch.testing.assert_close(values[0].T, front_end(y), atol=1e-6, rtol=0)
 
 
+def test_a_call_without_sampling_rate_warns_as_hugging_faces_extractors_do(extractor, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="models.feature_extraction")
+    y = audio(SAMPLES)
+    torch.testing.assert_close(extractor(y)["input_values"], extractor(y, sampling_rate=16000)["input_values"], atol=0, rtol=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["MAESTFeatureExtractor was called without sampling_rate: pass sampling_rate=16000 to confirm the "
+                        "audio's rate (other rates must be resampled first)"]
+
+
 def test_short_clips_get_silent_frames_and_long_clips_are_cut(extractor):
     short = audio(5000)  # 1 + 5000 // 256 = 20 frames
     out = extractor(short)["input_values"][0]

@@ -345,3 +345,12 @@ def test_sacred_notices_about_trainer_arguments_are_dropped_others_kept(caplog):
     assert "limit_train_batches" not in caplog.text  # any Lightning Trainer argument is a trainer key (SPEC §4)
     assert 'Changed type of config entry "devices"' not in caplog.text  # "auto" or a count: both Lightning's
     assert 'Changed type of config entry "fused_attention" from bool to int' in caplog.text  # another key's notice stays
+
+
+def test_a_mel_without_its_batch_axis_and_raw_audio_each_get_their_fix(model):
+    n_mels = model.config.input_f
+    with pytest.raises(ValueError, match=rf"got \({n_mels}, 100\); add a batch axis first \(mel\[None\]\)"):
+        model(torch.zeros(n_mels, 100))
+    with pytest.raises(ValueError, match=r"got \(2, 16000\); raw audio goes through models.mel.MelSpectrogram first"):
+        model(torch.zeros(2, 16000))
+    assert model(torch.zeros(n_mels, 100)[None]).shape[0] == 1  # the fix works
