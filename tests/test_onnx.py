@@ -41,6 +41,8 @@ def test_mel_input_logits_match_for_any_batch_and_length(model, tmp_path):
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     assert (inp.name, inp.shape[1], out.name, out.shape[1:]) == ("mel", 96, "logits", [5])
     assert isinstance(inp.shape[0], str) and isinstance(inp.shape[2], str)  # dynamic batch and time axes
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert (meta["min_frames"], meta["max_frames"]) == ("16", "115")  # past 115 onnxruntime's own error is a broadcast
     # One patch (16 frames) up to the longest input with a time position per patch (max_frames 106 + 9).
     for batch, frames in ((1, 106), (3, 106), (2, 16), (1, 53), (2, 100), (1, 115)):
         mel = torch.randn(batch, 96, frames)
@@ -117,3 +119,14 @@ def test_exchange_formats_live_in_one_package_and_depend_one_way():
     tree = ast.parse(inspect.getsource(models.checkpoints))
     imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any("exchange" in name or name in ("hf", "models.hf") for name in imported), imported
+
+
+def test_an_export_under_info_logging_prints_its_own_line_not_the_exporters_passes(model, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    export_onnx(model, tmp_path / "quiet.onnx")
+    names = {r.name for r in caplog.records if r.levelno < logging.WARNING}
+    assert not any(name.startswith(("onnx_ir", "onnxscript")) for name in names), names
+    assert any(r.name == "models.exchange.onnx" and "exported mel -> logits" in r.getMessage() for r in caplog.records)
+    assert logging.getLogger("onnx_ir").level == logging.NOTSET  # restored

@@ -31,6 +31,7 @@ row/column selection, so the model must be exported with every patch (as ``expor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -51,6 +52,21 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 LABELS_KEY = "labels"  # metadata_props: the output names of a logits graph, as a JSON list
+MIN_FRAMES_KEY, MAX_FRAMES_KEY = "min_frames", "max_frames"  # metadata_props of a mel graph: the frames it takes
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str, level: int = logging.WARNING):
+    """Raise the named loggers to ``level`` for the block (a run logging INFO would print each of their steps)."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(max(level, logger.getEffectiveLevel()))
+        yield
+    finally:
+        for logger, old in zip(loggers, saved):
+            logger.setLevel(old)
 
 
 def _name_derived_axes(model) -> None:
@@ -182,7 +198,7 @@ def export_onnx(
         input_name, axes = "mel", {0: batch, 2: torch.export.Dim("frames", min=cfg.patch_size, max=longest)}
         output_names = ["logits"] if block is None else ["embeddings"]
 
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_loggers("onnx_ir", "onnxscript"):  # hundreds of INFO lines of their passes per export
         program = torch.onnx.export(
             wrapper,
             (example,),
@@ -200,6 +216,9 @@ def export_onnx(
             f"use opset={written}{' or with_mel=False' if with_mel else ''}"
         )
     _name_derived_axes(program.model)
+    if not with_mel:  # onnxruntime's error past the longest input is a broadcast of two sizes: the bounds are stated here
+        program.model.metadata_props[MIN_FRAMES_KEY] = str(cfg.patch_size)
+        program.model.metadata_props[MAX_FRAMES_KEY] = str(longest)
     if labels is not None and block is None:  # an embeddings graph has no class outputs to name
         program.model.metadata_props[LABELS_KEY] = json.dumps(labels, ensure_ascii=False)
     path = Path(path)
