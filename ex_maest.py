@@ -473,8 +473,9 @@ def main(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_step
     # One training per folder: a second run of the same command line would write into the first one's checkpoints.
     # The other ranks of this job (started by it, torchrun or SLURM) share the folder. (Taken after the checks above,
     # which refuse a config before anything is written.)
-    with folder_lock(root, refuse_as=chosen_by) if launching_process() else contextlib.nullcontext():
-        if launching_process():
+    launching = launching_process()
+    with folder_lock(root, refuse_as=chosen_by) if launching else contextlib.nullcontext():
+        if launching:
             _mark_killed_runs(_run)
         return _fit(_run, _config, synthetic_data, ckpt_path, checkpoint_every_n_train_steps, clip_length)
 
