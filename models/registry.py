@@ -358,7 +358,7 @@ def config_from_record(arch: str | None, record: dict | None, overrides: dict, s
     if arch is not None and arch != record["arch"]:
         wrong = [f"{k}={v} (the checkpoint has {stored[k]})" for k, v in named.items() if k != "n_classes" and k in stored and stored[k] != v]
         if wrong:
-            clashes.append(f"maest.arch={arch} contradicts it: {arch} has {', '.join(wrong)}")
+            clashes.append(f"arch={arch} (config: maest.arch) contradicts it: {arch} has {', '.join(wrong)}")
     wrong_keys = [k for k, v in overrides.items() if k in stored and stored[k] != v and not (k == "n_classes" and reinit_heads)]
     clashes += [f"{k}={overrides[k]} contradicts it (the checkpoint has {k}={stored[k]})" for k in wrong_keys]
     if clashes:

@@ -90,7 +90,7 @@ def test_get_maest_builds_the_model_from_the_checkpoint_alone(trained):
 def test_a_key_that_contradicts_the_checkpoint_is_an_error_naming_both(trained):
     with pytest.raises(ValueError, match=r"n_classes=10.*n_classes=5 contradicts it"):
         get_maest(checkpoint=trained, n_classes=5)
-    with pytest.raises(ValueError, match=r"maest-tiny model.*maest.arch=maest-demo contradicts it: maest-demo has embed_dim=192 \(the checkpoint has 64\)"):
+    with pytest.raises(ValueError, match=r"maest-tiny model.*arch=maest-demo \(config: maest.arch\) contradicts it: maest-demo has embed_dim=192 \(the checkpoint has 64\)"):
         get_maest("maest-demo", checkpoint=trained)
     with pytest.raises(ValueError, match=r"input_t=125.*input_t=625 contradicts it"):
         run("model_speed_test", {"inference_checkpoint": str(trained), "maest": {"input_t": 625}})

@@ -140,7 +140,7 @@ def test_keys_that_contradict_an_export_directory_name_both_values(exported):
     _, out = exported
     with pytest.raises(ValueError, match=r"n_classes=5, .*; n_classes=7 contradicts it \(the checkpoint has n_classes=5\)"):
         get_maest(checkpoint=out, n_classes=7)
-    with pytest.raises(ValueError, match=r"maest\.arch=maest-demo contradicts it: maest-demo has embed_dim=192 \(the checkpoint has 64\)"):
+    with pytest.raises(ValueError, match=r"arch=maest-demo \(config: maest\.arch\) contradicts it: maest-demo has embed_dim=192 \(the checkpoint has 64\)"):
         get_maest("maest-demo", checkpoint=out)
 
 
@@ -201,7 +201,7 @@ def test_an_arch_of_another_width_names_every_value_and_does_not_suggest_reinit_
         config_from_record("discogs-maest-30s-pw-129e", tiny_record(), {}, "checkpoint demo.ckpt")
     message = str(error.value)
     assert (
-        "maest.arch=discogs-maest-30s-pw-129e contradicts it: discogs-maest-30s-pw-129e has embed_dim=768 (the checkpoint has 64), "
+        "arch=discogs-maest-30s-pw-129e (config: maest.arch) contradicts it: discogs-maest-30s-pw-129e has embed_dim=768 (the checkpoint has 64), "
         "depth=12 (the checkpoint has 2), num_heads=12 (the checkpoint has 4), input_t=1875 (the checkpoint has 100)."
     ) in message
     assert "reinit_heads" not in message
