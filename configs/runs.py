@@ -140,16 +140,15 @@ def mark_killed_records(run_name: str, experiment: str, command: str, record_dir
             continue
         try:
             entry = json.loads(run_json.read_text(encoding="utf-8"))
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            if (entry.get("status") != "RUNNING" or entry.get("command") != command
+                    or (entry.get("experiment") or {}).get("name") != experiment):
+                continue  # most records: their config is not read
             last = datetime.datetime.fromisoformat(entry.get("heartbeat") or entry["start_time"])
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if (
-            entry.get("status") != "RUNNING" or entry.get("command") != command
-            or (entry.get("experiment") or {}).get("name") != experiment
-            or not isinstance(config, dict) or config.get("run_name") != run_name
-            or (now - last.replace(tzinfo=None)).total_seconds() < KILLED_AFTER_S
-        ):
+        silent_s = (now - last.replace(tzinfo=None)).total_seconds()
+        if not isinstance(config, dict) or config.get("run_name") != run_name or silent_s < KILLED_AFTER_S:
             continue
         entry["status"], entry["stop_time"] = "INTERRUPTED", last.isoformat()
         entry["maest_stopped"] = (f"no heartbeat after {last.isoformat()} UTC: the process was killed without a word (SIGKILL, out of "
